@@ -1,0 +1,300 @@
+"""Typed recipe configuration: the one source of truth for every setting, its default and its help text.
+
+A recipe is a YAML file whose top-level sections map onto the models below. Unknown keys are
+errors that list the valid keys; a wrong type names the field. Dotted overrides from the command
+line (``optim.lr=1e-4``) are parsed as YAML scalars and applied before validation.
+
+>>> r = Recipe.model_validate({"model": {"path": "some/dir"}, "data": {"train": "train.jsonl"}})
+>>> r.optim.lr, r.adapter.method
+(0.0002, 'lora')
+>>> apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "train.steps=5"])
+{'optim': {'lr': 0.0003}, 'train': {'steps': 5}}
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says where and what to do."""
+
+
+class Section(BaseModel):
+    """Base for all config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(description="Local directory (safetensors), a Hugging Face hub id, or a .gguf file.")
+    gguf_file: str | None = Field(
+        default=None, description="GGUF file name inside `path` (or set `path` to the .gguf file itself)."
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer location if different from `path`.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Compute dtype of the frozen base. bfloat16: half the memory, ~3x faster matmuls on modern CPUs, less precise."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow code shipped with the model to run. Off unless you trust the source."
+    )
+
+
+class DataConfig(Section):
+    train: str = Field(description="Training data: a .jsonl or .parquet file.")
+    eval: str | None = Field(default=None, description="Held-out data for loss/perplexity every `train.eval_every` steps.")
+    format: Literal["auto", "prompt_completion", "messages"] = Field(
+        default="auto", description="Record shape: {prompt, completion} or {messages: [...]}; auto detects per file."
+    )
+    max_length: int = Field(default=512, gt=1, description="Maximum tokens per example (prompt + completion).")
+    overlong: Literal["truncate", "drop"] = Field(
+        default="truncate", description="What to do with examples longer than max_length; counts are reported."
+    )
+    think_start: str = Field(default="<think>", description="Marker opening the thinking span inside a completion.")
+    think_end: str = Field(default="</think>", description="Marker closing the thinking span; the rest is the answer span.")
+    shuffle: bool = Field(default=True, description="Shuffle training examples every epoch (seeded).")
+
+
+class SpanWeights(Section):
+    """Per-token loss weight by span. A weight of 0 masks the span out of the loss (no lm_head work)."""
+
+    prompt: float = Field(default=0.0, ge=0, description="Prompt tokens (0: loss on completions only).")
+    think: float = Field(default=1.0, ge=0, description="Tokens of the thinking span (<think>...</think>).")
+    answer: float = Field(default=1.0, ge=0, description="Tokens of the answer span (the completion after thinking).")
+
+
+class LossStage(Section):
+    """One stage of a span-weight schedule (MISSION B3, SFTKey: all tokens first, then answer only)."""
+
+    until_step: int | None = Field(default=None, description="Last optimizer step (exclusive) of this stage; None = to the end.")
+    weights: SpanWeights = Field(default_factory=SpanWeights)
+
+
+class LossConfig(Section):
+    chunk_size: int = Field(
+        default=1024, gt=0, description="Tokens per lm_head+cross-entropy chunk. Smaller: less memory, slightly slower."
+    )
+    weights: SpanWeights = Field(default_factory=SpanWeights, description="Loss weight per span.")
+    stages: list[LossStage] = Field(
+        default_factory=list, description="Optional schedule of span weights; overrides `weights` when set."
+    )
+
+    def weights_at(self, step: int) -> SpanWeights:
+        """Span weights in force at optimizer step ``step`` (0-based)."""
+        for stage in self.stages:
+            if stage.until_step is None or step < stage.until_step:
+                return stage.weights
+        return self.stages[-1].weights if self.stages else self.weights
+
+
+class AdapterConfig(Section):
+    method: Literal["lora", "full"] = Field(default="lora", description="lora: train low-rank adapters; full: train every weight.")
+    r: int = Field(default=8, gt=0, description="LoRA rank.")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or one regex matched against full module names.",
+    )
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = Field(default="adamw", description="Optimizer.")
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = Field(default=(0.9, 0.999))
+    eps: float = Field(default=1e-8, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, description="Clip the global gradient norm; null disables.")
+    scheduler: Literal["cosine", "constant"] = Field(default="cosine", description="LR after warmup.")
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=100, gt=0, description="Optimizer steps.")
+    micro_batch_size: int = Field(default=4, gt=0, description="Examples per forward/backward.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    seed: int = Field(default=0, description="Seeds data order, adapter init and dropout.")
+    activation_checkpointing: Literal["off", "all"] | int = Field(
+        default="off",
+        description="Recompute layer activations in backward: off, all, or every k-th layer (int k). Less memory, ~30% more compute.",
+    )
+    eval_every: int = Field(default=0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
+    save_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    log_every: int = Field(default=1, gt=0, description="Write a metrics line every N steps.")
+    output_dir: str = Field(default="runs/default", description="Run directory: checkpoints, metrics.jsonl, ledger.json.")
+    threads: int | None = Field(default=None, gt=0, description="torch CPU threads (default: torch's choice).")
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _positive_k(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("every-k checkpointing needs k >= 1 (or 'off' / 'all')")
+        return v
+
+
+class EvalConfig(Section):
+    task: str | None = Field(default=None, description="Verifiable task for accuracy (e.g. 'arithmetic').")
+    num_problems: int = Field(default=50, gt=0, description="Held-out problems for task accuracy.")
+    max_new_tokens: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
+class Recipe(Section):
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _stages_ordered(self):
+        ends = [s.until_step for s in self.loss.stages]
+        if any(e is None for e in ends[:-1]):
+            raise ValueError("loss.stages: only the last stage may omit until_step")
+        bounded = [e for e in ends if e is not None]
+        if bounded != sorted(bounded):
+            raise ValueError("loss.stages: until_step values must increase")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that owns the field at ``loc`` (for listing valid keys)."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif inner and any(isinstance(a, type) and issubclass(a, BaseModel) for a in inner):
+            cls = next(a for a in inner if isinstance(a, type) and issubclass(a, BaseModel))
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _line_of(path: Path | None, loc: tuple) -> str:
+    """Best-effort ``file:line`` of a dotted key in a YAML file."""
+    if path is None or not path.exists():
+        return "<overrides>"
+    try:
+        node = yaml.compose(path.read_text())
+        line = 1
+        for part in loc:
+            if node is None:
+                break
+            if isinstance(node, yaml.MappingNode):
+                match = [v for k, v in node.value if k.value == str(part)]
+                if not match:
+                    break
+                key_node = next(k for k, v in node.value if k.value == str(part))
+                line = key_node.start_mark.line + 1
+                node = match[0]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return f"{path}:{line}"
+    except Exception:
+        return str(path)
+
+
+def format_validation_error(err: ValidationError, path: Path | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "<root>"
+        where = _line_of(path, loc) if loc else str(path or "<recipe>")
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"{where}: unknown key {dotted!r}.{hint} Valid keys: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: missing required field {dotted!r}")
+        else:
+            lines.append(f"{where}: field {dotted!r}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def recipe_from_dict(raw: dict, path: Path | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, path)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides and validate. Raises RecipeError with file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}:1: a recipe is a mapping of sections (model, data, train, ...)")
+    apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, path)
+
+
+def recipe_reference_markdown() -> str:
+    """The recipe reference table for the README, generated from the config models."""
+    out = []
+    for name, field in Recipe.model_fields.items():
+        cls = field.annotation
+        out.append(f"### `{name}`\n\n| key | type | default | meaning |\n|---|---|---|---|")
+        for key, f in cls.model_fields.items():
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            if isinstance(f.get_default(call_default_factory=True), BaseModel):
+                default = "(section)"
+            typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+            typ = typ.replace("<class '", "").replace("'>", "")
+            typ = typ.replace("leantune.config.", "")
+            desc = (f.description or "").replace("|", "\\|")
+            out.append(f"| `{name}.{key}` | {typ} | `{default}` | {desc} |")
+        out.append("")
+    return "\n".join(out)
