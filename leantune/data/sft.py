@@ -1,0 +1,288 @@
+"""SFT examples: records -> token ids with a span id per token -> padded, weighted batches.
+
+Each example is ``prompt ids + completion ids + [eos]`` with one span id per token:
+
+- ``SPAN_PROMPT`` (0): the prompt, tokenized with ``add_special_tokens=True`` (so a BOS is added if the
+  tokenizer adds one). A chat-template prompt is tokenized with ``add_special_tokens=False`` because the
+  template already writes its special tokens.
+- ``SPAN_THINK`` (1): the completion up to and including ``data.think_end`` -- any text before
+  ``data.think_start`` plus the whole ``<think>...</think>`` block, markers included. A completion with
+  ``think_end`` but no ``think_start`` (templates that open ``<think>`` in the generation prompt) is
+  thinking up to ``think_end``. A ``think_start`` with no ``think_end`` after it is an error.
+- ``SPAN_ANSWER`` (2): the completion after ``think_end`` (all of it when there are no markers), plus
+  the eos token. Only the first think block is special; a later one is part of the answer.
+
+The prompt, thinking and answer pieces are tokenized separately, so span boundaries are exact token
+boundaries (joint tokenization of the same text could merge characters across a boundary).
+
+Messages records: the prompt is the conversation before the *last* assistant message, rendered with
+the tokenizer's chat template and ``add_generation_prompt=True``; the completion is that message's
+content. Earlier assistant turns are context only (never trained on). Without a chat template the
+documented fallback renders each message as ``"{role}: {content}\\n"`` followed by ``"assistant: "``:
+
+>>> fallback_chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}])
+'system: Be brief.\\nuser: 2+2?\\nassistant: '
+
+Overlong examples (``> data.max_length`` tokens): ``truncate`` keeps the first ``max_length`` tokens
+(which cuts the eos), ``drop`` removes them; a truncated example with no completion token left is
+dropped too. Batches are right-padded; pad positions have span ``-1``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from leantune.config import DataConfig, SpanWeights
+from leantune.data.records import DataError, Record, read_records
+
+SPAN_PROMPT, SPAN_THINK, SPAN_ANSWER = 0, 1, 2
+SPAN_PAD = -1
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """One tokenized example: ``input_ids`` and ``spans`` have the same length; ``source`` is file:line."""
+
+    input_ids: list[int]
+    spans: list[int]
+    source: str
+
+
+@dataclass
+class DataStats:
+    """Counts over one loaded file. Token counts are over the kept examples, after truncation."""
+
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0  # kept, but cut to max_length
+    dropped: int = 0  # too long under "drop", or no completion token left after truncation
+    tokens: int = 0
+    prompt_tokens: int = 0
+    think_tokens: int = 0
+    answer_tokens: int = 0
+
+    def trainable_tokens(self, weights: SpanWeights) -> int:
+        """Tokens whose span weight is > 0, i.e. ``labels != -100`` in :func:`collate` (before the shift).
+
+        After the trainer's one-token shift, position 0 of each example is never a target; that only
+        matters when the first token's span has weight > 0 (prompt weight > 0, or an empty prompt).
+        """
+        counts = (self.prompt_tokens, self.think_tokens, self.answer_tokens)
+        return sum(n for n, w in zip(counts, (weights.prompt, weights.think, weights.answer)) if w > 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Record -> (prompt text, thinking text, answer text)
+
+
+def split_completion(text: str, think_start: str, think_end: str) -> tuple[str, str]:
+    """Split a completion into (thinking part, answer part); see the module docstring for the rule.
+
+    >>> split_completion("Hmm. <think>2+2=4</think> It is 4.", "<think>", "</think>")
+    ('Hmm. <think>2+2=4</think>', ' It is 4.')
+    >>> split_completion("It is 4.", "<think>", "</think>")
+    ('', 'It is 4.')
+    >>> split_completion("<think>2+2", "<think>", "</think>")
+    Traceback (most recent call last):
+    ...
+    ValueError: '<think>' at character 0 is never closed by '</think>'
+    """
+    start = text.find(think_start)
+    end = text.find(think_end, start + len(think_start) if start >= 0 else 0)
+    if start >= 0 and end < 0:
+        raise ValueError(f"{think_start!r} at character {start} is never closed by {think_end!r}")
+    if end < 0:
+        return "", text
+    cut = end + len(think_end)
+    return text[:cut], text[cut:]
+
+
+def fallback_chat_prompt(messages: list[dict]) -> str:
+    """The generation prompt for a tokenizer without a chat template: ``"{role}: {content}\\n"`` per message,
+    then ``"assistant: "``."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def _prompt_and_completion(record: Record, tokenizer) -> tuple[str, bool, str, str]:
+    """(prompt text, add_special_tokens for the prompt, completion text, completion field name)."""
+    if record.kind == "prompt_completion":
+        return record.data["prompt"], True, record.data["completion"], "completion"
+    messages = record.data["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    context, field = messages[:last], f"messages[{last}].content"
+    if not getattr(tokenizer, "chat_template", None):
+        return fallback_chat_prompt(context), True, messages[last]["content"], field
+    try:
+        prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # jinja errors: templates raise on roles/orders they do not support
+        raise DataError(
+            f"{record.source}: the tokenizer's chat template failed on field 'messages' ({type(err).__name__}: {err}). "
+            "Fix the conversation (roles, order) or use prompt/completion records."
+        ) from None
+    return prompt, False, messages[last]["content"], field
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats]:
+    """Read ``path`` (JSON Lines or Parquet) and tokenize every record into an :class:`Example`.
+
+    Raises :class:`~leantune.data.records.DataError` (with file:line and field) for bad records, empty
+    completions, an unclosed think block, or when every example is dropped as too long.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"{path}: the tokenizer has no eos token; every example ends with one. Set tokenizer.eos_token.")
+    records = read_records(path, cfg.format)
+
+    prompts, prompt_special, thinks, answers = [], [], [], []
+    for rec in records:
+        prompt, special, completion, field = _prompt_and_completion(rec, tokenizer)
+        if not completion.strip():
+            raise DataError(
+                f"{rec.source}: field {field!r} is empty, so the example has nothing to learn. "
+                "Fill it in or remove the record."
+            )
+        try:
+            think, answer = split_completion(completion, cfg.think_start, cfg.think_end)
+        except ValueError as err:
+            raise DataError(
+                f"{rec.source}: field {field!r}: {err}. Close the thinking block, or change data.think_start / data.think_end."
+            ) from None
+        prompts.append(prompt)
+        prompt_special.append(special)
+        thinks.append(think)
+        answers.append(answer)
+
+    # Batched tokenization (one call per piece kind) is much faster than one call per record.
+    prompt_ids: list[list[int]] = [[] for _ in records]
+    for special in (True, False):
+        idx = [i for i, s in enumerate(prompt_special) if s == special]
+        for i, ids in zip(idx, _encode(tokenizer, [prompts[i] for i in idx], special)):
+            prompt_ids[i] = ids
+    think_ids = _encode(tokenizer, thinks, False)
+    answer_ids = _encode(tokenizer, answers, False)
+
+    stats = DataStats(records=len(records))
+    examples = []
+    for rec, p, t, a in zip(records, prompt_ids, think_ids, answer_ids):
+        ids = p + t + a + [eos]
+        spans = [SPAN_PROMPT] * len(p) + [SPAN_THINK] * len(t) + [SPAN_ANSWER] * (len(a) + 1)
+        if len(ids) > cfg.max_length:
+            if cfg.overlong == "drop" or len(p) >= cfg.max_length:
+                stats.dropped += 1
+                continue
+            ids, spans = ids[: cfg.max_length], spans[: cfg.max_length]
+            stats.truncated += 1
+        examples.append(Example(input_ids=ids, spans=spans, source=rec.source))
+        stats.tokens += len(ids)
+        stats.prompt_tokens += spans.count(SPAN_PROMPT)
+        stats.think_tokens += spans.count(SPAN_THINK)
+        stats.answer_tokens += spans.count(SPAN_ANSWER)
+    stats.examples = len(examples)
+    if not examples:
+        raise DataError(
+            f"{path}: all {stats.records} examples are longer than data.max_length={cfg.max_length} tokens and were dropped "
+            f"(data.overlong={cfg.overlong!r}). Raise data.max_length or shorten the prompts."
+        )
+    return examples, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def span_weight_table(weights: SpanWeights) -> torch.Tensor:
+    """Loss weight indexed by span id: ``table[SPAN_PROMPT] == weights.prompt`` etc. (3,) float32."""
+    return torch.tensor([weights.prompt, weights.think, weights.answer], dtype=torch.float32)
+
+
+def collate(examples: list[Example], pad_id: int, weights: SpanWeights) -> dict[str, torch.Tensor]:
+    """Right-pad ``examples`` into a batch.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels``, ``spans`` as (B, T) long and ``loss_weights``
+    as (B, T) float32. ``labels`` equals ``input_ids`` where the span weight is > 0 and -100 elsewhere
+    (pads, weight-0 spans); it is aligned with ``input_ids``, not shifted -- the trainer shifts.
+    ``loss_weights`` is the span weight per token (0 on pads); ``spans`` is -1 on pads.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    if pad_id is None:
+        raise ValueError("collate: pad_id is None; use tokenizer.pad_token_id (or eos_token_id if it has no pad token)")
+    B, T = len(examples), max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    spans = torch.full((B, T), SPAN_PAD, dtype=torch.long)
+    for b, e in enumerate(examples):
+        input_ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+        spans[b, : len(e.spans)] = torch.tensor(e.spans, dtype=torch.long)
+    attention_mask = (spans != SPAN_PAD).long()  # (B, T)
+    loss_weights = span_weight_table(weights)[spans.clamp(min=0)] * attention_mask  # (B, T)
+    labels = torch.where(loss_weights > 0, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "loss_weights": loss_weights,
+        "spans": spans,
+    }
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    order = list(range(n_examples))
+    if shuffle:
+        # A string seed is hashed with SHA-512 by `random`: stable across runs, platforms and versions.
+        random.Random(f"leantune-data:{seed}:{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The example indices of ``epoch`` in order: a permutation seeded by (seed, epoch), or 0..n-1.
+
+    >>> epoch_order(5, seed=0, epoch=0, shuffle=False)
+    [0, 1, 2, 3, 4]
+    >>> sorted(epoch_order(5, seed=0, epoch=1, shuffle=True))
+    [0, 1, 2, 3, 4]
+    """
+    return list(_epoch_order(n_examples, seed, epoch, shuffle))
+
+
+def micro_batches_per_epoch(n_examples: int, micro_batch_size: int) -> int:
+    """ceil(n_examples / micro_batch_size): the last micro-batch of an epoch may be short."""
+    return -(-n_examples // micro_batch_size)
+
+
+def batch_at(examples: list, micro_step: int, micro_batch_size: int, seed: int, shuffle: bool) -> list:
+    """The examples of global micro-batch ``micro_step`` (0-based, counted across epochs).
+
+    Epoch ``e`` covers micro-steps ``[e * k, (e + 1) * k)`` with ``k = micro_batches_per_epoch(...)`` and
+    visits every example exactly once; its last micro-batch is short when ``micro_batch_size`` does not
+    divide the number of examples (no wrap-around, nothing dropped). The result depends only on the
+    arguments, so a resumed run continues from its saved micro-step count.
+
+    >>> batch_at(list("abcde"), 2, micro_batch_size=2, seed=0, shuffle=False)
+    ['e']
+    >>> batch_at(list("abcde"), 3, micro_batch_size=2, seed=0, shuffle=False)
+    ['a', 'b']
+    """
+    if not examples:
+        raise ValueError("batch_at: no examples")
+    if micro_batch_size <= 0 or micro_step < 0:
+        raise ValueError(f"batch_at: need micro_batch_size > 0 and micro_step >= 0, got {micro_batch_size}, {micro_step}")
+    per_epoch = micro_batches_per_epoch(len(examples), micro_batch_size)
+    epoch, b = divmod(micro_step, per_epoch)
+    order = _epoch_order(len(examples), seed, epoch, shuffle)
+    return [examples[i] for i in order[b * micro_batch_size : (b + 1) * micro_batch_size]]
