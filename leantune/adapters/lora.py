@@ -1,0 +1,123 @@
+"""LoRA through PEFT (or full fine-tuning), and export to formats other tools load.
+
+The adapter is a standard PEFT ``LoraConfig``; leantune adds nothing to its file format, so
+``peft.PeftModel.from_pretrained(base, RUN_DIR/adapter)`` loads what ``leantune train`` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from leantune.config import AdapterConfig, RecipeError
+
+
+def apply_adapter(model, cfg: AdapterConfig, seed: int = 0):
+    """Wrap ``model`` with LoRA adapters (PEFT), or mark every weight trainable for ``method: full``.
+
+    Returns the model to train. The adapter init is seeded so runs are reproducible.
+    """
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise RecipeError(
+                f"adapter.target_modules: {missing} not found in {model.config.model_type}; "
+                f"linear modules are: {', '.join(linear)}"
+            )
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora)
+    return peft_model
+
+
+def causal_lm(model):
+    """The transformers CausalLM under an optional PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Name -> tensor of every trainable parameter (what a checkpoint stores)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _atomic_dir(out_dir: Path):
+    """A temp dir beside ``out_dir``; the caller fills it, then ``_publish`` renames it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_adapter(model, out_dir: str | Path) -> Path:
+    """Write the PEFT adapter (adapter_config.json + adapter_model.safetensors) atomically."""
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, out_dir)
+    return out_dir
+
+
+def save_full_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write a transformers model directory (safetensors) atomically; used for merged exports."""
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, out_dir)
+    return out_dir
+
+
+def merge_adapter(model):
+    """Fold LoRA deltas into the base weights and return the plain transformers model."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model

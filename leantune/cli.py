@@ -1,0 +1,158 @@
+"""The ``leantune`` command line.
+
+    leantune train RECIPE.yaml [key.sub=value ...] [--resume]
+    leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl)
+    leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
+    leantune report RUN_DIR
+    leantune validate RECIPE.yaml [RECIPE.yaml ...]
+    leantune demo [--out DIR] [--quick]
+
+Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed without a traceback."""
+
+
+def _user_errors():
+    from leantune.config import RecipeError
+    from leantune.models.loading import ModelLoadError
+
+    errors: list[type[BaseException]] = [RecipeError, ModelLoadError, UserError, FileExistsError, FileNotFoundError]
+    try:
+        from leantune.data.records import DataError
+
+        errors.append(DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def cmd_train(args) -> int:
+    from leantune.config import load_recipe
+    from leantune.ledger import summarize_ledger
+    from leantune.train.sft import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume)
+    print(summarize_ledger(result.ledger))
+    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from leantune.config import load_recipe
+
+    for path in args.recipes:
+        load_recipe(path, args.overrides)
+        print(f"ok  {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from leantune.eval.evaluate import evaluate_target
+
+    result = evaluate_target(
+        args.target, task=args.task, data=args.data, num_problems=args.num_problems,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from leantune.eval.evaluate import export_run
+
+    if not args.merged and not args.adapter:
+        raise UserError("export: give --merged OUT_DIR and/or --adapter OUT_DIR")
+    for kind, out in export_run(args.run_dir, merged=args.merged, adapter=args.adapter).items():
+        print(f"[leantune] wrote {kind}: {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from leantune.report import make_report
+
+    for path in make_report(args.run_dir):
+        print(f"[leantune] wrote {path}")
+        if path.suffix == ".md":
+            print(path.read_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from leantune.demo import run_demo
+
+    run_demo(out=Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leantune", description="Memory-lean post-training with an honest ledger.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="supervised fine-tuning (LoRA or full) from a recipe")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=50")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("validate", help="check recipes without building a model")
+    v.add_argument("recipes", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override (repeatable)")
+    v.set_defaults(func=cmd_validate)
+
+    e = sub.add_parser("eval", help="accuracy on a verifiable task, or loss/perplexity on data")
+    e.add_argument("target", help="a run directory, a model directory, a .gguf file or builtin:NAME")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--task", help="verifiable task name, e.g. arithmetic")
+    g.add_argument("--data", help="JSONL/Parquet file for mean loss and perplexity")
+    e.add_argument("--num-problems", type=int, default=50)
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a merged model and/or the PEFT adapter of a run")
+    x.add_argument("run_dir")
+    x.add_argument("--merged", help="output directory for the merged safetensors model")
+    x.add_argument("--adapter", help="output directory for a copy of the PEFT adapter")
+    x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("report", help="plot a run's curves to PNG and print a summary table")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2-135M on arithmetic, offline")
+    d.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
+    d.add_argument("--quick", action="store_true", help="same pipeline on a tiny random model, < 1 minute")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"leantune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leantune: interrupted; the last complete checkpoint is intact (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Evaluation: greedy generation + a verifier for accuracy, or mean loss / perplexity on data.
+
+Prompts are rendered exactly as the SFT data pipeline renders a ``messages`` record: the tokenizer's
+chat template with a generation prompt, or the documented fallback ``"user: {prompt}\\nassistant: "``
+when the tokenizer has none (see ``leantune.data.sft``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from leantune.config import ModelConfig, Recipe, SpanWeights
+
+
+def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
+    """(text the model sees before its answer, add_special_tokens) for a single user turn.
+
+    Mirrors ``leantune.data.sft``: a chat template already writes its special tokens.
+    """
+    from leantune.data.sft import fallback_chat_prompt
+
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    return fallback_chat_prompt(messages), True
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch_size: int = 16,
+                    stop: str | None = None) -> list[str]:
+    """Greedy completions for ``prompts`` (batched, left-padded, KV cache on)."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            rendered = [render_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
+            texts = [text for text, _ in rendered]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=rendered[0][1])
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                stop_strings=stop, tokenizer=tokenizer if stop else None,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def task_accuracy(model, tokenizer, task: str, *, num_problems: int = 50, seed: int = 1234,
+                  max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+    """Accuracy of greedy completions on ``num_problems`` held-out problems of a verifiable task."""
+    from leantune.tasks import get_task
+
+    t = get_task(task)
+    problems = t.generate(num_problems, seed=seed, split="test")
+    start = time.perf_counter()
+    completions = generate_greedy(
+        model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    correct = [bool(t.verify(c, p["answer"])) for c, p in zip(completions, problems)]
+    return {
+        "task": task,
+        "accuracy": sum(correct) / len(correct),
+        "correct": sum(correct),
+        "problems": len(correct),
+        "eval_seconds": time.perf_counter() - start,
+        "examples": [
+            {"prompt": p["prompt"], "completion": c, "answer": p["answer"], "correct": ok}
+            for p, c, ok in list(zip(problems, completions, correct))[:3]
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading what a run produced
+
+
+def _run_recipe(run_dir: Path) -> Recipe | None:
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        return None
+    return Recipe.model_validate(yaml.safe_load(path.read_text()))
+
+
+def load_for_eval(target: str, dtype: str | None = None):
+    """(model, tokenizer) for a run directory (base + its adapter) or any model location."""
+    from leantune.models.loading import load_model_and_tokenizer
+
+    path = Path(target)
+    recipe = _run_recipe(path) if path.is_dir() else None
+    if recipe is None:
+        cfg = ModelConfig(path=target, dtype=dtype or "float32")
+        model, tok, _ = load_model_and_tokenizer(cfg)
+        return model, tok
+    cfg = recipe.model.model_copy(update={"dtype": dtype} if dtype else {})
+    if (path / "model").is_dir():  # full fine-tuning run
+        model, tok, _ = load_model_and_tokenizer(cfg.model_copy(update={"path": str(path / "model"), "gguf_file": None}))
+        return model, tok
+    model, tok, _ = load_model_and_tokenizer(cfg)
+    if (path / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+    return model, tok
+
+
+def evaluate_target(target: str, *, task: str | None = None, data: str | None = None, num_problems: int = 50,
+                    max_new_tokens: int = 48, batch_size: int = 16, dtype: str | None = None) -> dict:
+    model, tok = load_for_eval(target, dtype)
+    if task:
+        return task_accuracy(model, tok, task, num_problems=num_problems, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    from leantune.config import DataConfig
+    from leantune.data.sft import load_sft_examples
+    from leantune.train.sft import evaluate_loss
+
+    recipe = _run_recipe(Path(target)) if Path(target).is_dir() else None
+    data_cfg = (recipe.data if recipe else DataConfig(train=data)).model_copy(update={"train": data})
+    weights = recipe.loss.weights if recipe else SpanWeights()
+    examples, stats = load_sft_examples(data, tok, data_cfg)
+    out = evaluate_loss(model, examples, tok.pad_token_id, weights, batch_size, chunk_size=1024)
+    return {"data": data, **out, "examples": len(examples)}
+
+
+def export_run(run_dir: str, *, merged: str | None = None, adapter: str | None = None) -> dict[str, Path]:
+    """Write the run's merged model (safetensors) and/or a copy of its PEFT adapter."""
+    from leantune.adapters.lora import merge_adapter, save_adapter, save_full_model
+
+    path = Path(run_dir)
+    if _run_recipe(path) is None:
+        raise FileNotFoundError(f"{path}: not a leantune run directory (no recipe.yaml)")
+    if not (path / "adapter").is_dir() and not (path / "model").is_dir():
+        raise FileNotFoundError(f"{path}: the run has not finished (no adapter/ or model/ yet)")
+    model, tok = load_for_eval(str(path))
+    written: dict[str, Path] = {}
+    if adapter:
+        if not (path / "adapter").is_dir():
+            raise FileNotFoundError(f"{path}: full fine-tuning run; there is no adapter to export")
+        written["adapter"] = save_adapter(model, adapter)
+    if merged:
+        written["merged model"] = save_full_model(merge_adapter(model), tok, merged)
+    return written

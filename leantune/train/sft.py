@@ -1,0 +1,325 @@
+"""Supervised fine-tuning (LoRA or full) with a memory-lean loss: the whole loop, visible.
+
+Memory levers (MISSION A1): the model's base returns hidden states and the loss applies the lm_head
+chunk by chunk, only at positions that carry a label (``linear_cross_entropy``), so the ``[B, T, V]``
+logits never exist; prompt tokens cost no lm_head work at all; activation checkpointing is per layer
+(off, all, or every k-th).
+
+Gradient accumulation is normalized by the number of loss-carrying tokens in the whole optimizer step
+(sum of weights), so ``micro_batch_size=8, grad_accum=1`` and ``micro_batch_size=1, grad_accum=8``
+give the same update.
+
+Run: ``leantune train recipes/sft_tiny.yaml`` (see ``leantune.cli``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from leantune import ledger as ledger_mod
+from leantune.adapters.lora import apply_adapter, causal_lm, load_trainable_state, save_adapter, trainable_state
+from leantune.config import Recipe, SpanWeights
+from leantune.data.sft import DataStats, Example, batch_at, collate, load_sft_examples
+from leantune.losses import linear_cross_entropy
+from leantune.models.loading import load_model_and_tokenizer
+from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces the loop calls
+
+
+def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Σ_t w_t · CE(token t) over the batch, computed without materializing logits.
+
+    batch: input_ids, attention_mask, labels, loss_weights, each (B, T), labels aligned with input_ids.
+    """
+    lm = causal_lm(model)
+    out = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = out.last_hidden_state  # (B, T, H)
+    weight = lm.get_output_embeddings().weight  # (V, H)
+    return linear_cross_entropy(
+        hidden[:, :-1],  # position t predicts token t+1
+        weight,
+        batch["labels"][:, 1:],
+        weights=batch["loss_weights"][:, 1:],
+        chunk_size=chunk_size,
+        reduction="sum",
+    )
+
+
+def loss_weight_total(batch: dict[str, torch.Tensor]) -> float:
+    """Σ of the weights of loss-carrying (shifted) positions: the step's normalizer."""
+    w = batch["loss_weights"][:, 1:]
+    return float((w * (batch["labels"][:, 1:] != -100)).sum())
+
+
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], chunk_size: int) -> tuple[float, float]:
+    """Backward over all micro-batches of one optimizer step; return (step loss, normalizer).
+
+    Each micro-batch's loss sum is divided by the weighted count of loss-carrying tokens of the whole
+    step, so the accumulated gradient equals that of one big batch (token-level mean).
+    """
+    norm = sum(loss_weight_total(b) for b in batches)
+    step_loss = 0.0
+    for batch in batches:
+        loss = lm_loss_sum(model, batch, chunk_size) / max(norm, 1e-12)
+        loss.backward()
+        step_loss += float(loss.detach())
+    return step_loss, norm
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then cosine or constant."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_activation_checkpointing(model, policy) -> int:
+    """Checkpoint decoder layers: 'off', 'all', or every k-th layer (int). Returns how many layers."""
+    if policy == "off":
+        return 0
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    lm = causal_lm(model)
+    kwargs = {"use_reentrant": False}  # works with frozen embeddings (no input grads needed)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    k = 1 if policy == "all" else int(policy)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % k == 0
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], pad_id: int, weights: SpanWeights, batch_size: int,
+                  chunk_size: int) -> dict[str, float]:
+    """Weighted mean cross-entropy per loss-carrying token over ``examples``, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, weights)
+        total += float(lm_loss_sum(model, batch, chunk_size))
+        count += loss_weight_total(batch)
+    model.train(was_training)
+    mean = total / max(count, 1e-12)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": count}
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by the _setup_* functions."""
+
+    recipe: Recipe
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    source: object
+    train_examples: list[Example]
+    train_stats: DataStats
+    eval_examples: list[Example] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+
+def _setup_model(recipe: Recipe):
+    model, tokenizer, source = load_model_and_tokenizer(recipe.model)
+    model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
+    n_ckpt = set_activation_checkpointing(model, recipe.train.activation_checkpointing)
+    model.train()
+    return model, tokenizer, source, n_ckpt
+
+
+def _setup_data(recipe: Recipe, tokenizer):
+    train, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
+    evals: list[Example] = []
+    if recipe.data.eval:
+        evals, _ = load_sft_examples(recipe.data.eval, tokenizer, recipe.data)
+    return train, stats, evals
+
+
+def _setup_optimizer(recipe: Recipe, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    total = recipe.train.steps
+
+    def schedule(step: int) -> float:
+        return lr_lambda(step, warmup=o.warmup_steps, total=total, schedule=o.scheduler, min_ratio=o.min_lr_ratio)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    ledger: dict  # also written to RUN_DIR/ledger.json
+    model: torch.nn.Module
+    tokenizer: object
+
+
+def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Run SFT as the recipe says; return the ledger and the trained model."""
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if resume else None
+    if resume and resume_from is None and not quiet:
+        print(f"[leantune] no checkpoint under {ckpt_root}; starting from scratch")
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another train.output_dir"
+        )
+
+    memory = ledger_mod.PeakMemory()
+    memory.start()
+    energy = ledger_mod.EnergyMeter()
+    energy.start()
+    torch.manual_seed(cfg.seed)
+
+    model, tokenizer, source, n_ckpt_layers = _setup_model(recipe)
+    train_examples, stats, eval_examples = _setup_data(recipe, tokenizer)
+    if not quiet:
+        print(f"[leantune] data: {stats.as_dict()}")
+    optimizer, scheduler = _setup_optimizer(recipe, model)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- resume state
+    step, micro_step = 0, 0
+    totals = {"tokens": 0, "trainable_tokens": 0, "loss_weight": 0.0, "elapsed_s": 0.0}
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        tensors, payload, state = load_checkpoint(resume_from)
+        load_trainable_state(model, tensors)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        step, micro_step, totals = state["step"], state["micro_step"], state["totals"]
+        # Steps logged after the checkpoint by the killed run are replayed: drop their lines.
+        kept = [m for m in ledger_mod.read_metrics(metrics_path) if m.get("step", 0) <= step]
+        ledger_mod.atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        if not quiet:
+            print(f"[leantune] resumed from {resume_from} at step {step}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    metrics = ledger_mod.MetricsLog(metrics_path)
+
+    def checkpoint():
+        save_checkpoint(
+            ckpt_root, step, trainable_state(model), optimizer, scheduler,
+            {"step": step, "micro_step": micro_step, "totals": totals},
+        )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=quiet or not cfg.progress, dynamic_ncols=True)
+    t_last = time.perf_counter()
+    model.train()
+    while step < cfg.steps:
+        weights = recipe.loss.weights_at(step)
+        batches = [
+            collate(batch_at(train_examples, micro_step + i, cfg.micro_batch_size, cfg.seed, recipe.data.shuffle),
+                    pad_id, weights)
+            for i in range(cfg.grad_accum)
+        ]
+        micro_step += cfg.grad_accum
+        step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size)
+        for batch in batches:
+            totals["tokens"] += int(batch["attention_mask"].sum())
+            totals["trainable_tokens"] += int((batch["labels"][:, 1:] != -100).sum())
+        totals["loss_weight"] += norm
+        clip = recipe.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        totals["elapsed_s"] += dt
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        rss = memory.sample()
+        row = {
+            "step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": totals["tokens"], "trainable_tokens": totals["trainable_tokens"],
+            "tokens_per_s": step_tokens / max(dt, 1e-9), "rss_bytes": rss, "elapsed_s": totals["elapsed_s"],
+        }
+        is_last = step == cfg.steps
+        if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
+            row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size,
+                                     recipe.loss.chunk_size))
+            t_last = time.perf_counter()  # evaluation time is not training time
+        if step % cfg.log_every == 0 or is_last or "eval_loss" in row:
+            metrics.log(row)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", rss=f"{rss / 2**30:.2f}G")
+        bar.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or is_last:
+            checkpoint()
+    bar.close()
+
+    save_adapter_or_model(model, tokenizer, recipe, run_dir)
+    energy_report = energy.stop()
+    memory.stop()
+    flops = ledger_mod.flops_from_model(
+        model,
+        tokens=totals["tokens"],
+        loss_tokens=totals["trainable_tokens"],
+        seq_len=recipe.data.max_length,
+        checkpoint_fraction=n_ckpt_layers / max(1, causal_lm(model).config.num_hidden_layers),
+    )
+    run_totals = {
+        "steps": step,
+        "tokens_processed": totals["tokens"],
+        "trainable_tokens": totals["trainable_tokens"],
+        "wall_time_s": totals["elapsed_s"],
+        "peak_rss_bytes": memory.peak_rss_bytes,
+        "cuda_max_allocated_bytes": memory.cuda_peak_bytes,
+        "data": stats.as_dict(),
+    }
+    data_files = [recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else [])
+    ledger = ledger_mod.build_ledger(
+        recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=source.weight_path,
+        seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
+        extra={"resumed": resume_from is not None, "final_metrics": row if step else {}},
+    )
+    ledger_mod.write_ledger(run_dir, ledger)
+    return TrainResult(ledger, model, tokenizer)
+
+
+def save_adapter_or_model(model, tokenizer, recipe: Recipe, run_dir: Path) -> Path:
+    """Final export into the run directory: RUN/adapter (LoRA, PEFT format) or RUN/model (full)."""
+    if recipe.adapter.method == "lora":
+        return save_adapter(model, run_dir / "adapter")
+    from leantune.adapters.lora import save_full_model
+
+    return save_full_model(model, tokenizer, run_dir / "model")
