@@ -6,6 +6,7 @@
     leantune report RUN_DIR
     leantune validate RECIPE.yaml [RECIPE.yaml ...]
     leantune demo [--out DIR] [--quick]
+    leantune make-data TASK --out DIR [--train N] [--valid N]
 
 Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
 """
@@ -92,6 +93,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_make_data(args) -> int:
+    from leantune.demo import write_task_data
+
+    paths = write_task_data(args.task, Path(args.out), args.train, args.valid, seed=args.seed)
+    for split, path in paths.items():
+        print(f"[leantune] wrote {split}: {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from leantune.demo import run_demo
 
@@ -134,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plot a run's curves to PNG and print a summary table")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("make-data", help="write a verifiable task's train/valid JSONL (messages shape)")
+    m.add_argument("task", help="task name, e.g. arithmetic")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument("--train", type=int, default=2000, help="training problems")
+    m.add_argument("--valid", type=int, default=64, help="validation problems (held-out split)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_data)
 
     d = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2-135M on arithmetic, offline")
     d.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")

@@ -14,6 +14,7 @@ line (``optim.lr=1e-4``) are parsed as YAML scalars and applied before validatio
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,8 +294,32 @@ def recipe_reference_markdown() -> str:
                 default = "(section)"
             typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
             typ = typ.replace("<class '", "").replace("'>", "")
-            typ = typ.replace("leantune.config.", "")
+            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*)", "", typ)  # drop module qualifiers
             desc = (f.description or "").replace("|", "\\|")
             out.append(f"| `{name}.{key}` | {typ} | `{default}` | {desc} |")
         out.append("")
     return "\n".join(out)
+
+
+def sync_readme(readme: str | Path) -> bool:
+    """Rewrite the README's recipe-reference section from the config models; True if it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+    if start not in text or end not in text:
+        raise RecipeError(f"{path}: markers {start} / {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{recipe_reference_markdown()}\n{end}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m leantune.config [README.md]: print or sync the recipe reference
+    import sys
+
+    if len(sys.argv) > 1:
+        print("updated" if sync_readme(sys.argv[1]) else "already in sync")
+    else:
+        print(recipe_reference_markdown())
