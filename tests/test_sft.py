@@ -142,6 +142,7 @@ def test_same_seed_same_weights(tmp_path, tiny_model_dir, sft_data):
 
     outs = []
     for i in range(2):
+        (tmp_path / str(i)).mkdir()
         code, run = _run_cli(tmp_path / str(i), tiny_model_dir, sft_data, adapter={"dropout": 0.1})
         assert code == 0
         outs.append(load_file(str(run / "adapter" / "adapter_model.safetensors")))

@@ -233,7 +233,13 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     metrics = ledger_mod.MetricsLog(metrics_path)
 
+    # Energy and peak memory of earlier (killed) segments of this run, carried by the checkpoint.
+    prior_joules = totals.get("energy_joules", 0.0)
+    prior_peak = totals.get("peak_rss_bytes", 0)
+
     def checkpoint():
+        totals["energy_joules"] = prior_joules + energy.reading()["joules"]
+        totals["peak_rss_bytes"] = max(prior_peak, memory.peak_rss_bytes)
         save_checkpoint(
             ckpt_root, step, trainable_state(model), optimizer, scheduler,
             {"step": step, "micro_step": micro_step, "totals": totals},
@@ -290,11 +296,15 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     save_adapter_or_model(model, tokenizer, recipe, run_dir)
     energy_report = energy.stop()
     memory.stop()
+    if prior_joules:
+        energy_report["joules_this_segment"] = energy_report["joules"]
+        energy_report["joules"] += prior_joules
+        energy_report["note"] = "includes earlier segments of this run (resumed from a checkpoint)"
     flops = ledger_mod.flops_from_model(
         model,
         tokens=totals["tokens"],
         loss_tokens=totals["trainable_tokens"],
-        seq_len=recipe.data.max_length,
+        seq_len=stats.tokens / max(1, stats.examples),  # mean example length, for the attention term
         checkpoint_fraction=n_ckpt_layers / max(1, causal_lm(model).config.num_hidden_layers),
     )
     run_totals = {
@@ -302,7 +312,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
         "tokens_processed": totals["tokens"],
         "trainable_tokens": totals["trainable_tokens"],
         "wall_time_s": totals["elapsed_s"],
-        "peak_rss_bytes": memory.peak_rss_bytes,
+        "peak_rss_bytes": max(prior_peak, memory.peak_rss_bytes),
         "cuda_max_allocated_bytes": memory.cuda_peak_bytes,
         "data": stats.as_dict(),
     }
