@@ -172,7 +172,16 @@ class Recipe(Section):
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    """YAML scalar, except that ``3e-4`` is a float (YAML 1.1 would keep it a string)."""
+    if text == "":
+        return ""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") and "inf" not in value.lower() else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
