@@ -189,3 +189,16 @@ def test_full_finetuning_runs(tmp_path, tiny_model_dir, sft_data):
     code, run = _run_cli(tmp_path, tiny_model_dir, sft_data, adapter={"method": "full"}, optim={"lr": 1e-3})
     assert code == 0
     assert (run / "model" / "model.safetensors").exists()
+
+
+def test_eval_cli_on_data_and_task(tmp_path, tiny_model_dir, sft_data, capsys):
+    code, run = _run_cli(tmp_path, tiny_model_dir, sft_data)
+    assert code == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(sft_data)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval_loss"] > 0 and out["eval_ppl"] == pytest.approx(__import__("math").exp(out["eval_loss"]))
+    assert out["examples"] == 24
+    assert main(["eval", str(run), "--task", "arithmetic", "--num-problems", "4", "--max-new-tokens", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["problems"] == 4 and 0.0 <= out["accuracy"] <= 1.0
