@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from conftest import tiny_recipe, write_jsonl
-from leantune.adapters.lora import apply_adapter, causal_lm
+from leantune.adapters.lora import apply_adapter
 from leantune.cli import main
-from leantune.config import AdapterConfig, DataConfig, SpanWeights, recipe_from_dict
+from leantune.config import AdapterConfig, DataConfig, SpanWeights
 from leantune.data.sft import collate, load_sft_examples
 from leantune.models.loading import load_model_and_tokenizer
 from leantune.config import ModelConfig
