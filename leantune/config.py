@@ -104,6 +104,16 @@ class AdapterConfig(Section):
     )
 
 
+class QuantConfig(Section):
+    """Weight-only quantization of the frozen base (MISSION A1(a), QLoRA-style: arXiv 2305.14314)."""
+
+    bits: Literal[4, 8] | None = Field(
+        default=None,
+        description="Store the base's linear layers (not lm_head) as INT4/INT8, dequantized on the fly; null: full precision. INT4: ~0.16x their fp32 bytes, slower matmuls.",
+    )
+    group_size: int = Field(default=64, gt=0, description="Input columns per scale/offset pair. Smaller: more accurate, more scale bytes.")
+
+
 class OptimConfig(Section):
     name: Literal["adamw"] = Field(default="adamw", description="Optimizer.")
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
@@ -151,10 +161,19 @@ class Recipe(Section):
     model: ModelConfig
     data: DataConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _quant_needs_lora(self):
+        if self.quant.bits and self.adapter.method != "lora":
+            raise ValueError("quant.bits: a quantized base is frozen; use adapter.method: lora (or quant.bits: null)")
+        if self.quant.bits == 4 and self.quant.group_size % 2:
+            raise ValueError(f"quant.group_size: 4-bit codes are packed two per byte, use an even size (got {self.quant.group_size})")
+        return self
 
     @model_validator(mode="after")
     def _stages_ordered(self):

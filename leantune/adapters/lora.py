@@ -27,12 +27,14 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int = 0):
         return model
     from peft import LoraConfig, get_peft_model
 
+    from leantune.quant import QuantLinear, register_quant_lora
+
     targets = cfg.target_modules
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if isinstance(targets, list):
         missing = [t for t in targets if t not in names]
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))})
             raise RecipeError(
                 f"adapter.target_modules: {missing} not found in {model.config.model_type}; "
                 f"linear modules are: {', '.join(linear)}"
@@ -45,6 +47,8 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int = 0):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        register_quant_lora(lora)  # PEFT's custom-module API: LoRA over QuantLinear, merge refused
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lora)
@@ -117,7 +121,13 @@ def save_full_model(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def merge_adapter(model):
-    """Fold LoRA deltas into the base weights and return the plain transformers model."""
+    """Fold LoRA deltas into the base weights and return the plain transformers model.
+
+    A quantized base is dequantized first: the deltas land on W_hat, the weights they were trained against.
+    """
+    from leantune.quant import dequantize_model
+
+    dequantize_model(model)
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model

@@ -144,10 +144,15 @@ class Run:
 
 def _setup_model(recipe: Recipe):
     model, tokenizer, source = load_model_and_tokenizer(recipe.model)
+    quant = None
+    if recipe.quant.bits:  # before the adapter: LoRA wraps the QuantLinear layers
+        from leantune.quant import quantize_model
+
+        quant = quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"]).as_dict()
     model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
     n_ckpt = set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     model.train()
-    return model, tokenizer, source, n_ckpt
+    return model, tokenizer, source, n_ckpt, quant
 
 
 def _setup_data(recipe: Recipe, tokenizer):
@@ -205,7 +210,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     energy.start()
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer, source, n_ckpt_layers = _setup_model(recipe)
+    model, tokenizer, source, n_ckpt_layers, quant = _setup_model(recipe)
     train_examples, stats, eval_examples = _setup_data(recipe, tokenizer)
     if not quiet:
         print(f"[leantune] data: {stats.as_dict()}")
@@ -320,7 +325,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     ledger = ledger_mod.build_ledger(
         recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=source.weight_path,
         seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
-        extra={"resumed": resume_from is not None, "final_metrics": row if step else {}},
+        extra={"resumed": resume_from is not None, "final_metrics": row if step else {}, "quant": quant},
     )
     ledger_mod.write_ledger(run_dir, ledger)
     return TrainResult(ledger, model, tokenizer)
