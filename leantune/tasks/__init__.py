@@ -1,0 +1,48 @@
+"""Bundled verifiable tasks: problem generators with worked solutions, answer checkers and rewards.
+
+Each task is a module exposing ``NAME``, ``generate(n, seed, split)``, ``extract_answer``,
+``verify``, ``reward`` and ``write_jsonl``.
+
+>>> get_task("arithmetic").NAME
+'arithmetic'
+>>> available_tasks()
+['arithmetic']
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from types import ModuleType
+
+_TASKS = {
+    "arithmetic": "leantune.tasks.arithmetic",
+}
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not bundled; the message lists the available tasks."""
+
+
+def available_tasks() -> list[str]:
+    """Names of the bundled tasks."""
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> ModuleType:
+    """The task module called ``name``.
+
+    >>> get_task("arithmatic")
+    Traceback (most recent call last):
+    ...
+    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: arithmetic
+    """
+    key = str(name).strip().lower()
+    if key not in _TASKS:
+        close = difflib.get_close_matches(key, list(_TASKS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownTaskError(f"unknown task {name!r}{hint}; available tasks: {', '.join(available_tasks())}")
+    return importlib.import_module(_TASKS[key])
+
+
+__all__ = ["UnknownTaskError", "available_tasks", "get_task"]
