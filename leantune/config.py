@@ -115,12 +115,19 @@ class QuantConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = Field(default="adamw", description="Optimizer.")
+    name: Literal["adamw", "mezo"] = Field(
+        default="adamw",
+        description="adamw: backprop + Adam state. mezo: zeroth-order SGD (arXiv 2305.17333), 2 forward passes per sample and no gradients or optimizer state: memory ~ inference, but many more steps (paper: lr 1e-6..1e-7 for full parameters; LoRA needs larger values).",
+    )
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = Field(default=(0.9, 0.999))
-    eps: float = Field(default=1e-8, gt=0)
-    max_grad_norm: float | None = Field(default=1.0, description="Clip the global gradient norm; null disables.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adamw only.")
+    eps: float = Field(default=1e-8, gt=0, description="adamw only: Adam's denominator epsilon.")
+    max_grad_norm: float | None = Field(default=1.0, description="Clip the global gradient norm; null disables. adamw only.")
+    zo_eps: float = Field(default=1e-3, gt=0, description="mezo only: perturbation scale of theta +- zo_eps * z.")
+    zo_samples: int = Field(
+        default=1, gt=0, description="mezo only: directions averaged per step; each costs two forward passes."
+    )
     scheduler: Literal["cosine", "constant"] = Field(default="cosine", description="LR after warmup.")
     warmup_steps: int = Field(default=0, ge=0)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")

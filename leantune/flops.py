@@ -162,3 +162,27 @@ def flops_from_model(model, *, tokens: int, loss_tokens: int | None = None, seq_
     )
 
 
+def zeroth_order_flops(train_flops: dict, forward_passes: int) -> dict:
+    """Turn a training estimate into a zeroth-order one (MeZO, arXiv 2305.17333): each step runs
+    ``forward_passes`` forward passes (2 per perturbation sample) and no backward.
+
+    >>> f = estimate_train_flops(tokens=10, n_layers=1, hidden=4, body_params=100, trainable_body_params=100)
+    >>> zeroth_order_flops(f, forward_passes=2)["total"]  # 2 forwards of 2 * N * tokens
+    4000
+    """
+    inputs = train_flops["inputs"]
+    lora_fwd = 2 * inputs["lora_params"] * inputs["tokens"]
+    # the lm_head term counts 4 (fwd + bwd) or 6 FLOPs per weight; a forward is 2 of them
+    lm_head_fwd = 2 * inputs["vocab"] * inputs["hidden"] * inputs["loss_tokens"]
+    one_forward = train_flops["body_forward"] + train_flops["attention_forward"] + lora_fwd + lm_head_fwd
+    total = forward_passes * one_forward
+    tokens = inputs["tokens"]
+    return {
+        "forward_pass": one_forward,
+        "forward_passes_per_token": forward_passes,
+        "total": total,
+        "per_token": total / tokens if tokens else 0.0,
+        "method": "estimate: zeroth-order (forward passes only), parameter counting, logits-mask-aware",
+        "inputs": inputs,
+    }
+

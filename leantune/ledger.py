@@ -28,6 +28,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 _CHUNK = 1 << 20  # 1 MiB reads keep hashing memory flat for multi-GB weight files
 
 from leantune.flops import (  # noqa: F401
+    zeroth_order_flops,
     decoder_body_params,
     estimate_train_flops,
     flops_from_model,

@@ -30,6 +30,7 @@ from leantune.config import Recipe, SpanWeights
 from leantune.data.sft import DataStats, Example, batch_at, collate, load_sft_examples
 from leantune.losses import linear_cross_entropy
 from leantune.models.loading import load_model_and_tokenizer
+from leantune.optim import MeZO
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 
 
@@ -75,6 +76,19 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], chunk_si
         loss.backward()
         step_loss += float(loss.detach())
     return step_loss, norm
+
+
+def zeroth_order_step(optimizer: MeZO, model, batches: list[dict[str, torch.Tensor]],
+                      chunk_size: int) -> tuple[float, float, dict]:
+    """One MeZO step (MISSION C1) on the step's token-mean loss over all micro-batches: 2 * zo_samples
+    forward passes, no backward. Returns (loss ~ (L+ + L-)/2, normalizer, MeZO's step info)."""
+    norm = sum(loss_weight_total(b) for b in batches)
+
+    def objective() -> float:
+        return sum(float(lm_loss_sum(model, b, chunk_size)) for b in batches) / max(norm, 1e-12)
+
+    info = optimizer.step(objective)
+    return info["loss"], norm, info
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -168,7 +182,12 @@ def _setup_optimizer(recipe: Recipe, model):
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     o = recipe.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "mezo":
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = MeZO(named, lr=o.lr, eps=o.zo_eps, weight_decay=o.weight_decay, samples=o.zo_samples,
+                         seed=recipe.train.seed)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     total = recipe.train.steps
 
     def schedule(step: int) -> float:
@@ -262,15 +281,22 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
             for i in range(cfg.grad_accum)
         ]
         micro_step += cfg.grad_accum
-        step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size)
+        zo = None
+        if isinstance(optimizer, MeZO):
+            step_loss, norm, zo = zeroth_order_step(optimizer, model, batches, recipe.loss.chunk_size)
+        else:
+            step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size)
         for batch in batches:
             totals["tokens"] += int(batch["attention_mask"].sum())
             totals["trainable_tokens"] += int((batch["labels"][:, 1:] != -100).sum())
         totals["loss_weight"] += norm
-        clip = recipe.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if zo is not None:  # already stepped; |g| is the only gradient MeZO sees
+            grad_norm = abs(zo["projected_grad"])
+        else:
+            clip = recipe.optim.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -285,6 +311,8 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
             "tokens": totals["tokens"], "trainable_tokens": totals["trainable_tokens"],
             "tokens_per_s": step_tokens / max(dt, 1e-9), "rss_bytes": rss, "elapsed_s": totals["elapsed_s"],
         }
+        if zo is not None:
+            row.update(projected_grad=zo["projected_grad"], zo_restore_bytes=zo["restore_bytes"])
         is_last = step == cfg.steps
         if eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
             row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size,
@@ -312,6 +340,8 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
         seq_len=stats.tokens / max(1, stats.examples),  # mean example length, for the attention term
         checkpoint_fraction=n_ckpt_layers / max(1, causal_lm(model).config.num_hidden_layers),
     )
+    if isinstance(optimizer, MeZO):
+        flops = ledger_mod.zeroth_order_flops(flops, forward_passes=2 * recipe.optim.zo_samples)
     run_totals = {
         "steps": step,
         "tokens_processed": totals["tokens"],
