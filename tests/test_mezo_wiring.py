@@ -18,7 +18,7 @@ def test_mezo_recipe_trains_and_resumes_exactly(tmp_path, tiny_model_dir, sft_da
     rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all("projected_grad" in r and "zo_restore_bytes" in r for r in rows)
     assert "zeroth-order" in straight.ledger["flops"]["method"]
-    assert straight.ledger["flops"]["forward_passes_per_token"] == 2
+    assert straight.ledger["flops"]["forward_passes_per_token"] == 2 * straight.ledger["recipe"]["optim"]["zo_samples"]
     assert all(p.grad is None for p in straight.model.parameters())
     # interrupted at step 3, resumed to 6
     train(recipe_from_dict(_raw(tmp_path, tiny_model_dir, sft_data, "cut", 3)), quiet=True)
