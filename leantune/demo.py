@@ -18,14 +18,13 @@ from leantune.config import recipe_from_dict
 # The demo's recipe. recipes/sft_smollm2_arithmetic.yaml is the same recipe as a file (a test checks).
 DEMO_RECIPE: dict = {
     "model": {"path": "builtin:smollm2-135m-instruct", "dtype": "bfloat16"},
-    "data": {"train": "data/arithmetic/train.jsonl", "eval": "data/arithmetic/valid.jsonl", "max_length": 128},
-    "adapter": {"method": "lora", "r": 16, "alpha": 32,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "data": {"train": "data/addition/train.jsonl", "eval": "data/addition/valid.jsonl", "max_length": 128},
+    "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "loss": {"chunk_size": 256},
-    "optim": {"lr": 2e-3, "warmup_steps": 5, "scheduler": "cosine"},
+    "optim": {"lr": 3e-3, "warmup_steps": 5, "scheduler": "cosine"},
     "train": {"steps": 60, "micro_batch_size": 8, "grad_accum": 1, "seed": 0, "save_every": 20,
-              "output_dir": "runs/sft_smollm2_arithmetic", "threads": None},
-    "eval": {"task": "arithmetic", "num_problems": 50, "max_new_tokens": 40, "batch_size": 25},
+              "output_dir": "runs/sft_smollm2_addition", "threads": None},
+    "eval": {"task": "addition", "num_problems": 50, "max_new_tokens": 48, "batch_size": 25},
 }
 
 QUICK_OVERRIDES = {

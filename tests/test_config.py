@@ -45,7 +45,7 @@ def test_wrong_type_names_field_and_line(tmp_path):
 
 def test_unknown_override_is_an_error():
     with pytest.raises(RecipeError, match="unknown key 'optim.lrr'.*Valid keys: .*lr"):
-        load_recipe(ROOT / "recipes" / "sft_smollm2_arithmetic.yaml", ["optim.lrr=1"])
+        load_recipe(ROOT / "recipes" / "sft_smollm2_addition.yaml", ["optim.lrr=1"])
 
 
 def test_missing_section_and_bad_yaml(tmp_path):
@@ -91,7 +91,7 @@ def test_demo_recipe_file_matches_demo():
 
     from leantune.demo import DEMO_RECIPE
 
-    shipped = yaml.safe_load((ROOT / "recipes" / "sft_smollm2_arithmetic.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "recipes" / "sft_smollm2_addition.yaml").read_text())
     assert shipped == DEMO_RECIPE
 
 

@@ -6,7 +6,7 @@ Each task is a module exposing ``NAME``, ``generate(n, seed, split)``, ``extract
 >>> get_task("arithmetic").NAME
 'arithmetic'
 >>> available_tasks()
-['arithmetic']
+['addition', 'arithmetic']
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import importlib
 from types import ModuleType
 
 _TASKS = {
+    "addition": "leantune.tasks.addition",
     "arithmetic": "leantune.tasks.arithmetic",
 }
 
@@ -35,7 +36,7 @@ def get_task(name: str) -> ModuleType:
     >>> get_task("arithmatic")
     Traceback (most recent call last):
     ...
-    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: arithmetic
+    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: addition, arithmetic
     """
     key = str(name).strip().lower()
     if key not in _TASKS:
