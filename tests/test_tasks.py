@@ -33,7 +33,7 @@ def test_unknown_task_lists_available():
     msg = str(e.value)
     assert "no-such-task" in msg and "arithmetic" in msg
     assert isinstance(e.value, ValueError)
-    assert available_tasks() == ["arithmetic"]
+    assert available_tasks() == ["addition", "arithmetic"] and "addition" in msg
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,3 +200,12 @@ def test_write_jsonl(tmp_path):
     assert json.loads(path2.read_text().splitlines()[0]) == probs[0]
     with pytest.raises(KeyError):
         ar.write_jsonl([{"prompt": "x"}], tmp_path / "bad.jsonl")
+
+
+def test_addition_task_is_addition_only_and_disjoint():
+    from leantune.tasks import addition
+
+    train, test = addition.generate(200, seed=0), addition.generate(50, seed=0, split="test")
+    assert all(" + " in p["prompt"] and " - " not in p["prompt"] for p in train + test)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert all(addition.verify(p["completion"], p["answer"]) for p in train)
