@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 
 from leantune.rl.sandbox import code_reward, extract_code
+from leantune.tasks import completion_text  # noqa: F401  (re-exported)
 
 __all__ = [
     "arithmetic_reward",
@@ -65,19 +66,6 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Shared helpers
 
 
-def completion_text(completion) -> str:
-    """Plain text of a completion: a string, or a chat-style list of messages (TRL conversational format).
-
-    >>> completion_text([{"role": "assistant", "content": "42"}])
-    '42'
-    """
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, Iterable):
-        return "".join(completion_text(m) for m in completion)
-    return ""
 
 
 def final_text(text: str) -> str | None:

@@ -63,8 +63,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
+
+from leantune.tasks import completion_text
 
 try:  # POSIX only; run_code refuses to run without it
     import resource
@@ -746,11 +748,4 @@ def code_reward(prompts, completions, tests, *, timeout_s: float = 5.0, memory_m
     return scores
 
 
-def _text(completion) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, Sequence):
-        return "".join(_text(m) for m in completion)
-    return ""
+_text = completion_text  # one definition, in leantune.tasks

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
 
 _TASKS = {
@@ -46,4 +47,20 @@ def get_task(name: str) -> ModuleType:
     return importlib.import_module(_TASKS[key])
 
 
-__all__ = ["UnknownTaskError", "available_tasks", "get_task"]
+def completion_text(completion) -> str:
+    """Plain text of a completion: a string, or a chat-style message / list of messages (TRL's
+    conversational format).
+
+    >>> completion_text([{"role": "assistant", "content": "42"}])
+    '42'
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, Iterable):
+        return "".join(completion_text(m) for m in completion)
+    return ""
+
+
+__all__ = ["UnknownTaskError", "available_tasks", "completion_text", "get_task"]

@@ -36,6 +36,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from leantune.tasks import completion_text
+
 NAME = "arithmetic"
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -224,15 +226,7 @@ def verify(completion: str, answer: str | int) -> bool:
     return got is not None and got == want
 
 
-def _completion_text(completion) -> str:
-    """Plain text of a completion: a string, or a chat-style list of messages (TRL conversational format)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, Iterable):
-        return "".join(_completion_text(m) for m in completion)
-    return ""
+_completion_text = completion_text  # one definition, in leantune.tasks
 
 
 def reward(prompts, completions, answer, **kw) -> list[float]:
