@@ -254,7 +254,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
             print(f"[leantune] resumed from {resume_from} at step {step}")
     elif metrics_path.exists():
         metrics_path.unlink()
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    ledger_mod.atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     metrics = ledger_mod.MetricsLog(metrics_path)
 
     # Energy and peak memory of earlier (killed) segments of this run, carried by the checkpoint.
@@ -272,6 +272,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=quiet or not cfg.progress, dynamic_ncols=True)
     t_last = time.perf_counter()
+    row: dict = {}  # stays empty when a finished run is resumed
     model.train()
     while step < cfg.steps:
         weights = recipe.loss.weights_at(step)
@@ -355,7 +356,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     ledger = ledger_mod.build_ledger(
         recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=source.weight_path,
         seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
-        extra={"resumed": resume_from is not None, "final_metrics": row if step else {}, "quant": quant},
+        extra={"resumed": resume_from is not None, "final_metrics": row, "quant": quant},
     )
     ledger_mod.write_ledger(run_dir, ledger)
     return TrainResult(ledger, model, tokenizer)
