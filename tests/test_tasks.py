@@ -52,6 +52,11 @@ def test_prefix_stable_in_n():
     assert ar.generate(50, seed=1) == ar.generate(100, seed=1)[:50]
 
 
+def test_default_mixes_both_operators():
+    prompts = [p["prompt"] for p in ar.generate(100, seed=0)]
+    assert any(" + " in p for p in prompts) and any(" - " in p for p in prompts)
+
+
 def test_distinct_within_call():
     probs = ar.generate(1000, seed=0)
     assert len({_key(p) for p in probs}) == 1000
@@ -69,7 +74,7 @@ def test_split_assignment_is_by_problem_and_roughly_balanced():
     every = [(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in ar.OPS]
     test_share = sum(ar.split_of(*k) == "test" for k in every) / len(every)
     assert abs(test_share - ar.TEST_PERCENT / 100) < 0.02
-    for p in ar.generate(100, seed=0, split="test"):
+    for p in ar.generate(100, seed=0, split="test", ops=ar.OPS):
         a, op, b = re.match(r"What is (\d+) ([+-]) (\d+)\?", p["prompt"]).groups()
         assert ar.split_of(int(a), op, int(b)) == "test"
 
@@ -90,8 +95,8 @@ def test_problem_shape_and_operands(digits, ops):
 
 @pytest.mark.parametrize("digits", [1, 2, 3, 4])
 def test_every_completion_verifies_against_its_own_answer(digits):
-    probs = ar.generate(300 if digits > 1 else 60, seed=11, split="train", digits=digits)
-    probs += ar.generate(100 if digits > 1 else 20, seed=11, split="test", digits=digits)
+    probs = ar.generate(300 if digits > 1 else 40, seed=11, split="train", digits=digits, ops=ar.OPS)
+    probs += ar.generate(100 if digits > 1 else 10, seed=11, split="test", digits=digits, ops=ar.OPS)
     for p in probs:
         assert ar.verify(p["completion"], p["answer"]), p
         assert ar.extract_answer(p["completion"]) == p["answer"]
@@ -99,7 +104,7 @@ def test_every_completion_verifies_against_its_own_answer(digits):
 
 def test_worked_steps_are_correct_arithmetic():
     """Every 'x + y (+ c) = s' / 'x - c - y = s' step in every thinking span is true."""
-    for p in ar.generate(400, seed=2, digits=3):
+    for p in ar.generate(400, seed=2, digits=3, ops=ar.OPS):
         think = p["completion"].split("<think>")[1].split("</think>")[0]
         _, steps = think.split(": ", 1)
         for step in steps.split("; "):

@@ -127,12 +127,15 @@ def generate(
 ) -> list[dict]:
     """``n`` distinct problems of the given split, deterministic in (``n``, ``seed``, ``split``, ``digits``, ``ops``).
 
-    Operands have exactly ``digits`` digits; for subtraction the larger operand comes first.
+    Operands have exactly ``digits`` digits (1-digit: 0-9); ``ops`` is any non-empty subset of
+    :data:`OPS`; for subtraction the larger operand comes first, so results are never negative.
+    (The demo uses addition only, :mod:`leantune.tasks.addition`: SmolLM2-135M learns it far faster
+    than mixed +/-, whose borrow steps it picks up slowly.)
     Raises ``ValueError`` if the split holds fewer than ``n`` distinct problems.
 
     >>> [p["prompt"] for p in generate(2, seed=1)] == [p["prompt"] for p in generate(2, seed=1)]
     True
-    >>> len(generate(5, seed=0, split="test", digits=3, ops=["+"]))
+    >>> len(generate(5, seed=0, split="test", digits=3, ops=["+", "-"]))
     5
     """
     if split not in SPLITS:
