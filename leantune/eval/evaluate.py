@@ -38,6 +38,10 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = []
+    # torch 2.13 CPU: F.linear on the non-contiguous [B, 1, H] slice generate() feeds the frozen lm_head
+    # copies the whole weight per row (measured 16 s vs 0.014 s at batch 50); hand it a contiguous input.
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(),) + tuple(args[1:]))
     try:
         for i in range(0, len(prompts), batch_size):
             rendered = [render_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
@@ -51,6 +55,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
+        hook.remove()
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
