@@ -47,7 +47,10 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(description="Training data: a .jsonl or .parquet file.")
+    train: str | None = Field(
+        default=None,
+        description="Training data: a .jsonl or .parquet file. SFT needs it; RL reads prompts (plus reward fields such as `answer`) from it, or generates them from `rl.task` when it is unset.",
+    )
     eval: str | None = Field(default=None, description="Held-out data for loss/perplexity every `train.eval_every` steps.")
     format: Literal["auto", "prompt_completion", "messages"] = Field(
         default="auto", description="Record shape: {prompt, completion} or {messages: [...]}; auto detects per file."
@@ -148,6 +151,12 @@ class TrainConfig(Section):
     output_dir: str = Field(default="runs/default", description="Run directory: checkpoints, metrics.jsonl, ledger.json.")
     threads: int | None = Field(default=None, gt=0, description="torch CPU threads (default: torch's choice).")
     progress: bool = Field(default=True, description="Show a progress bar.")
+    malloc_mmap_threshold: int | None = Field(
+        default=131072,
+        ge=0,
+        description="glibc only: allocations of this many bytes or more are mmap'd and returned to the OS on free, "
+        "which keeps peak RSS near the true working set (null: leave malloc alone).",
+    )
 
     @field_validator("activation_checkpointing")
     @classmethod
@@ -164,6 +173,58 @@ class EvalConfig(Section):
     batch_size: int = Field(default=8, gt=0)
 
 
+class PromptSelectionConfig(Section):
+    """Skip prompts that teach nothing right now (MISSION D2): recent pass rate exactly 0 or 1."""
+
+    enabled: bool = Field(default=True, description="Skip prompts whose last `window` observed pass rates were all 0 or all 1.")
+    window: int = Field(default=1, gt=0, description="How many recent rollout groups of a prompt must agree before it is skipped.")
+    cooldown_steps: int = Field(default=8, gt=0, description="Steps a skipped prompt sits out before it is re-admitted (the policy may have moved).")
+
+
+class RLConfig(Section):
+    """RL with verifiable rewards (`leantune rl`): sample groups, score, filter, update. Steps come from `train.steps`."""
+
+    loss: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        default="dapo", description="Policy loss: grpo (sequence-mean), dapo (token-level, clip-higher), dr_grpo (constant normalizer)."
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo"] | None = Field(
+        default=None, description="Advantage estimator; null picks the loss's own (dr_grpo -> mean-only, else group-normalized)."
+    )
+    task: str | None = Field(default=None, description="Bundled task (`leantune make-data --help` lists them): its prompts when data.train is unset, and its verifier as the `task` reward.")
+    num_prompts: int = Field(default=512, gt=0, description="Training prompts generated from `rl.task` when data.train is unset.")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"task": 1.0},
+        description="Reward terms and weights: task (the verifier), length_aware (Kimi k1.5, replaces task), format, overlong (DAPO soft penalty).",
+    )
+    group_size: int = Field(default=8, gt=1, description="Completions sampled per prompt (G).")
+    prompts_per_step: int = Field(default=8, gt=0, description="Prompt groups in each policy update's batch.")
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=64, gt=0, description="Completion budget; a completion cut here is 'overlong'.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; generation also stops when the task says the answer is complete.")
+    epsilon_low: float = Field(default=0.2, ge=0, description="Lower clip of the importance ratio.")
+    epsilon_high: float = Field(default=0.28, ge=0, description="Upper clip (DAPO clip-higher; set = epsilon_low for symmetric).")
+    beta: float = Field(default=0.0, ge=0, description="KL-to-base coefficient (k3 estimator; reference = the base with the adapter disabled).")
+    updates_per_batch: int = Field(default=1, gt=0, description="Optimizer passes over each rollout batch (mu); >1 makes the clip active.")
+    dynamic_sampling: bool = Field(default=True, description="Drop groups whose rewards are all equal and sample more prompts to refill the batch (DAPO).")
+    max_sampling_rounds: int = Field(default=3, gt=0, description="Cap on sampling rounds per step when refilling the batch.")
+    overlong_filter: bool = Field(default=True, description="Mask completions cut at max_new_tokens out of the loss (DAPO overlong filtering).")
+    overlong_buffer: int = Field(default=16, ge=0, description="Soft overlong penalty ramp (tokens before max_new_tokens), for the `overlong` reward.")
+    prompt_selection: PromptSelectionConfig = Field(default_factory=PromptSelectionConfig)
+    entropy_filter: float | None = Field(
+        default=None, ge=0, le=1, description="Optional: keep only this fraction of candidate prompts with the highest policy prompt entropy."
+    )
+
+
+class RFTConfig(Section):
+    """Expert iteration (`leantune rft`, MISSION D5): sample, keep verified, fine-tune on all accepted, repeat."""
+
+    rounds: int = Field(default=3, gt=0)
+    samples_per_prompt: int = Field(default=4, gt=0, description="k completions sampled per prompt each round.")
+    keep: Literal["shortest", "all", "first"] = Field(default="shortest", description="Which verified completions of a prompt to keep.")
+    steps_per_round: int = Field(default=20, gt=0, description="SFT optimizer steps on the accepted union each round.")
+
+
 class Recipe(Section):
     model: ModelConfig
     data: DataConfig
@@ -173,6 +234,8 @@ class Recipe(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    rl: RLConfig = Field(default_factory=RLConfig, description="Used by `leantune rl` and `leantune rft` only.")
+    rft: RFTConfig = Field(default_factory=RFTConfig, description="Used by `leantune rft` only.")
 
     @model_validator(mode="after")
     def _quant_needs_lora(self):

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from leantune import ledger as ledger_mod
 from leantune.adapters.lora import apply_adapter, causal_lm, load_trainable_state, save_adapter, trainable_state
-from leantune.config import Recipe, SpanWeights
+from leantune.config import Recipe, RecipeError, SpanWeights
 from leantune.data.sft import DataStats, Example, batch_at, collate, load_sft_examples
 from leantune.losses import linear_cross_entropy
+from leantune.metering import set_malloc_mmap_threshold
 from leantune.models.loading import load_model_and_tokenizer
 from leantune.optim import MeZO
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -210,8 +211,12 @@ class TrainResult:
 def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Run SFT as the recipe says; return the ledger and the trained model."""
     cfg = recipe.train
+    if recipe.data.train is None:
+        raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.malloc_mmap_threshold is not None:
+        set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = run_dir / "checkpoints"
