@@ -1,11 +1,13 @@
 """The ``leantune`` command line.
 
     leantune train RECIPE.yaml [key.sub=value ...] [--resume]
+    leantune rl RECIPE.yaml [key.sub=value ...] [--resume]
+    leantune rft RECIPE.yaml [key.sub=value ...]
     leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl)
     leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
     leantune report RUN_DIR
     leantune validate RECIPE.yaml [RECIPE.yaml ...]
-    leantune demo [--out DIR] [--quick]
+    leantune demo [--out DIR] [--quick] [--rl]
     leantune make-data TASK --out DIR [--train N] [--valid N]
 
 Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
@@ -46,6 +48,30 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train(recipe, resume=args.resume)
+    print(summarize_ledger(result.ledger))
+    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    return 0
+
+
+def cmd_rl(args) -> int:
+    from leantune.config import load_recipe
+    from leantune.ledger import summarize_ledger
+    from leantune.train.rl import train_rl
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train_rl(recipe, resume=args.resume)
+    print(summarize_ledger(result.ledger))
+    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    return 0
+
+
+def cmd_rft(args) -> int:
+    from leantune.config import load_recipe
+    from leantune.ledger import summarize_ledger
+    from leantune.train.rft import train_rft
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train_rft(recipe)
     print(summarize_ledger(result.ledger))
     print(f"[leantune] run directory: {recipe.train.output_dir}")
     return 0
@@ -105,7 +131,7 @@ def cmd_make_data(args) -> int:
 def cmd_demo(args) -> int:
     from leantune.demo import run_demo
 
-    run_demo(out=Path(args.out), quick=args.quick)
+    run_demo(out=Path(args.out), quick=args.quick, rl=args.rl)
     return 0
 
 
@@ -118,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.set_defaults(func=cmd_train)
+
+    rl = sub.add_parser("rl", help="RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe")
+    rl.add_argument("recipe")
+    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.group_size=4 train.steps=20")
+    rl.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    rl.set_defaults(func=cmd_rl)
+
+    rf = sub.add_parser("rft", help="expert iteration: sample, keep verified completions, fine-tune, repeat")
+    rf.add_argument("recipe")
+    rf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rft.rounds=2")
+    rf.set_defaults(func=cmd_rft)
 
     v = sub.add_parser("validate", help="check recipes without building a model")
     v.add_argument("recipes", nargs="+")
@@ -156,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2-135M on arithmetic, offline")
     d.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     d.add_argument("--quick", action="store_true", help="same pipeline on a tiny random model, < 1 minute")
+    d.add_argument("--rl", action="store_true", help="add a short RL (DAPO) phase after fine-tuning; accuracy after each phase")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class RecipeError(ValueError):
@@ -189,6 +196,10 @@ class RLConfig(Section):
     )
     advantage: Literal["grpo", "dr_grpo", "rloo"] | None = Field(
         default=None, description="Advantage estimator; null picks the loss's own (dr_grpo -> mean-only, else group-normalized)."
+    )
+    init: str | None = Field(
+        default=None,
+        description="A finished LoRA run directory (e.g. from `leantune train`): the policy starts from its adapter, on the base in `model`.",
     )
     task: str | None = Field(default=None, description="Bundled task (`leantune make-data --help` lists them): its prompts when data.train is unset, and its verifier as the `task` reward.")
     num_prompts: int = Field(default=512, gt=0, description="Training prompts generated from `rl.task` when data.train is unset.")

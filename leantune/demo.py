@@ -35,6 +35,16 @@ QUICK_OVERRIDES = {
     "eval": {"num_problems": 8, "max_new_tokens": 16, "batch_size": 8},
 }
 
+# `leantune demo --rl`: after SFT, a short DAPO phase on the same task, continuing the SFT adapter.
+DEMO_RL = {
+    "optim": {"lr": 1e-4, "warmup_steps": 0, "scheduler": "constant"},
+    "train": {"steps": 12, "micro_batch_size": 8, "save_every": 6},
+    "rl": {"task": "addition", "num_prompts": 512, "loss": "dapo", "group_size": 8, "prompts_per_step": 8,
+           "max_new_tokens": 48, "temperature": 1.0, "max_sampling_rounds": 3},
+}
+QUICK_RL = {"train": {"steps": 2, "micro_batch_size": 4}, "rl": {"group_size": 2, "prompts_per_step": 2,
+                                                                  "max_new_tokens": 8, "max_sampling_rounds": 1}}
+
 NUM_TRAIN, NUM_VALID = 2000, 64
 
 
@@ -65,7 +75,7 @@ def write_task_data(task_name: str, out_dir: Path, n_train: int, n_valid: int, s
     return paths
 
 
-def run_demo(out: Path, quick: bool = False) -> dict:
+def run_demo(out: Path, quick: bool = False, rl: bool = False) -> dict:
     import os
     import shutil
 
@@ -108,6 +118,9 @@ def run_demo(out: Path, quick: bool = False) -> dict:
     print(f"[demo] accuracy after fine-tuning:  {after['accuracy']:.1%} ({after['correct']}/{after['problems']})")
     print(f"[demo] example: {after['examples'][0]['prompt']!r} -> {after['examples'][0]['completion']!r}")
     print(summarize_ledger(result.ledger))
+    rl_summary = {}
+    if rl:
+        rl_summary = _rl_phase(raw, out, quick, result, ev)
     summary = {
         "model": recipe.model.path,
         "accuracy_before": before["accuracy"],
@@ -117,7 +130,39 @@ def run_demo(out: Path, quick: bool = False) -> dict:
         "total_wall_s": time.perf_counter() - t0,
         "adapter": str(adapter_dir),
         "run_dir": str(run_dir),
+        **rl_summary,
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] adapter: {adapter_dir}  run: {run_dir}  total time: {summary['total_wall_s']:.0f} s")
     return summary
+
+
+def _rl_phase(raw: dict, out: Path, quick: bool, sft, ev) -> dict:
+    """DAPO on the same task, starting from the SFT adapter in memory; accuracy again at the end."""
+    import shutil
+
+    from leantune.adapters.lora import save_adapter
+    from leantune.eval.evaluate import task_accuracy
+    from leantune.ledger import summarize_ledger
+    from leantune.train.rl import train_rl
+
+    rl_raw = _merge(raw, DEMO_RL)
+    if quick:
+        rl_raw = _merge(rl_raw, QUICK_RL)
+    rl_raw["data"]["train"] = None  # prompts come from the task generator (train split)
+    run_dir = out / "rl-run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    rl_raw["train"]["output_dir"] = str(run_dir)
+    recipe = recipe_from_dict(rl_raw)
+    print(f"[demo] RL phase: {recipe.rl.loss}, {recipe.train.steps} steps x {recipe.rl.prompts_per_step} prompts x "
+          f"{recipe.rl.group_size} samples, dynamic sampling + prompt selection")
+    result = train_rl(recipe, model=sft.model, tokenizer=sft.tokenizer)
+    after = task_accuracy(result.model, result.tokenizer, ev.task, num_problems=ev.num_problems,
+                          max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    adapter_dir = save_adapter(result.model, out / "adapter-rl")
+    print(f"[demo] accuracy after RL:           {after['accuracy']:.1%} ({after['correct']}/{after['problems']})")
+    print(summarize_ledger(result.ledger))
+    roll = result.ledger["totals"]["rollouts"]
+    return {"accuracy_after_rl": after["accuracy"], "rl_wall_s": result.ledger["totals"]["wall_time_s"],
+            "rl_rollouts": roll, "adapter_rl": str(adapter_dir), "rl_run_dir": str(run_dir)}

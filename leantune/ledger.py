@@ -301,6 +301,13 @@ def summarize_ledger(ledger: dict) -> str:
         ("energy", f"{num(en.get('joules'), '{:.3g}')} J, {num(pt.get('joules_per_token'), '{:.3g}')} J/token ({en.get('method', 'not measured')}"
          + (f", {en['assumed_watts_per_core']} W/core assumed" if "assumed_watts_per_core" in en else "") + ")"),
     ]
+    if t.get("rollouts"):
+        r = t["rollouts"]
+        rows.append(("rollouts", f"{num(r.get('rollouts_generated'))} generated, {num(r.get('rollouts_used'))} trained on; "
+                     f"{num(r.get('tokens_generated'))} tokens generated, {num(r.get('early_stop_tokens_saved'))} saved by early stop"))
+        rows.append(("filters", f"{num(r.get('zero_variance_rollouts_dropped'))} zero-variance rollouts dropped, "
+                     f"{num(r.get('prompt_selection_rollouts_saved'))} rollouts never sampled (prompt selection), "
+                     f"{num(r.get('overlong_rollouts_masked'))} overlong masked"))
     if model.get("combined"):
         rows.append(("model", f"{model['location']} sha256 {model['combined'][:16]} ({len(model['files'])} file{'s' if len(model['files']) != 1 else ''})"))
     else:

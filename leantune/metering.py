@@ -176,8 +176,7 @@ class PeakMemory:
     def sample(self) -> int:
         """Take one RSS sample now (a few microseconds); returns it in bytes."""
         rss = self.current_rss_bytes()
-        if rss > self._peak:
-            self._peak = rss
+        self._peak = max(self._peak, rss)
         return rss
 
     def _poll(self) -> None:

@@ -121,6 +121,43 @@ def _plot(records: list[dict], ledger: dict | None, out: Path, title: str) -> Pa
     return out
 
 
+def _plot_rl(records: list[dict], out: Path, title: str) -> Path:
+    """RL metrics vs step (written when metrics.jsonl has reward_mean): rewards, pass rates, lengths,
+    entropy, the wasted-rollout fractions and what each step generated vs trained on."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    axes = fig.subplots(2, 3)
+    fig.suptitle(title + " (RL)")
+    pass_k = sorted({k for r in records for k in r if k.startswith("pass@") and k != "pass@1"})
+    panels = [
+        ("reward", [("reward_mean", "mean"), ("reward_std", "std")]),
+        ("pass rate", [("pass@1", "pass@1")] + [(k, k) for k in pass_k]),
+        ("completion length (tokens)", [("completion_len", "mean length")]),
+        ("token entropy", [("entropy_mean", "mean (nats)"), ("high_entropy_frac", "high-entropy fraction")]),
+        ("fraction", [("zero_variance_frac", "zero-variance groups"), ("clip_fraction", "clipped tokens"),
+                      ("truncated_frac", "truncated (overlong)"), ("kl", "KL to base")]),
+        ("rollouts per step", [("rollouts", "generated"), ("rollouts_used", "trained on"),
+                               ("prompts_skipped", "prompts skipped")]),
+    ]
+    for ax, (label, lines) in zip(axes.flat, panels):
+        for key, name in lines:
+            xs, ys = _series(records, key)
+            if xs:
+                ax.plot(xs, ys, "-", label=name)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def _summary_rows(records: list[dict], ledger: dict | None) -> list[tuple[str, str, str]]:
     """(metric, value, source) rows; the ledger wins over metrics where both have a number."""
     rows = []
@@ -169,6 +206,16 @@ def _summary_rows(records: list[dict], ledger: dict | None) -> list[tuple[str, s
         rows.append(("energy", value, energy.get("method", "unknown method")))
     else:
         rows.append(("energy", "n/a", "no ledger.json"))
+    roll = totals.get("rollouts") or {}
+    if roll:
+        rows.append(("rollouts generated / trained on", f"{roll['rollouts_generated']:,} / {roll['rollouts_used']:,}", "ledger"))
+        rows.append(("tokens generated / trained", f"{roll['tokens_generated']:,} / {roll['tokens_trained']:,}", "ledger"))
+        rows.append(("saved: early stop", f"{roll['early_stop_tokens_saved']:,} tokens not generated", "ledger (vs max_new_tokens)"))
+        rows.append(("saved: prompt selection", f"{roll['prompt_selection_rollouts_saved']:,} rollouts not sampled", "ledger"))
+        rows.append(("dropped: zero-variance groups", f"{roll['zero_variance_rollouts_dropped']:,} rollouts not trained on", "ledger"))
+    _, p1 = _series(records, "pass@1")
+    if p1:
+        rows.append(("pass@1 first / last step", f"{p1[0]:.3f} / {p1[-1]:.3f}", "metrics"))
     flops = (ledger or {}).get("flops") or {}
     if flops.get("total") is not None:
         rows.append(("compute", f"{flops['total']:.3g} FLOPs", flops.get("method", "estimate")))
@@ -185,7 +232,8 @@ def _markdown(rows: list[tuple[str, str, str]], title: str) -> str:
 
 
 def make_report(run_dir: str | Path) -> list[Path]:
-    """Write ``run_dir/report.png`` (loss, lr, grad norm, tokens/s, memory, eval metrics vs step) and
+    """Write ``run_dir/report.png`` (loss, lr, grad norm, tokens/s, memory, eval metrics vs step), for RL
+    runs ``run_dir/rl.png`` (reward, pass@k, length, entropy, wasted-rollout fractions), and
     ``run_dir/summary.md`` (final loss, best eval, tokens, wall time, peak memory, energy).
 
     Returns the written paths. Raises FileNotFoundError if ``run_dir/metrics.jsonl`` is missing and
@@ -205,7 +253,9 @@ def make_report(run_dir: str | Path) -> list[Path]:
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else None
 
     title = f"leantune run: {run_dir.resolve().name}"
-    png = _plot(records, ledger, run_dir / "report.png", title)
+    written = [_plot(records, ledger, run_dir / "report.png", title)]
+    if any("reward_mean" in r for r in records):
+        written.append(_plot_rl(records, run_dir / "rl.png", title))
     md = run_dir / "summary.md"
     md.write_text(_markdown(_summary_rows(records, ledger), title), encoding="utf-8")
-    return [png, md]
+    return [*written, md]

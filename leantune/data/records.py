@@ -23,6 +23,7 @@ leantune.data.records.DataError: ...d.jsonl:3: missing field 'completion' (recor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -137,7 +138,7 @@ def check_record(data: Any, where: str, format: RecordFormat = "auto") -> Record
     return Record(data=data, source=where, kind=kind)
 
 
-def _read_jsonl(path: Path, format: RecordFormat) -> list[Record]:
+def _read_jsonl(path: Path, check: Callable[[Any, str], Any]) -> list:
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -157,11 +158,11 @@ def _read_jsonl(path: Path, format: RecordFormat) -> list[Record]:
             raise DataError(
                 f"{where}: malformed JSON: {err.msg} (column {err.colno}). Each line must be exactly one JSON object."
             ) from None
-        records.append(check_record(data, where, format))
+        records.append(check(data, where))
     return records
 
 
-def _read_parquet(path: Path, format: RecordFormat) -> list[Record]:
+def _read_parquet(path: Path, check: Callable[[Any, str], Any]) -> list:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -169,7 +170,7 @@ def _read_parquet(path: Path, format: RecordFormat) -> list[Record]:
         rows = pq.read_table(path).to_pylist()
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{path}: cannot read Parquet file ({err}). Check that it is a complete, valid Parquet file.") from None
-    return [check_record(row, f"{path}:row {i}", format) for i, row in enumerate(rows)]
+    return [check(row, f"{path}:row {i}") for i, row in enumerate(rows)]
 
 
 def read_records(path: str | Path, format: RecordFormat = "auto") -> list[Record]:
@@ -178,6 +179,33 @@ def read_records(path: str | Path, format: RecordFormat = "auto") -> list[Record
     ``format`` is ``data.format``: ``"auto"`` detects the shape per record, the other values enforce one.
     Blank lines are skipped. Raises :class:`DataError` at the first problem, or if there are no records.
     """
+    return read_rows(path, lambda data, where: check_record(data, where, format))
+
+
+def check_prompt_row(data: Any, where: str) -> dict:
+    """An RL prompt row: ``{"prompt": str, ...reward fields}`` (e.g. ``answer``), returned as a dict."""
+    if not isinstance(data, dict):
+        raise DataError(f'{where}: expected a JSON object like {{"prompt": ..., "answer": ...}}, got {_type_name(data)}')
+    _require_string(data, "prompt", where, "Every RL prompt row needs a 'prompt' string; other fields go to the reward.")
+    return dict(data)
+
+
+def read_prompt_rows(path: str | Path) -> list[dict]:
+    """RL prompts: rows with a ``prompt`` string plus the fields its reward needs (``answer``, ``numbers``...).
+
+    >>> import json, tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "p.jsonl"
+    >>> _ = p.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\\n" + json.dumps({"answer": "5"}) + "\\n")
+    >>> read_prompt_rows(p)
+    Traceback (most recent call last):
+    ...
+    leantune.data.records.DataError: ...p.jsonl:2: missing field 'prompt' (record has: answer). Every RL prompt row needs a 'prompt' string; other fields go to the reward.
+    """
+    return read_rows(path, check_prompt_row)
+
+
+def read_rows(path: str | Path, check: Callable[[Any, str], Any]) -> list:
+    """Rows of a JSON Lines or Parquet file, each passed through ``check(row, "file:line")``."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Check data.train / data.eval (relative paths are resolved from the working directory).")
@@ -185,9 +213,9 @@ def read_records(path: str | Path, format: RecordFormat = "auto") -> list[Record
         raise DataError(f"{path}: is a directory, not a data file. Point data.train / data.eval at a .jsonl or .parquet file.")
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        records = _read_jsonl(path, format)
+        records = _read_jsonl(path, check)
     elif suffix in PARQUET_SUFFIXES:
-        records = _read_parquet(path, format)
+        records = _read_parquet(path, check)
     else:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}. Use JSON Lines ({', '.join(JSONL_SUFFIXES)}) "

@@ -12,7 +12,13 @@ True
 from __future__ import annotations
 
 from leantune.tasks import arithmetic
-from leantune.tasks.arithmetic import extract_answer, reward, verify, write_jsonl  # noqa: F401
+from leantune.tasks.arithmetic import (  # noqa: F401
+    extract_answer,
+    is_complete,
+    reward,
+    verify,
+    write_jsonl,
+)
 
 NAME = "addition"
 

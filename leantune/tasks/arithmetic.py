@@ -229,6 +229,22 @@ def verify(completion: str, answer: str | int) -> bool:
     return got is not None and got == want
 
 
+_CLOSED = re.compile(re.escape(THINK_END) + r"\s*\D{0,40}?[-\u2212]?\d[\d,]*(?![\d,])[^\d,]")
+
+
+def is_complete(completion: str) -> bool:
+    """Whether the final answer is already closed: a number after ``</think>`` followed by a non-digit.
+
+    Rollouts stop here instead of spending tokens on text after the answer (MISSION G2).
+
+    >>> is_complete("<think>4 + 3 = 7</think> 7"), is_complete("<think>4 + 3 = 7</think> 7\\n")
+    (False, True)
+    >>> is_complete("<think>8 + 5 = 13, carry 1; 4 + 1 = 5</think> 1")  # 1 could become 15...
+    False
+    """
+    return bool(_CLOSED.search(completion))
+
+
 _completion_text = completion_text  # one definition, in leantune.tasks
 
 

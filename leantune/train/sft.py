@@ -25,15 +25,25 @@ import yaml
 from tqdm.auto import tqdm
 
 from leantune import ledger as ledger_mod
-from leantune.adapters.lora import apply_adapter, causal_lm, load_trainable_state, save_adapter, trainable_state
+from leantune.adapters.lora import (
+    apply_adapter,
+    causal_lm,
+    load_trainable_state,
+    save_adapter,
+    trainable_state,
+)
 from leantune.config import Recipe, RecipeError, SpanWeights
 from leantune.data.sft import DataStats, Example, batch_at, collate, load_sft_examples
 from leantune.losses import linear_cross_entropy
 from leantune.metering import set_malloc_mmap_threshold
-from leantune.models.loading import load_model_and_tokenizer
+from leantune.models.loading import load_model_and_tokenizer, resolve_source
 from leantune.optim import MeZO
-from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-
+from leantune.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Pure pieces the loop calls
@@ -157,14 +167,24 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
 
-def _setup_model(recipe: Recipe):
+def setup_model(recipe: Recipe, init: str | None = None):
+    """(model, tokenizer, source, checkpointed layers, quant info): the base, quantized if asked, with a
+    fresh adapter -- or, with ``init`` (a finished LoRA run directory), that run's adapter, trainable."""
     model, tokenizer, source = load_model_and_tokenizer(recipe.model)
     quant = None
     if recipe.quant.bits:  # before the adapter: LoRA wraps the QuantLinear layers
         from leantune.quant import quantize_model
 
         quant = quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"]).as_dict()
-    model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
+    if init:
+        adapter_dir = Path(init) / "adapter"
+        if not adapter_dir.is_dir():
+            raise RecipeError(f"rl.init: {init} is not a finished LoRA run directory (no adapter/ inside)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    else:
+        model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
     n_ckpt = set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     model.train()
     return model, tokenizer, source, n_ckpt, quant
@@ -178,7 +198,7 @@ def _setup_data(recipe: Recipe, tokenizer):
     return train, stats, evals
 
 
-def _setup_optimizer(recipe: Recipe, model):
+def setup_optimizer(recipe: Recipe, model, total_steps: int | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -189,7 +209,7 @@ def _setup_optimizer(recipe: Recipe, model):
                          seed=recipe.train.seed)
     else:
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    total = recipe.train.steps
+    total = total_steps or recipe.train.steps
 
     def schedule(step: int) -> float:
         return lr_lambda(step, warmup=o.warmup_steps, total=total, schedule=o.scheduler, min_ratio=o.min_lr_ratio)
@@ -208,8 +228,13 @@ class TrainResult:
     tokenizer: object
 
 
-def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> TrainResult:
-    """Run SFT as the recipe says; return the ledger and the trained model."""
+def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=None, tokenizer=None) -> TrainResult:
+    """Run SFT as the recipe says; return the ledger and the trained model.
+
+    ``model``/``tokenizer``: continue training this (already adapted) model instead of loading
+    `model.path` and adding a fresh adapter -- expert iteration (`leantune rft`) trains one adapter
+    across rounds this way.
+    """
     cfg = recipe.train
     if recipe.data.train is None:
         raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
@@ -234,11 +259,15 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     energy.start()
     torch.manual_seed(cfg.seed)
 
-    model, tokenizer, source, n_ckpt_layers, quant = _setup_model(recipe)
+    if model is None:
+        model, tokenizer, source, n_ckpt_layers, quant = setup_model(recipe)
+        model_location = source.weight_path
+    else:
+        n_ckpt_layers, quant, model_location = 0, None, resolve_source(recipe.model).weight_path
     train_examples, stats, eval_examples = _setup_data(recipe, tokenizer)
     if not quiet:
         print(f"[leantune] data: {stats.as_dict()}")
-    optimizer, scheduler = _setup_optimizer(recipe, model)
+    optimizer, scheduler = setup_optimizer(recipe, model)
     pad_id = tokenizer.pad_token_id
 
     # ---- resume state
@@ -359,7 +388,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False) -> Train
     }
     data_files = [recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else [])
     ledger = ledger_mod.build_ledger(
-        recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=source.weight_path,
+        recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=model_location,
         seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
         extra={"resumed": resume_from is not None, "final_metrics": row, "quant": quant},
     )

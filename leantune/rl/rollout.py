@@ -1,0 +1,268 @@
+"""Rollouts: G sampled completions per prompt from the policy, with a KV cache, stopping each one early.
+
+`sample_groups` runs its own decode loop instead of `model.generate()` because RL needs what generate()
+does not keep cheaply: the log-probability and entropy of every sampled token, and a per-row stop rule
+that asks the task whether the answer is already complete. Rows that finish leave the batch at once
+(their KV-cache rows are dropped with `DynamicCache.batch_select_indices`), so no decode step is spent on
+a finished completion -- babbling after the answer costs nothing, and neither do pad tokens.
+
+Only the last position of each row goes through the LM head (prefill included): a prompt of P tokens
+costs one (1, V) logits row, not P of them.
+
+Layout: prompts p_0..p_{n-1} -> N = n * G sequences, group-contiguous (sequence j is completion j % G of
+prompt j // G), the layout `leantune.rl.advantages` expects.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from leantune.adapters.lora import causal_lm
+from leantune.eval.evaluate import render_prompt
+
+
+@dataclass
+class Rollouts:
+    """N = n_prompts * group_size sampled sequences, group-contiguous."""
+
+    group_size: int
+    prompt_ids: list[list[int]]  # N x (P_j,) rendered prompt tokens
+    completion_ids: list[list[int]]  # N x (T_j,) sampled tokens (eos included when sampled)
+    texts: list[str]  # N decoded completions (special tokens skipped)
+    logprobs: list[list[float]]  # N x (T_j,) log pi(token) under softmax(logits / temperature)
+    entropy: list[list[float]]  # N x (T_j,) entropy of that distribution at each step (nats)
+    truncated: list[bool]  # N: stopped by max_new_tokens, not by eos / stop string / task
+    decode_steps: int = 0  # forward passes after prefill
+    seconds: float = 0.0
+    row_steps: int = 0  # sum over decode steps of the rows still running (= tokens generated)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_generated(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero out the tail of each row beyond cumulative probability top_p (nucleus), probs (n, V) -> (n, V).
+
+    The most likely token always survives; the result is not renormalized (multinomial does not need it).
+
+    >>> top_p_filter(torch.tensor([[0.5, 0.3, 0.2]]), 0.7)
+    tensor([[0.5000, 0.3000, 0.0000]])
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (n, V)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already reaches top_p
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def _tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        text, add_special = render_prompt(tokenizer, p)
+        out.append(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def sample_groups(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    is_complete: Callable[[str], bool] | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollouts:
+    """Sample ``group_size`` completions for each prompt (rendered with the chat template).
+
+    A row stops at the first of: the eos token, a ``stop`` string in its text, ``is_complete(text)``
+    (the task saying the answer is closed), or ``max_new_tokens`` (then it is marked truncated).
+    """
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError("group_size and max_new_tokens must be >= 1")
+    start_time = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    lm = causal_lm(model)
+    decoder = lm.get_decoder()
+    head_w = lm.get_output_embeddings().weight  # (V, H)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    dev = head_w.device
+
+    prompt_ids = [ids for ids in _tokenize_prompts(tokenizer, prompts) for _ in range(group_size)]
+    n = len(prompt_ids)
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((n, width), pad, dtype=torch.long, device=dev)  # (N, P) left-padded
+    attn = torch.zeros((n, width), dtype=torch.long, device=dev)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, device=dev)
+        attn[i, width - len(ids):] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding does not shift positions
+
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    ents: list[list[float]] = [[] for _ in range(n)]
+    truncated = [False] * n
+    rows = torch.arange(n, device=dev)  # cache row -> sequence index
+    cache = DynamicCache()
+    try:
+        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                      use_cache=True)
+        next_pos = positions[:, -1] + 1  # (n,)
+        steps = row_steps = 0
+        for t in range(max_new_tokens):
+            h = out.last_hidden_state[:, -1].contiguous()  # (n, H); contiguous: F.linear's fast path
+            logits = (h @ head_w.T).float() / temperature  # (n, V)
+            logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
+            del logits
+            probs = logp_all.exp()
+            entropy = -(probs * logp_all).sum(-1)  # (n,)
+            nxt = torch.multinomial(top_p_filter(probs, top_p), 1, generator=generator).squeeze(1)  # (n,)
+            nxt_logp = logp_all.gather(1, nxt[:, None]).squeeze(1)  # (n,)
+            del probs, logp_all
+            row_steps += len(rows)
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            for r, (seq, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
+                tokens[seq].append(tok)
+                logps[seq].append(float(nxt_logp[r]))
+                ents[seq].append(float(entropy[r]))
+                if tok == eos:
+                    done[r] = True
+                elif stop or is_complete is not None:
+                    text = tokenizer.decode(tokens[seq], skip_special_tokens=True)
+                    if any(s in text for s in stop) or (is_complete is not None and is_complete(text)):
+                        done[r] = True
+            if t == max_new_tokens - 1:
+                for r, seq in enumerate(rows.tolist()):
+                    truncated[seq] = not bool(done[r])
+                break
+            if done.all():
+                break
+            nxt = nxt.to(dev)
+            if done.any():  # finished rows leave the batch, cache included
+                keep = (~done).nonzero().squeeze(1).to(dev)
+                cache.batch_select_indices(keep)
+                rows, nxt, attn, next_pos = rows[keep], nxt[keep], attn[keep], next_pos[keep]
+            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
+            out = decoder(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                          past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            steps += 1
+    finally:
+        del cache
+        model.train(was_training)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return Rollouts(
+        group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
+        entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., arXiv 2107.03374, eq. 1).
+
+    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
+    (0.25, 1.0, 0.0)
+    """
+    n, c = num_samples, num_correct
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(completion token | prefix) for B sequences, with gradient: (logps, entropy, mask), each (B, T).
+
+    One forward of prompt + completion (right-padded) through the decoder; only the hidden states that
+    predict completion tokens reach the LM head (`linear_token_logprobs`, chunked). T = the longest
+    completion; mask marks real completion tokens. Entropy carries no gradient.
+    """
+    from leantune.losses import linear_token_logprobs
+
+    lm = causal_lm(model)
+    head_w = lm.get_output_embeddings().weight
+    dev = head_w.device
+    b = len(prompt_ids)
+    t_max = max((len(c) for c in completion_ids), default=0)
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)  # (B, L) right-padded
+    attn = torch.zeros((b, width), dtype=torch.long, device=dev)
+    src_rows, src_cols, dst_cols, targets = [], [], [], []
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        seq = list(p) + list(c)
+        input_ids[i, : len(seq)] = torch.tensor(seq, device=dev)
+        attn[i, : len(seq)] = 1
+        for j, tok in enumerate(c):  # hidden at position len(p) + j - 1 predicts completion token j
+            src_rows.append(i)
+            src_cols.append(len(p) + j - 1)
+            dst_cols.append(j)
+            targets.append(tok)
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
+    rows = torch.tensor(src_rows, dtype=torch.long, device=dev)
+    picked = hidden[rows, torch.tensor(src_cols, dtype=torch.long, device=dev)]  # (K, H)
+    lp, ent = linear_token_logprobs(picked, head_w, torch.tensor(targets, dtype=torch.long, device=dev),
+                                    chunk_size=chunk_size, temperature=temperature)  # (K,), (K,)
+    cols = torch.tensor(dst_cols, dtype=torch.long, device=dev)
+    logps = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), lp)  # (B, T)
+    entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent.detach())
+    mask = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), torch.ones_like(lp.detach()))
+    return logps, entropy, mask
+
+
+@torch.no_grad()
+def prompt_entropy(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 16) -> list[float]:
+    """Mean next-token entropy (nats) of the policy over each rendered prompt's tokens (HIVE's staleness signal).
+
+    One no-grad forward per batch; the LM head sees one row per prompt token, in chunks of one sequence.
+    """
+    lm = causal_lm(model)
+    head_w = lm.get_output_embeddings().weight
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        ids = _tokenize_prompts(tokenizer, prompts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for s in range(0, len(ids), batch_size):
+            chunk = ids[s : s + batch_size]
+            width = max(len(x) for x in chunk)
+            x = torch.full((len(chunk), width), pad, dtype=torch.long, device=head_w.device)
+            attn = torch.zeros_like(x)
+            for i, seq in enumerate(chunk):
+                x[i, : len(seq)] = torch.tensor(seq)
+                attn[i, : len(seq)] = 1
+            hidden = lm.get_decoder()(input_ids=x, attention_mask=attn, use_cache=False).last_hidden_state
+            for i, seq in enumerate(chunk):
+                logp = torch.log_softmax((hidden[i, : len(seq)] @ head_w.T).float(), -1)  # (P, V)
+                out.append(float(-(logp.exp() * logp).sum(-1).mean()))
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,316 @@
+"""leantune rl / rft on a tiny model: token log-probs, rollouts, the batch economics, the loop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import write_jsonl
+from safetensors.torch import load_file
+
+from leantune.config import recipe_from_dict
+from leantune.losses import linear_token_logprobs
+from leantune.models.tiny import tiny_model, tiny_tokenizer
+from leantune.rl.rollout import completion_logprobs, sample_groups, top_p_filter
+from leantune.rl.selection import PromptSelector, PromptStream
+from leantune.train.rl import build_rewards, collect_batch, train_rl
+
+# ----------------------------------------------------------------------------------------------
+# Token log-probs through the LM head
+
+
+@pytest.mark.parametrize("k,h,v,chunk,tau", [(7, 5, 13, 3, 1.0), (1, 9, 31, 4, 0.6), (17, 6, 11, 17, 1.7)])
+def test_token_logprobs_match_autograd(k, h, v, chunk, tau):
+    g = torch.Generator().manual_seed(k)
+    hidden = torch.randn(k, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (k,), generator=g)
+    upstream = torch.randn(k, generator=g, dtype=torch.float64)
+
+    logps, ent = linear_token_logprobs(hidden, weight, targets, chunk_size=chunk, temperature=tau)
+    (logps * upstream).sum().backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    ref_all = torch.log_softmax(hidden @ weight.T / tau, -1)
+    ref = ref_all.gather(1, targets[:, None]).squeeze(1)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(logps, ref)
+    torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1).detach())
+    torch.testing.assert_close(gh, hidden.grad)
+    torch.testing.assert_close(gw, weight.grad)
+
+
+def test_token_logprobs_empty_and_bad_input():
+    h = torch.zeros(0, 4, requires_grad=True)
+    lp, ent = linear_token_logprobs(h, torch.randn(6, 4), torch.zeros(0, dtype=torch.long))
+    assert lp.shape == ent.shape == (0,)
+    lp.sum().backward()
+    with pytest.raises(ValueError, match="temperature"):
+        linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4), torch.zeros(2, dtype=torch.long), temperature=0)
+
+
+def test_top_p_filter_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(5, 37, generator=g), -1)
+    out = top_p_filter(probs, 0.8)
+    for row, ref_row in zip(out, probs):
+        order = ref_row.argsort(descending=True)
+        keep, mass = [], 0.0
+        for i in order.tolist():  # the smallest prefix of the sorted tokens reaching 0.8
+            keep.append(i)
+            mass += float(ref_row[i])
+            if mass >= 0.8:
+                break
+        assert sorted(row.nonzero().squeeze(1).tolist()) == sorted(keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    tok = tiny_tokenizer(chat_template=True)
+    return tiny_model(vocab_size=len(tok)), tok
+
+
+def test_rollout_logprobs_equal_a_training_forward(policy):
+    model, tok = policy
+    ro = sample_groups(model, tok, ["What is 2 + 3?", "hi"], group_size=3, max_new_tokens=10,
+                       temperature=0.8, generator=torch.Generator().manual_seed(1))
+    assert len(ro) == 6 and ro.prompt_ids[0] == ro.prompt_ids[2] != ro.prompt_ids[3]
+    logps, ent, mask = completion_logprobs(model, ro.prompt_ids, ro.completion_ids, pad_id=tok.pad_token_id,
+                                           temperature=0.8, chunk_size=4)
+    for i in range(len(ro)):
+        n = len(ro.completion_ids[i])
+        assert mask[i].sum() == n
+        torch.testing.assert_close(logps[i, :n].detach(), torch.tensor(ro.logprobs[i]), atol=2e-5, rtol=0)
+        torch.testing.assert_close(ent[i, :n], torch.tensor(ro.entropy[i]), atol=2e-5, rtol=0)
+
+
+def test_rollouts_stop_early_and_finished_rows_cost_nothing(policy):
+    model, tok = policy
+    ro = sample_groups(model, tok, ["a", "bb", "c"], group_size=4, max_new_tokens=24, stop=["1"],
+                       is_complete=lambda text: "2" in text, generator=torch.Generator().manual_seed(3))
+    for text, ids, cut in zip(ro.texts, ro.completion_ids, ro.truncated):
+        if cut:
+            assert len(ids) == 24 and "1" not in text and "2" not in text
+        else:  # stopped at the first token that completed a stop string / closed the answer, or at eos
+            prefix = tok.decode(ids[:-1], skip_special_tokens=True)
+            assert "1" not in prefix and "2" not in prefix
+            assert "1" in text or "2" in text or ids[-1] == tok.eos_token_id
+    assert not all(ro.truncated)
+    # each decode step feeds only the rows still running: tokens generated == row-steps computed
+    assert ro.row_steps == ro.tokens_generated < 12 * 24
+
+
+def test_sampling_is_seeded(policy):
+    model, tok = policy
+    a = sample_groups(model, tok, ["x"], group_size=3, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
+    b = sample_groups(model, tok, ["x"], group_size=3, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
+    assert a.completion_ids == b.completion_ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch economics
+
+
+def _rl_recipe(model_dir, out_dir, prompts_file=None, **rl):
+    raw = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(prompts_file)} if prompts_file else {},
+        "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "loss": {"chunk_size": 16},
+        "optim": {"lr": 1e-2},
+        "train": {"steps": 3, "micro_batch_size": 4, "seed": 0, "output_dir": str(out_dir), "progress": False},
+        "rl": {"rewards": {"rl_helpers:has_digit": 1.0}, "group_size": 4, "prompts_per_step": 2,
+               "max_new_tokens": 8, "overlong_filter": False, **rl},
+    }
+    return raw
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    rows = [{"prompt": f"Say something about {w}.", "answer": str(i)} for i, w in enumerate(
+        ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss"])]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+def _collect(policy, recipe, step=0, selector=None, stream=None):
+    model, tok = policy
+    from leantune.data.records import read_prompt_rows
+
+    pool = read_prompt_rows(recipe.data.train)
+    reward_fn, correct_fn, task = build_rewards(recipe.rl)
+    stream = stream or PromptStream(len(pool), seed=0)
+    selector = selector or PromptSelector(enabled=False)
+    return collect_batch(model, tok, pool, stream, selector, reward_fn, correct_fn, task, recipe.rl, step,
+                         torch.Generator().manual_seed(0))
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(policy, prompts_file, tmp_path):
+    recipe = recipe_from_dict(_rl_recipe(tmp_path, tmp_path / "r", prompts_file, prompts_per_step=3,
+                                         max_sampling_rounds=6))
+    batch = _collect(policy, recipe)
+    g = recipe.rl.group_size
+    assert len(batch.rewards) == 3 * g
+    for i in range(0, len(batch.rewards), g):
+        assert len(set(batch.rewards[i : i + g])) > 1, "a zero-variance group was kept"
+    s = batch.stats
+    assert s["rollouts"] == s["groups"] * g and s["groups"] == 3 + s["zero_variance_groups"]
+
+
+def test_dynamic_sampling_stops_at_the_cap(policy, prompts_file, tmp_path):
+    raw = _rl_recipe(tmp_path, tmp_path / "r", prompts_file, max_sampling_rounds=2)
+    raw["rl"]["rewards"] = {"rl_helpers:constant": 1.0}
+    batch = _collect(policy, recipe_from_dict(raw))
+    assert batch.rewards == [] and batch.stats["rounds"] == 2 and batch.stats["zero_variance_groups"] == 4
+    raw["rl"]["dynamic_sampling"] = False  # off: one round, every group kept (and trained on at zero advantage)
+    batch = _collect(policy, recipe_from_dict(raw))
+    assert len(batch.rewards) == 8 and batch.stats["rounds"] == 1
+
+
+def test_prompt_selection_skips_then_readmits(policy, prompts_file, tmp_path):
+    raw = _rl_recipe(tmp_path, tmp_path / "r", prompts_file, prompts_per_step=12, max_sampling_rounds=1)
+    raw["rl"]["rewards"] = {"rl_helpers:constant": 1.0}  # pass rate 1 for every prompt
+    recipe = recipe_from_dict(raw)
+    selector, stream = PromptSelector(window=1, cooldown_steps=2), PromptStream(12, seed=0)
+    first = _collect(policy, recipe, step=0, selector=selector, stream=stream)
+    assert first.stats["groups"] == 12 and selector.skipping(1) == 12
+    second = _collect(policy, recipe, step=1, selector=selector, stream=stream)
+    assert second.stats["groups"] == 0 and second.stats["prompts_skipped"] == 12  # nothing sampled
+    third = _collect(policy, recipe, step=3, selector=selector, stream=stream)  # cooldown over
+    assert third.stats["groups"] == 12 and third.stats["prompts_skipped"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo"])
+def test_rl_run_changes_every_trainable_parameter_and_logs_metrics(tiny_chat_model_dir, prompts_file, tmp_path, loss):
+    recipe = recipe_from_dict(_rl_recipe(tiny_chat_model_dir, tmp_path / loss, prompts_file, loss=loss,
+                                         max_sampling_rounds=4))
+    from leantune.train.sft import setup_model
+
+    init, _, _, _, _ = setup_model(recipe)
+    before = _trainable(init)
+    result = train_rl(recipe, quiet=True)
+    after = _trainable(result.model)
+    assert before.keys() == after.keys() and len(after) > 0
+    unchanged = [n for n in after if torch.equal(before[n], after[n])]
+    assert unchanged == []
+    rows = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward_mean", "reward_std", "pass@1", "pass@4", "completion_len", "entropy_mean",
+                "high_entropy_frac", "zero_variance_frac", "clip_fraction"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    roll = result.ledger["totals"]["rollouts"]
+    assert roll["rollouts_used"] <= roll["rollouts_generated"] and roll["tokens_generated"] > 0
+    assert roll["rollouts_generated"] == sum(r["rollouts"] for r in rows)
+    assert (tmp_path / loss / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_kl_uses_the_base_with_the_adapter_disabled(tiny_chat_model_dir, prompts_file, tmp_path):
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "kl", prompts_file, beta=0.1, updates_per_batch=2,
+                     max_sampling_rounds=4)
+    raw["train"]["steps"] = 2
+    result = train_rl(recipe_from_dict(raw), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    # step 1 starts at the base (LoRA B = 0): KL 0 on the first pass, > 0 after the first update
+    assert all("kl" in r for r in rows) and rows[-1]["kl"] > 0
+    # the reference really is the base: disabling the adapter gives the untouched model's logits
+    from peft import PeftModel
+
+    assert isinstance(result.model, PeftModel)
+    x = torch.tensor([[5, 6, 7, 8]])
+    from leantune.models.loading import load_model_and_tokenizer
+
+    base, _, _ = load_model_and_tokenizer(recipe_from_dict(raw).model)
+    with result.model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(result.model(input_ids=x).logits, base(input_ids=x).logits)
+
+
+def test_rl_bad_reward_name_is_a_clear_error(tiny_chat_model_dir, prompts_file, tmp_path):
+    from leantune.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "x", prompts_file)
+    raw["rl"]["rewards"] = {"tsk": 1.0}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["rl", str(recipe)]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_rl_sigkill_then_resume_equals_uninterrupted(tiny_chat_model_dir, prompts_file, tmp_path):
+    steps = 12
+
+    def raw(name):
+        r = _rl_recipe(tiny_chat_model_dir, tmp_path / name, prompts_file, max_sampling_rounds=3,
+                       prompt_selection={"window": 1, "cooldown_steps": 2})
+        r["train"].update(steps=steps, save_every=1)
+        r["adapter"]["dropout"] = 0.1
+        return r
+
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(raw("killed")))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", "rl", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline, killed = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step-00000004":
+            proc.send_signal(signal.SIGKILL)
+            killed = latest.read_text().strip()
+            break
+        time.sleep(0.005)
+    rc = proc.wait(timeout=60)
+    assert killed is not None and rc == -signal.SIGKILL, f"not killed mid-run: {proc.stderr.read()[-2000:]}"
+    resumed = train_rl(recipe_from_dict(raw("killed")), resume=True, quiet=True)
+    straight = train_rl(recipe_from_dict(raw("straight")), quiet=True)
+    a = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert resumed.ledger["totals"]["rollouts"] == straight.ledger["totals"]["rollouts"] | {
+        "rollout_s": resumed.ledger["totals"]["rollouts"]["rollout_s"]}
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert iteration
+
+
+def test_rft_round_keeps_only_verified_and_trains_on_them(tiny_chat_model_dir, prompts_file, tmp_path):
+    from leantune.train.rft import train_rft
+
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "rft", prompts_file)
+    raw["rft"] = {"rounds": 2, "samples_per_prompt": 3, "steps_per_round": 2}
+    result = train_rft(recipe_from_dict(raw), quiet=True)
+    info = result.ledger["totals"]["rft"]
+    assert info["rounds"] == 2 and info["samples_per_round"] == 12 * 3
+    accepted = [json.loads(line) for line in (tmp_path / "rft" / "round-2" / "accepted.jsonl").read_text().splitlines()]
+    assert accepted, "a random tiny model writes a digit in some of 36 samples"
+    for row in accepted:  # only verified completions (the rl_helpers:has_digit verifier) are kept
+        assert any(ch.isdigit() for ch in row["messages"][1]["content"])
+    per_round = info["per_round"]
+    assert per_round[1]["accepted_total"] >= per_round[0]["accepted_total"]  # the union grows
+    assert 0 < info["accepted_fraction"][0] <= 1 / 3 + 1e-9  # at most one (the shortest) per prompt
+    assert (tmp_path / "rft" / "round-1" / "sft" / "ledger.json").exists()
+    assert (tmp_path / "rft" / "adapter" / "adapter_model.safetensors").exists()
