@@ -23,6 +23,20 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert (tmp_path / "run" / "report.png").stat().st_size > 10_000
 
 
+def test_quick_demo_with_rl_phase(tmp_path, capsys):
+    assert main(["demo", "--quick", "--rl", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy after RL" in out
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+    roll = summary["rl_rollouts"]
+    assert roll["rollouts_generated"] > 0 and roll["rollouts_used"] <= roll["rollouts_generated"]
+    ledger = json.loads((tmp_path / "rl-run" / "ledger.json").read_text())
+    assert ledger["extra"]["kind"] == "rl" and ledger["totals"]["steps"] == 2
+    assert main(["report", str(tmp_path / "rl-run")]) == 0
+    assert (tmp_path / "rl-run" / "rl.png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_real_demo_raises_accuracy(tmp_path):
     from leantune.demo import run_demo
@@ -30,3 +44,11 @@ def test_real_demo_raises_accuracy(tmp_path):
     summary = run_demo(tmp_path)
     assert summary["accuracy_after"] >= summary["accuracy_before"] + 0.2
     assert summary["total_wall_s"] < 600
+
+
+@pytest.mark.slow
+def test_real_demo_rl_phase_keeps_or_raises_accuracy(tmp_path):
+    from leantune.demo import run_demo
+
+    summary = run_demo(tmp_path, rl=True)
+    assert summary["accuracy_after_rl"] >= summary["accuracy_after"]

@@ -253,8 +253,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     g = rl.group_size
     loss_fn = POLICY_LOSSES[rl.loss]
     adv_name = rl.advantage or ("dr_grpo" if rl.loss == "dr_grpo" else "grpo")
-    adv = ADVANTAGES[adv_name](torch.tensor(batch.rewards), g)  # (N,)
     n = len(batch.rewards)
+    adv = ADVANTAGES[adv_name](torch.tensor(batch.rewards), g) if n else torch.zeros(0)  # (N,)
     lengths = [len(c) for c in batch.completion_ids]
     # Overlong filtering (DAPO): a completion cut at max_new_tokens has no verdict on its ending; mask it.
     use = [not (rl.overlong_filter and t) for t in batch.truncated]
@@ -405,9 +405,6 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         s = batch.stats
         upd = policy_update(model, optimizer, scheduler, batch, rl, pad_id=pad_id, micro_batch=cfg.micro_batch_size,
                             chunk_size=recipe.loss.chunk_size, max_grad_norm=recipe.optim.max_grad_norm)
-        if upd["sequences_trained"] == 0:  # nothing to learn from: keep the LR schedule in step anyway
-            for _ in range(rl.updates_per_batch):
-                scheduler.step()
         step += 1
         dt = time.perf_counter() - t0
         totals["elapsed_s"] += dt
