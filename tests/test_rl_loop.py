@@ -314,3 +314,26 @@ def test_rft_round_keeps_only_verified_and_trains_on_them(tiny_chat_model_dir, p
     assert 0 < info["accepted_fraction"][0] <= 1 / 3 + 1e-9  # at most one (the shortest) per prompt
     assert (tmp_path / "rft" / "round-1" / "sft" / "ledger.json").exists()
     assert (tmp_path / "rft" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_entropy_filter_samples_only_the_highest_entropy_prompts(policy, prompts_file, tmp_path):
+    from leantune.rl.rollout import prompt_entropy
+
+    raw = _rl_recipe(tmp_path, tmp_path / "r", prompts_file, prompts_per_step=3, max_sampling_rounds=1,
+                     entropy_filter=0.5, dynamic_sampling=False)
+    batch = _collect(policy, recipe_from_dict(raw))
+    # 3 prompts wanted -> 6 candidates scored by prompt entropy -> the 3 highest are rolled out
+    assert batch.stats["entropy_filtered"] == 3 and batch.stats["groups"] == 3
+    model, tok = policy
+    from leantune.data.records import read_prompt_rows
+
+    pool = read_prompt_rows(prompts_file)
+    stream = PromptStream(len(pool), seed=0)
+    cands = [stream.next() for _ in range(6)]
+    ent = prompt_entropy(model, tok, [pool[i]["prompt"] for i in cands])
+    top = sorted(sorted(range(6), key=lambda j: -ent[j])[:3])
+    rendered = {tuple(p) for p in batch.prompt_ids}
+    from leantune.rl.rollout import _tokenize_prompts
+
+    want = {tuple(ids) for ids in _tokenize_prompts(tok, [pool[cands[j]]["prompt"] for j in top])}
+    assert rendered == want
