@@ -38,9 +38,9 @@ QUICK_OVERRIDES = {
 # `leantune demo --rl`: after SFT, a short DAPO phase on the same task, continuing the SFT adapter.
 DEMO_RL = {
     "optim": {"lr": 1e-4, "warmup_steps": 0, "scheduler": "constant"},
-    "train": {"steps": 12, "micro_batch_size": 8, "save_every": 6},
-    "rl": {"task": "addition", "num_prompts": 512, "loss": "dapo", "group_size": 8, "prompts_per_step": 8,
-           "max_new_tokens": 48, "temperature": 1.0, "max_sampling_rounds": 3},
+    "train": {"steps": 8, "micro_batch_size": 8, "save_every": 4},
+    "rl": {"task": "addition", "num_prompts": 512, "loss": "dapo", "group_size": 8, "prompts_per_step": 4,
+           "max_new_tokens": 48, "temperature": 1.0, "max_sampling_rounds": 2},
 }
 QUICK_RL = {"train": {"steps": 2, "micro_batch_size": 4}, "rl": {"group_size": 2, "prompts_per_step": 2,
                                                                   "max_new_tokens": 8, "max_sampling_rounds": 1}}
