@@ -68,6 +68,18 @@ def loadavg() -> list[float]:
         return []
 
 
+def leantune_commit() -> str | None:
+    """The checkout's commit, with '+local-changes' when leantune/ differs from it (None outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "leantune"], cwd=REPO, capture_output=True,
+                               text=True, check=False).stdout.strip()
+    except OSError:
+        return None
+    return (commit + ("+local-changes" if dirty else "")) or None
+
+
 # ================================================================================================
 # Child side
 
@@ -449,6 +461,7 @@ def main(argv=None) -> int:
                     "loadavg_end": loadavg(),
                     "total_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "versions": _versions(),
+        "leantune_commit": leantune_commit(),
         "runs": runs,
         "comparison": compare(runs),
         "targets": TARGETS,
