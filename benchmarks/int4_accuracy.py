@@ -14,9 +14,12 @@ each in its own process, and differs only in ``quant.bits``:
 Per arm: ``leantune train RECIPE key=value...`` then ``leantune eval RUN --task addition`` (50 held-out
 problems, greedy; a quantized run is evaluated on the grid it was trained on, ``W_hat``). Reported:
 the final step's train loss and the mean over the last 10 steps, the held-out loss (``data.eval``,
-the run's last metrics row), accuracy, peak RSS of the training process (leantune's ledger and the
-kernel's ``ru_maxrss`` of the child), training wall time and tokens. ``--baseline`` also measures the
-untrained base at each arm's precision (what quantization alone costs before any training).
+the run's last metrics row), accuracy, training wall time and tokens, and peak RSS two ways: the whole
+training run (leantune's ledger, from ``train()``'s start), dominated by loading the GGUF file, which
+is the same for every arm; and the *training phase*, from the line ``[leantune] data:`` (printed once
+the model is loaded and quantized) to the end, read from the child's kernel high-water mark after
+resetting it (``/proc/PID/clear_refs``). ``--baseline`` also
+measures the untrained base at each arm's precision (what quantization alone costs).
 
     HF_HUB_OFFLINE=1 python benchmarks/int4_accuracy.py --json > int4.json           # 60 steps per arm
     HF_HUB_OFFLINE=1 python benchmarks/int4_accuracy.py --steps 20 --arms fp,int4     # quicker
@@ -35,6 +38,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,14 +79,51 @@ def _env(threads: int) -> dict:
                 PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
-def run_measured(cmd: list[str], threads: int, timeout_s: float, stdout_path: Path | None = None) -> dict:
-    """Run ``cmd``; return its exit code, wall time and the kernel's peak RSS of that child (wait4)."""
+def _vm_hwm_bytes(pid: int) -> int | None:
+    """VmHWM of process ``pid`` (its peak RSS since start or the last clear_refs reset), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_measured(cmd: list[str], threads: int, timeout_s: float, stdout_path: Path | None = None,
+                 phase_marker: str | None = None) -> dict:
+    """Run ``cmd``; return its exit code, wall time and the kernel's peak RSS of that child (wait4).
+
+    With ``phase_marker``, the child's stdout is read line by line: at the first line starting with it,
+    the child's peak-RSS mark is reset (``/proc/PID/clear_refs``, Linux) and then read every 0.2 s, so
+    ``phase_peak_rss_bytes`` is the peak from that line on (training, without the model load).
+    """
     out = open(stdout_path, "w") if stdout_path else None  # noqa: SIM115 -- closed below, after wait4
     t0 = time.perf_counter()
+    phase = {"started": False, "peak": None}
+    reader = None
     try:
-        proc = subprocess.Popen(cmd, stdout=out or sys.stderr, stderr=sys.stderr, env=_env(threads), cwd=REPO)
+        pipe = subprocess.PIPE if phase_marker else (out or sys.stderr)
+        proc = subprocess.Popen(cmd, stdout=pipe, stderr=sys.stderr, env=_env(threads), cwd=REPO,
+                                text=bool(phase_marker))
+        if phase_marker:
+            def relay():
+                for line in proc.stdout:
+                    (out or sys.stderr).write(line)
+                    if not phase["started"] and line.startswith(phase_marker):
+                        try:
+                            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                            phase["started"] = True
+                        except OSError:
+                            pass
+            reader = threading.Thread(target=relay, daemon=True)
+            reader.start()
         deadline, timed_out = time.monotonic() + timeout_s, False
         while True:
+            if phase["started"]:
+                hwm = _vm_hwm_bytes(proc.pid)  # monotone between resets: the last reading is the peak so far
+                if hwm:
+                    phase["peak"] = max(phase["peak"] or 0, hwm)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -94,10 +135,12 @@ def run_measured(cmd: list[str], threads: int, timeout_s: float, stdout_path: Pa
             time.sleep(0.2)
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
+        if reader:
+            reader.join(timeout=10)
         if out:
             out.close()
     return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "timed_out": timed_out}
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "phase_peak_rss_bytes": phase["peak"], "timed_out": timed_out}
 
 
 def _cli(*args: str) -> list[str]:
@@ -121,7 +164,8 @@ def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: 
     if args.dtype:
         overrides.append(f"model.dtype={args.dtype}")
     log(f"--- {name}: train ({' '.join(overrides[3:])}), load {loadavg()}")
-    train = run_measured(_cli("train", str(RECIPE), *overrides), args.threads, args.timeout)
+    train = run_measured(_cli("train", str(RECIPE), *overrides), args.threads, args.timeout,
+                         phase_marker="[leantune] data:")  # printed once the model is loaded (and quantized)
     if train["returncode"] != 0:
         return {"status": "failed", "error": f"leantune train exited with {train['returncode']}", "train_process": train}
     ledger = json.loads((run_dir / "ledger.json").read_text())
@@ -149,7 +193,7 @@ def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: 
         "problems": accuracy.get("problems"),
         "example_completions": accuracy.get("examples", [])[:2],
         "peak_rss_bytes_ledger": totals.get("peak_rss_bytes"),
-        "peak_rss_bytes_train_process": train["peak_rss_bytes"],
+        "peak_rss_bytes_training_phase": train["phase_peak_rss_bytes"],
         "train_wall_time_s_ledger": totals.get("wall_time_s"),
         "train_process_wall_s": train["wall_s"],
         "tokens_processed": totals.get("tokens_processed"),
@@ -247,7 +291,8 @@ def main(argv=None) -> int:
             baselines = {name: f.result() for name, f in futures.items()}
     for name, r in runs.items():
         log(f"{name}: acc {r.get('accuracy')}, final loss {r.get('final_train_loss')}, eval loss {r.get('eval_loss')}, "
-            f"peak {r.get('peak_rss_bytes_ledger')}, wall {r.get('train_wall_time_s_ledger')}")
+            f"peak {r.get('peak_rss_bytes_ledger')} (training phase {r.get('peak_rss_bytes_training_phase')}), "
+            f"wall {r.get('train_wall_time_s_ledger')}")
 
     def delta(name: str, key: str):
         a, b = runs.get(name, {}).get(key), runs.get("fp", {}).get(key)
@@ -262,6 +307,7 @@ def main(argv=None) -> int:
                          "mean_train_loss_last_10_minus_fp": delta(name, "mean_train_loss_last_10_steps"),
                          "eval_loss_minus_fp": delta(name, "eval_loss"),
                          "peak_rss_vs_fp": ratio(name, "peak_rss_bytes_ledger"),
+                         "training_phase_peak_rss_vs_fp": ratio(name, "peak_rss_bytes_training_phase"),
                          "train_wall_time_vs_fp": ratio(name, "train_wall_time_s_ledger")}
                   for name in arms if name != "fp"}
     result = {
