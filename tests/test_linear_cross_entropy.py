@@ -3,6 +3,8 @@ ever allocating the (N, V) logits."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +167,34 @@ def test_bf16_matches_fp32_reference(chunk_size):
     torch.testing.assert_close(loss.double(), rloss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gh.double(), rgh, atol=1e-4, rtol=2e-2)
     torch.testing.assert_close(gw.double(), rgw, atol=1e-4, rtol=2e-2)
+
+
+def test_bf16_weight_is_never_converted_whole(monkeypatch):
+    """A bf16 lm_head is converted to fp32 a block of rows at a time, forward and backward (frozen
+    head, the LoRA case): no fp32 (V, H) copy exists, and the result equals the unblocked one."""
+    lce_module = sys.modules[linear_cross_entropy.__module__]
+    hidden, weight, labels, weights = _make((3, 41, 64), 257, seed=12, dtype=torch.bfloat16, with_weights=True)
+    loss, gh, _ = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, weights, grad_weight=False,
+                                  chunk_size=32)  # unblocked: the default block holds all 257 rows
+
+    class Fp32Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.shapes += [tuple(t.shape) for t in tree_leaves(out)
+                            if isinstance(t, torch.Tensor) and t.dtype == torch.float32]
+            return out
+
+    monkeypatch.setattr(lce_module, "_CAST_BLOCK_BYTES", 50 * 64 * 4)  # 50 rows of fp32 per block
+    with Fp32Outputs() as rec:
+        bloss, bgh, _ = _loss_and_grads(linear_cross_entropy, hidden, weight, labels, weights, grad_weight=False,
+                                        chunk_size=32)
+    assert (257, 64) not in rec.shapes and (50, 64) in rec.shapes
+    torch.testing.assert_close(bloss, loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(bgh.float(), gh.float(), atol=1e-2, rtol=1e-2)  # bf16 rounding of a re-ordered sum
 
 
 def test_gradcheck_fp64():

@@ -27,6 +27,41 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# A weight stored narrower than the compute dtype (a bf16 lm_head, fp32 math) is converted this many
+# bytes at a time rather than copied whole: a full fp32 copy is V x H x 4 bytes (113 MB for
+# SmolLM2-135M, 1 GiB for a 128k x 2048 head), as much as a MeZO step adds to an inference forward.
+_CAST_BLOCK_BYTES = 16 << 20
+
+
+def _cast_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """Rows of ``weight`` (V, H) converted to ``dtype`` at a time: all V when no conversion is needed."""
+    if weight.dtype == dtype:
+        return weight.shape[0]
+    return max(1, _CAST_BLOCK_BYTES // (weight.shape[1] * torch.finfo(dtype).bits // 8))
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``h @ weight.T`` in ``dtype``: h (C, H) already in ``dtype``, weight (V, H) -> (C, V)."""
+    rows = _cast_rows(weight, dtype)
+    if rows >= weight.shape[0]:
+        return h @ weight.to(dtype).T
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
+    for v in range(0, weight.shape[0], rows):
+        out[:, v : v + rows] = h @ weight[v : v + rows].to(dtype).T
+    return out
+
+
+def _times_weight(d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``d @ weight`` in ``dtype``: d (C, V) in ``dtype``, weight (V, H) -> (C, H)."""
+    rows = _cast_rows(weight, dtype)
+    if rows >= weight.shape[0]:
+        return d @ weight.to(dtype)
+    out = torch.zeros(d.shape[0], weight.shape[1], dtype=dtype, device=d.device)
+    for v in range(0, weight.shape[0], rows):
+        out.addmm_(d[:, v : v + rows], weight[v : v + rows].to(dtype))
+    return out
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd function behind `linear_cross_entropy`; works on the rows `idx` of a 2-D `hidden`.
 
@@ -39,14 +74,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, idx, labels, weights, chunk_size, reduction):
         dtype = _compute_dtype(hidden, weight)
-        w = weight.to(dtype)  # (V, H); a no-op for fp32 weights
         k = idx.numel()
         lse = torch.empty(k, dtype=dtype, device=hidden.device)  # (K,)
         total = torch.zeros((), dtype=dtype, device=hidden.device)
         for start in range(0, k, chunk_size):
             stop = min(start + chunk_size, k)
             h = hidden.index_select(0, idx[start:stop]).to(dtype)  # (C, H)
-            logits = h @ w.T  # (C, V), the only vocabulary-sized tensor
+            logits = _logits(h, weight, dtype)  # (C, V), the only vocabulary-sized tensor
             lse_c = torch.logsumexp(logits, dim=-1)  # (C,)
             target = logits.gather(1, labels[start:stop, None]).squeeze(1)  # (C,)
             loss_c = lse_c - target
@@ -71,7 +105,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if not (need_h or need_w):
             return None, None, None, None, None, None, None
         dtype = lse.dtype
-        w = weight.to(dtype)
         k = idx.numel()
         # d(loss)/d(logits_i) = (softmax_i - onehot(y_i)) * w_i * grad_out / norm
         coef = grad_out.to(dtype) / norm
@@ -82,11 +115,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stop = min(start + ctx.chunk_size, k)
             rows = idx[start:stop]
             h = hidden.index_select(0, rows).to(dtype)  # (C, H)
-            dlogits = torch.exp(h @ w.T - lse[start:stop, None])  # (C, V) softmax, recomputed
+            dlogits = _logits(h, weight, dtype).sub_(lse[start:stop, None]).exp_()  # (C, V) softmax, recomputed in place
             dlogits[torch.arange(stop - start, device=dlogits.device), labels[start:stop]] -= 1.0
             dlogits *= coef[start:stop, None]
             if need_h:
-                grad_h.index_copy_(0, rows, (dlogits @ w).to(hidden.dtype))
+                grad_h.index_copy_(0, rows, _times_weight(dlogits, weight, dtype).to(hidden.dtype))
             if need_w:
                 grad_w.addmm_(dlogits.T, h)
             del dlogits
@@ -121,9 +154,11 @@ def linear_cross_entropy(
         hidden: (..., H) float (fp32/bf16/fp16/fp64), the final hidden states, any leading dims.
         weight: (V, H) the LM-head weight (no bias).
         labels: (...) integer, already aligned with `hidden` (the caller did the causal shift).
-        chunk_size: rows of logits materialised at once; peak extra memory is about
-            chunk_size x V x 4 bytes in forward and twice that in backward (logits + softmax of one
-            chunk), plus an fp32 copy of `weight` (and an fp32 (V, H) gradient buffer) for bf16 weights.
+        chunk_size: rows of logits materialised at once; peak extra memory is about twice
+            chunk_size x V x 4 bytes (the logits of one chunk and logsumexp's workspace, or the
+            softmax computed in place and its product with the weight). A bf16/fp16 `weight` is
+            converted to fp32 16 MiB at a time, never copied whole; when it is trained, its
+            gradient is accumulated in an fp32 (V, H) buffer.
         ignore_index: label value that marks a token as not counted.
         weights: optional (...) float per-token loss weights; treated as constants (no gradient).
         reduction: "mean" or "sum".
