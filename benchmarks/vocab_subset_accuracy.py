@@ -197,6 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--subsets", default="64,256,1024,4096", help="candidate-set sizes for the loss error")
     p.add_argument("--sources", default="frequency,embedding", help="candidate sources for the loss error")
     p.add_argument("--train", action="store_true", help="also train exact vs subset on the demo recipe and evaluate")
+    p.add_argument("--no-base-error", action="store_true", help="skip the loss error of the untrained base model")
     p.add_argument("--train-subsets", default="1024", help="subset sizes trained (besides the exact loss)")
     p.add_argument("--train-source", default="frequency", choices=["frequency", "embedding"])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per training run (the demo uses 60)")
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "vocab_subset_accuracy", "mode": "quick" if args.quick else "full",
                     "model": model_path, "task": "addition (leantune make-data addition: 2000 train, 64 valid)",
                     "settings": {k: v for k, v in vars(args).items() if k not in ("json", "work_dir")},
-                    "loss_error": {"base_model": measure_model(model_path, args, data_dir)}}
+                    "loss_error": {} if args.no_base_error else {"base_model": measure_model(model_path, args, data_dir)}}
     if args.train:
         runs = {"exact": train_and_eval("exact", None, args, data_dir, work, model_path)}
         for k in args.train_subsets:

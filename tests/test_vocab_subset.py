@@ -290,12 +290,16 @@ def _train(tmp_path, model_dir, data_file, name, **loss):
     return metrics, json.loads((run / "ledger.json").read_text())
 
 
-def test_train_with_vocab_subset(tmp_path, tiny_model_dir, sft_data):
+def test_train_with_vocab_subset(tmp_path, tiny_model_dir, sft_data, capsys):
     exact_m, exact_l = _train(tmp_path, tiny_model_dir, sft_data, "exact")
     vocab = exact_l["flops"]["inputs"]["vocab"]  # the whole lm_head
     full_m, _ = _train(tmp_path, tiny_model_dir, sft_data, "full", vocab_subset=100000)  # >= V: the whole vocabulary
     assert [m["loss"] for m in full_m] == [m["loss"] for m in exact_m]
+    capsys.readouterr()
     sub_m, sub_l = _train(tmp_path, tiny_model_dir, sft_data, "sub", vocab_subset=16, vocab_subset_source="embedding")
+    printed = capsys.readouterr().out
+    assert "APPROXIMATE vocabulary subset, 16 candidates" in printed  # at start
+    assert "loss" in printed and "APPROXIMATE: vocabulary subset of 16 candidates" in printed  # in the summary
     assert sub_m[0]["loss"] < exact_m[0]["loss"]  # same model at step 1: the subset loss is a lower bound
     assert sub_l["recipe"]["loss"]["vocab_subset"] == 16
     note = sub_l["extra"]["loss"]
