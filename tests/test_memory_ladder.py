@@ -24,7 +24,8 @@ def _run(peak_gib: float, tps: float) -> dict:
     gib = 2**30
     return {"status": "ok", "train_peak_rss_bytes": int(peak_gib * gib), "process_peak_rss_bytes": int(peak_gib * gib) + gib,
             "train_peak_rss_gib": peak_gib, "process_peak_rss_gib": peak_gib + 1, "tokens_per_s": tps,
-            "losses": [1.0], "batch_digests": ["d"]}
+            "losses": [1.0], "batch_digests": ["d"], "runtime_baseline_rss_bytes": gib // 4,
+            "net_train_peak_rss_bytes": int(peak_gib * gib) - gib // 4, "net_train_peak_rss_gib": peak_gib - 0.25}
 
 
 def test_ladder_table_ratios_against_first_and_previous_row():
@@ -39,6 +40,7 @@ def test_ladder_table_ratios_against_first_and_previous_row():
     assert rows["int4_base"]["tokens_per_s_vs_first"] == 0.5
     assert "train_peak_reduction_vs_previous" not in rows["aside_exact_masked"]  # not a ladder step
     assert table["overall"]["train_peak_reduction"] == 16.0 and table["overall"]["meets_target_train_peak"]
+    assert table["overall"]["net_train_peak_reduction"] == 31.0  # (8 - 0.25) / (0.5 - 0.25)
     assert table["identical_batches"]
 
 
