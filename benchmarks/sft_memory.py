@@ -43,6 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# Import this checkout's leantune, not whatever `pip install -e` points at (parent and children alike).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 MODEL_BUILTIN = "smollm2-135m-instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TARGETS = {
@@ -365,7 +368,7 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
 
     step_cpu = []
 
-    def observed(model, batches, chunk_size):
+    def observed(model, batches, chunk_size, *rest):
         if not lora_init:
             lora_init["digest"] = _lora_digest(model)
             lora_init["trainable"] = _n_trainable(model)
@@ -374,7 +377,7 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
         for b in batches:
             digests.append(_digest_batch(b["input_ids"], b["labels"]))
         c0 = mon.cpu_seconds()
-        out = original(model, batches, chunk_size)
+        out = original(model, batches, chunk_size, *rest)
         step_cpu.append(mon.cpu_seconds() - c0)
         return out
 

@@ -94,6 +94,15 @@ class LossConfig(Section):
     stages: list[LossStage] = Field(
         default_factory=list, description="Optional schedule of span weights; overrides `weights` when set."
     )
+    vocab_subset: int | None = Field(
+        default=None,
+        gt=0,
+        description="APPROXIMATE loss (arXiv 2606.19528): softmax over this many candidate tokens plus the step's target tokens instead of the whole vocabulary; lm_head work and memory scale with the subset. Training loss reads lower than the exact loss (eval_loss stays exact). null: exact cross-entropy.",
+    )
+    vocab_subset_source: Literal["frequency", "embedding"] = Field(
+        default="frequency",
+        description="Candidate set, built once from the training data: frequency = most frequent tokens (ties to the lower id); embedding = the completion tokens and their nearest neighbours (cosine) in the output embedding.",
+    )
 
     def weights_at(self, step: int) -> SpanWeights:
         """Span weights in force at optimizer step ``step`` (0-based)."""

@@ -139,10 +139,12 @@ def model_param_counts(model) -> dict:
     return counts
 
 
-def flops_from_model(model, *, tokens: int, loss_tokens: int | None = None, seq_len: int = 0, checkpoint_fraction: float = 0.0) -> dict:
+def flops_from_model(model, *, tokens: int, loss_tokens: int | None = None, seq_len: int = 0,
+                     checkpoint_fraction: float = 0.0, lm_head_rows: float | None = None) -> dict:
     """``estimate_train_flops`` with parameter counts taken from ``model`` (see ``model_param_counts``);
     n_layers and hidden from ``model.config``, V from the lm_head size. ``seq_len``: mean sequence
-    length of the batches (0 leaves out the attention-score term)."""
+    length of the batches (0 leaves out the attention-score term). ``lm_head_rows``: vocabulary rows
+    the loss actually multiplies per loss token, when fewer than V (vocabulary-subset loss)."""
     config = getattr(model, "config", None)
     n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers") or 0
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
@@ -153,7 +155,7 @@ def flops_from_model(model, *, tokens: int, loss_tokens: int | None = None, seq_
         n_layers=n_layers,
         hidden=hidden,
         seq_len=seq_len,
-        vocab=c["lm_head_params"] // hidden if hidden else 0,
+        vocab=(lm_head_rows if lm_head_rows is not None else c["lm_head_params"] // hidden) if hidden else 0,
         body_params=c["body_params"],
         trainable_body_params=c["trainable_body_params"],
         lora_params=c["lora_params"],

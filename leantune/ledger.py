@@ -314,5 +314,9 @@ def summarize_ledger(ledger: dict) -> str:
         rows.append(("model", f"{model.get('location', '?')} ({model.get('note', 'no hash')})"))
     for path, sha in ledger.get("data_sha256", {}).items():
         rows.append(("data", f"{path} sha256 {sha[:16]}"))
+    loss = (ledger.get("extra") or {}).get("loss") or {}
+    if loss.get("vocab_subset"):
+        what = f"{loss['candidates']} candidates ({loss['vocab_subset_source']}) + each step's targets"
+        rows.append(("loss", f"APPROXIMATE: vocabulary subset of {what}; eval_loss is exact"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)

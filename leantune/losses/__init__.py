@@ -1,9 +1,26 @@
 """Losses: small pure functions of (hidden | logits, labels, weights) -> scalar or per-token values."""
 
-from leantune.losses.linear_cross_entropy import (
-    LinearCrossEntropyFunction,
-    linear_cross_entropy,
-)
+from leantune.losses.linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from leantune.losses.token_logprobs import linear_token_logprobs
+from leantune.losses.vocab_subset import (
+    CANDIDATE_SOURCES,
+    build_candidates,
+    embedding_neighbour_candidates,
+    frequent_token_candidates,
+    token_counts,
+    vocab_subset,
+    vocab_subset_cross_entropy,
+)
 
-__all__ = ["LinearCrossEntropyFunction", "linear_cross_entropy", "linear_token_logprobs"]
+__all__ = [
+    "CANDIDATE_SOURCES",
+    "LinearCrossEntropyFunction",
+    "build_candidates",
+    "embedding_neighbour_candidates",
+    "frequent_token_candidates",
+    "linear_cross_entropy",
+    "linear_token_logprobs",
+    "token_counts",
+    "vocab_subset",
+    "vocab_subset_cross_entropy",
+]

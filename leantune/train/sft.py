@@ -3,7 +3,9 @@
 Memory levers (MISSION A1): the model's base returns hidden states and the loss applies the lm_head
 chunk by chunk, only at positions that carry a label (``linear_cross_entropy``), so the ``[B, T, V]``
 logits never exist; prompt tokens cost no lm_head work at all; activation checkpointing is per layer
-(off, all, or every k-th).
+(off, all, or every k-th). Opt-in and approximate: ``loss.vocab_subset`` restricts the softmax to a
+candidate set built once from the training data plus the step's targets (``vocab_subset_cross_entropy``);
+evaluation losses stay exact.
 
 Gradient accumulation is normalized by the number of loss-carrying tokens in the whole optimizer step
 (sum of weights), so ``micro_batch_size=8, grad_accum=1`` and ``micro_batch_size=1, grad_accum=8``
@@ -33,8 +35,8 @@ from leantune.adapters.lora import (
     trainable_state,
 )
 from leantune.config import Recipe, RecipeError, SpanWeights
-from leantune.data.sft import DataStats, Example, batch_at, collate, load_sft_examples
-from leantune.losses import linear_cross_entropy
+from leantune.data.sft import SPAN_PROMPT, DataStats, Example, batch_at, collate, load_sft_examples
+from leantune.losses import build_candidates, linear_cross_entropy, token_counts, vocab_subset, vocab_subset_cross_entropy
 from leantune.metering import set_malloc_mmap_threshold
 from leantune.models.loading import load_model_and_tokenizer, resolve_source
 from leantune.optim import MeZO
@@ -49,23 +51,31 @@ from leantune.train.checkpoint import (
 # Pure pieces the loop calls
 
 
-def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_t w_t · CE(token t) over the batch, computed without materializing logits.
 
     batch: input_ids, attention_mask, labels, loss_weights, each (B, T), labels aligned with input_ids.
+    candidates: None for the exact loss; else (C,) token ids, and the softmax runs over candidates ∪ the
+    batch's targets only (``vocab_subset_cross_entropy``, approximate: a lower bound of the exact loss).
     """
     lm = causal_lm(model)
     out = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     hidden = out.last_hidden_state  # (B, T, H)
     weight = lm.get_output_embeddings().weight  # (V, H)
-    return linear_cross_entropy(
-        hidden[:, :-1],  # position t predicts token t+1
-        weight,
-        batch["labels"][:, 1:],
-        weights=batch["loss_weights"][:, 1:],
-        chunk_size=chunk_size,
-        reduction="sum",
-    )
+    args = (hidden[:, :-1], weight, batch["labels"][:, 1:])  # position t predicts token t+1
+    kwargs = {"weights": batch["loss_weights"][:, 1:], "chunk_size": chunk_size, "reduction": "sum"}
+    if candidates is None:
+        return linear_cross_entropy(*args, **kwargs)
+    return vocab_subset_cross_entropy(*args, candidates, **kwargs)
+
+
+def step_vocab_subset(candidates: torch.Tensor | None, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """candidates ∪ the targets of every micro-batch of the step (None stays None): one subset per
+    optimizer step, so micro-batch 8 x accumulation 1 equals 1 x 8 under the approximate loss too."""
+    if candidates is None:
+        return None
+    return vocab_subset(candidates, [b["labels"][:, 1:] for b in batches])
 
 
 def loss_weight_total(batch: dict[str, torch.Tensor]) -> float:
@@ -74,29 +84,33 @@ def loss_weight_total(batch: dict[str, torch.Tensor]) -> float:
     return float((w * (batch["labels"][:, 1:] != -100)).sum())
 
 
-def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], chunk_size: int) -> tuple[float, float]:
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], chunk_size: int,
+                         candidates: torch.Tensor | None = None) -> tuple[float, float]:
     """Backward over all micro-batches of one optimizer step; return (step loss, normalizer).
 
     Each micro-batch's loss sum is divided by the weighted count of loss-carrying tokens of the whole
-    step, so the accumulated gradient equals that of one big batch (token-level mean).
+    step, so the accumulated gradient equals that of one big batch (token-level mean). ``candidates``:
+    see ``lm_loss_sum``; the subset is the same for every micro-batch of the step.
     """
     norm = sum(loss_weight_total(b) for b in batches)
+    subset = step_vocab_subset(candidates, batches)
     step_loss = 0.0
     for batch in batches:
-        loss = lm_loss_sum(model, batch, chunk_size) / max(norm, 1e-12)
+        loss = lm_loss_sum(model, batch, chunk_size, subset) / max(norm, 1e-12)
         loss.backward()
         step_loss += float(loss.detach())
     return step_loss, norm
 
 
 def zeroth_order_step(optimizer: MeZO, model, batches: list[dict[str, torch.Tensor]],
-                      chunk_size: int) -> tuple[float, float, dict]:
+                      chunk_size: int, candidates: torch.Tensor | None = None) -> tuple[float, float, dict]:
     """One MeZO step (MISSION C1) on the step's token-mean loss over all micro-batches: 2 * zo_samples
     forward passes, no backward. Returns (loss ~ (L+ + L-)/2, normalizer, MeZO's step info)."""
     norm = sum(loss_weight_total(b) for b in batches)
+    subset = step_vocab_subset(candidates, batches)
 
     def objective() -> float:
-        return sum(float(lm_loss_sum(model, b, chunk_size)) for b in batches) / max(norm, 1e-12)
+        return sum(float(lm_loss_sum(model, b, chunk_size, subset)) for b in batches) / max(norm, 1e-12)
 
     info = optimizer.step(objective)
     return info["loss"], norm, info
@@ -198,6 +212,24 @@ def _setup_data(recipe: Recipe, tokenizer):
     return train, stats, evals
 
 
+def _setup_loss(recipe: Recipe, model, train_examples: list[Example]) -> torch.Tensor | None:
+    """Candidate token ids of the approximate vocabulary-subset loss (sorted int64), or None (exact loss).
+
+    Built once from the training data: counts over every token, and over completion tokens only.
+    """
+    k = recipe.loss.vocab_subset
+    if k is None:
+        return None
+    weight = causal_lm(model).get_output_embeddings().weight  # (V, H)
+    vocab = weight.shape[0]
+    all_counts = token_counts((e.input_ids for e in train_examples), vocab)
+    target_counts = token_counts(
+        ([t for t, s in zip(e.input_ids, e.spans) if s != SPAN_PROMPT] for e in train_examples), vocab
+    )
+    return build_candidates(recipe.loss.vocab_subset_source, k, weight=weight, all_counts=all_counts,
+                            target_counts=target_counts)
+
+
 def setup_optimizer(recipe: Recipe, model, total_steps: int | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -267,8 +299,13 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     train_examples, stats, eval_examples = _setup_data(recipe, tokenizer)
     if not quiet:
         print(f"[leantune] data: {stats.as_dict()}")
+    candidates = _setup_loss(recipe, model, train_examples)
+    if candidates is not None and not quiet:
+        print(f"[leantune] loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
+              f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
     optimizer, scheduler = setup_optimizer(recipe, model)
     pad_id = tokenizer.pad_token_id
+    subset_rows = []  # |subset| of every step (vocabulary-subset loss only), for the FLOPs bill
 
     # ---- resume state
     step, micro_step = 0, 0
@@ -317,10 +354,13 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         ]
         micro_step += cfg.grad_accum
         zo = None
+        subset = step_vocab_subset(candidates, batches)
+        if subset is not None:
+            subset_rows.append(subset.numel())
         if isinstance(optimizer, MeZO):
-            step_loss, norm, zo = zeroth_order_step(optimizer, model, batches, recipe.loss.chunk_size)
+            step_loss, norm, zo = zeroth_order_step(optimizer, model, batches, recipe.loss.chunk_size, subset)
         else:
-            step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size)
+            step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size, subset)
         for batch in batches:
             totals["tokens"] += int(batch["attention_mask"].sum())
             totals["trainable_tokens"] += int((batch["labels"][:, 1:] != -100).sum())
@@ -374,6 +414,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         loss_tokens=totals["trainable_tokens"],
         seq_len=stats.tokens / max(1, stats.examples),  # mean example length, for the attention term
         checkpoint_fraction=n_ckpt_layers / max(1, causal_lm(model).config.num_hidden_layers),
+        lm_head_rows=round(sum(subset_rows) / len(subset_rows)) if subset_rows else None,
     )
     if isinstance(optimizer, MeZO):
         flops = ledger_mod.zeroth_order_flops(flops, forward_passes=2 * recipe.optim.zo_samples)
@@ -390,10 +431,27 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     ledger = ledger_mod.build_ledger(
         recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=model_location,
         seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
-        extra={"resumed": resume_from is not None, "final_metrics": row, "quant": quant},
+        extra={"resumed": resume_from is not None, "final_metrics": row, "quant": quant,
+               "loss": loss_note(recipe, candidates, subset_rows)},
     )
     ledger_mod.write_ledger(run_dir, ledger)
     return TrainResult(ledger, model, tokenizer)
+
+
+def loss_note(recipe: Recipe, candidates: torch.Tensor | None, subset_rows: list[int]) -> dict:
+    """The ledger's account of which loss was trained: exact, or the approximate vocabulary subset."""
+    if candidates is None:
+        return {"kind": "exact cross-entropy (chunked linear_cross_entropy, logits masking)"}
+    return {
+        "kind": "APPROXIMATE vocabulary-subset cross-entropy (arXiv 2606.19528)",
+        "vocab_subset": recipe.loss.vocab_subset,
+        "vocab_subset_source": recipe.loss.vocab_subset_source,
+        "candidates": candidates.numel(),
+        "subset_size_mean": sum(subset_rows) / len(subset_rows) if subset_rows else None,
+        "subset_size_max": max(subset_rows, default=None),
+        "note": "softmax over candidates + each step's targets only; the logged training loss is a lower "
+                "bound of the exact loss; eval_loss is the exact loss",
+    }
 
 
 def save_adapter_or_model(model, tokenizer, recipe: Recipe, run_dir: Path) -> Path:
