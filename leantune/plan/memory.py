@@ -287,17 +287,32 @@ def load_peak_bytes(shape: ModelShape, dtype_bytes: int, kind: str, cal: Calibra
 
 @dataclass
 class MemoryPlan:
-    """Predicted peak RSS of a run (bytes) and the terms of its peak phase.
+    """Predicted peak RSS of a run (bytes), phase by phase.
 
-    ``terms`` maps each term to (bytes, how it was computed) for the phase with the highest total;
-    ``phases`` holds every phase's total, ``peak_phase`` names the winner.
+    ``phases`` maps each phase to its terms, each term to (bytes, how it was computed); the peak is
+    the phase with the largest total.
     """
 
-    peak: int
-    peak_phase: str
-    terms: dict[str, tuple[int, str]]
-    phases: dict[str, int]
+    phases: dict[str, dict[str, tuple[int, str]]]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {name: sum(v for v, _ in terms.values()) for name, terms in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.totals
+        return max(totals, key=totals.get)
+
+    @property
+    def peak(self) -> int:
+        return self.totals[self.peak_phase]
+
+    @property
+    def terms(self) -> dict[str, tuple[int, str]]:
+        """The terms of the peak phase."""
+        return self.phases[self.peak_phase]
 
     def fits(self, budget: int | None) -> bool:
         return budget is None or self.peak <= budget
@@ -345,7 +360,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     }
     adapter_note = (f"{trainable_elements(shape, recipe):,} trainable x "
                     f"{e if full else 4} B ({'full' if full else f'LoRA r={r}'})")
-    trainables = {"adapter": (adapter, adapter_note)}
+    # Full fine-tuning trains the weights themselves: no separate adapter bytes.
+    trainables = {"adapter": (0 if full else adapter, adapter_note + (" (the weights themselves)" if full else ""))}
     if optim:
         trainables["optimizer"] = (optim, "AdamW: 2 states per trainable element")
 
@@ -404,15 +420,13 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                              "workspace": (prefill + 2 * rollouts * shape.vocab * 4,
                                            "prefill of one layer + next-token logits and probabilities")}
 
-    totals = {name: sum(v for v, _ in terms.values()) for name, terms in phases.items()}
-    peak_phase = max(totals, key=totals.get)
-    notes = []
-    if recipe.quant.bits and peak_phase == "load":
-        notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
-                     "so quant.bits lowers the training phases only")
+    plan = MemoryPlan(phases)
+    if recipe.quant.bits and plan.peak_phase == "load":
+        plan.notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
+                          "so quant.bits lowers the training phases only")
     if not rl and masked:
-        notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
-    return MemoryPlan(totals[peak_phase], peak_phase, phases[peak_phase], totals, notes)
+        plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
+    return plan
 
 
 def _weights_note(shape: ModelShape, recipe: Recipe, e: int) -> str:
