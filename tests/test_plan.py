@@ -120,11 +120,13 @@ def test_breakdown_by_hand(tiny_model_dir, tmp_path):
     assert fwd["activations"][0] == activations
     assert fwd["loss"][0] == N * 64 * 4 + loss_saved + loss_ws  # + the final hidden states alive in forward
     bwd = plan.phases["decoder backward"]
-    assert bwd["gradients"][0] == lora * 4
-    assert bwd["activations"][0] == activations  # top layer first: everything still saved
+    assert bwd["gradients"][0] == 0  # at the top layer's backward no adapter gradient exists yet
+    assert bwd["activations"][0] == activations  # ... and everything is still saved
+    assert plan.phases["optimizer step"]["gradients"][0] == lora * 4
     assert bwd["workspace"][0] == N * (3 * 128 + 2 * 64) * 4
     assert plan.phases["loss backward"]["loss"][0] == loss_saved + loss_ws + B * (T - 1) * 64 * 4  # + grad of hidden
-    assert plan.phases["load"]["load"][0] == params * 4  # local safetensors: load factor 1.0
+    assert plan.phases["load"]["load"][0] == 0  # fp32 safetensors loaded as fp32: mapped, counted when touched
+    assert (shape.file_dtype, shape.file_bytes) == ("float32", params * 4)
     assert plan.peak == max(plan.totals.values())
 
     # checkpointing every layer: only each layer's input is kept, one layer is recomputed in backward
@@ -148,12 +150,33 @@ def test_quantized_weights_by_hand(tiny_model_dir, tmp_path):
     per_layer = q4(64, 64) + 2 * q4(32, 64) + q4(64, 64) + 2 * q4(128, 64) + q4(64, 128) + 2 * 64 * 4
     expected = 2 * V * 64 * 4 + 2 * per_layer + 64 * 4
     assert M.weight_bytes(shape, 4, 4, 32) == expected
+    # in a run on the fp32 safetensors directory the file stays mapped: its pages + the INT4 buffers
+    plan = plan_memory(recipe, shape, "local")
+    assert plan.phases["forward + loss"]["weights"][0] == params_bytes(shape) + expected - (2 * V * 64 + 64) * 4 - 2 * 2 * 64 * 4
     model = tiny_model(vocab_size=V)
     quantize_model(model, 4, 32, skip=["lm_head"])
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
     real = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         t.numel() * t.element_size() for m in quant for t in (m.qweight, m.scale, m.offset))
     assert len(quant) == 14 and real == expected
+
+
+def params_bytes(shape):
+    return shape.params * 4
+
+
+def test_bf16_and_gguf_load_terms(tiny_model_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, tmp_path, model={"dtype": "bfloat16"})
+    shape = model_shape(recipe.model)
+    V, params = shape.vocab, shape.params
+    plan = plan_memory(recipe, shape, "local")
+    # converting fp32 -> bf16 reads every page of the file and keeps a bf16 copy
+    assert plan.phases["load"]["load"][0] == params * 4 + params * 2
+    # bf16 weights: the fused loss computes with an fp32 copy of the (V, H) lm_head weight
+    rows = 4 * 63
+    assert M.loss_workspace_bytes(shape, rows, 16, 2) == 2 * 16 * V * 4 + 16 * 64 * 4 + V * 64 * 4
+    gguf = M.load_extra_bytes(shape, "bfloat16", "gguf", CALIBRATION)
+    assert gguf == params * 2 + int(CALIBRATION.gguf_load_transient * V * 64 * 4) + CALIBRATION.gguf_resident_bytes
 
 
 def test_mezo_full_and_rl_terms(tiny_model_dir, tmp_path):

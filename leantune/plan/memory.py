@@ -39,14 +39,19 @@ MiB = 2**20
 
 @dataclass(frozen=True)
 class Calibration:
-    """Constants measured on the dev machine (2-core x86 VM, torch 2.13 CPU, glibc malloc with
-    ``M_MMAP_THRESHOLD=131072``); ``benchmarks/plan_accuracy.py`` re-measures them.
+    """Constants measured on the dev machine (2-core x86 VM, torch 2.13 CPU, transformers 5.23, glibc
+    malloc with ``M_MMAP_THRESHOLD=131072``); ``benchmarks/plan_accuracy.py`` checks them.
 
-    runtime_bytes: RSS of a process that imported torch, transformers, peft and leantune and loaded a
-        tokenizer (tiny vocabulary), before any model: 400 MiB measured.
-    tokenizer_bytes_per_token: extra RSS of a real tokenizer per vocabulary entry.
-    load_factor: peak RSS while ``from_pretrained`` runs, as a multiple of the weights in
-        ``model.dtype``, per source kind (GGUF is dequantized through numpy copies).
+    runtime_bytes: RSS of a process that imported torch, transformers (with the model class), peft and
+        leantune: 401 MiB after the imports + 13 MiB once ``from_pretrained`` ran (``/proc/self/status``).
+    peft_bytes: the part of it that is peft (11 MiB), not imported by full fine-tuning.
+    tokenizer_bytes_per_token: RSS of a loaded fast tokenizer per vocabulary entry (SmolLM2: 27-31 MiB
+        for 49,152 entries).
+    gguf_resident_bytes: what a GGUF load leaves behind besides the weights (32 MiB measured after
+        loading SmolLM2's GGUF, vs 13 MiB for a safetensors directory).
+    gguf_load_transient: peak extra RSS while transformers dequantizes a GGUF file, in units of its
+        largest tensor in fp32 (the V x H embedding): 270-280 MiB for SmolLM2's 108 MiB embedding, in
+        fp32 and bf16 alike. Measured on one GGUF model (the only one shipped); an estimate elsewhere.
     backward_workspace: gradient buffers alive inside one layer's backward, in units of
         ``N x (3 I + 2 H) x dtype bytes`` (grad of the MLP product, of act and up, of the residual).
     forward_workspace: the same for one layer's no-grad forward (MeZO, rollouts), units of
@@ -55,9 +60,11 @@ class Calibration:
         bytes (2-15% measured in ``leantune.optim.mezo``).
     """
 
-    runtime_bytes: int = 400 * MiB
-    tokenizer_bytes_per_token: int = 1200
-    load_factor: dict = field(default_factory=lambda: {"gguf": 1.55, "local": 1.0, "hub": 1.0})
+    runtime_bytes: int = 414 * MiB
+    peft_bytes: int = 11 * MiB
+    tokenizer_bytes_per_token: int = 600
+    gguf_resident_bytes: int = 19 * MiB
+    gguf_load_transient: float = 2.5
     backward_workspace: float = 1.0
     forward_workspace: float = 1.0
     mezo_restore_fraction: float = 0.15
@@ -84,15 +91,51 @@ def quantized_linear_bytes(lin: LinearSpec, bits: int, group_size: int, dtype_by
     return codes + scales + lin.bias * lin.out_features * dtype_bytes
 
 
+def quantized_linears(shape: ModelShape) -> list[LinearSpec]:
+    """The linears ``_setup_model`` quantizes: all but ``lm_head`` (its skip list)."""
+    return [lin for lin in shape.linears if lin.short != "lm_head"]
+
+
 def weight_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
-    """Frozen (or full-FT) weights: every distinct parameter in ``dtype_bytes``; with ``bits`` every
-    linear except ``lm_head`` (skip list of ``_setup_model``) quantized instead."""
+    """Frozen (or full-FT) weights in memory: every distinct parameter in ``dtype_bytes``; with ``bits``
+    the linears but ``lm_head`` as ``QuantLinear`` buffers instead."""
     if not bits:
         return shape.params * dtype_bytes
-    quantized = [lin for lin in shape.linears if lin.short != "lm_head"]
+    quantized = quantized_linears(shape)
     replaced = sum(lin.in_features * lin.out_features + lin.bias * lin.out_features for lin in quantized)
     return (shape.params - replaced) * dtype_bytes + sum(
         quantized_linear_bytes(lin, bits, group_size, dtype_bytes) for lin in quantized)
+
+
+def resident_weight_bytes(shape: ModelShape, dtype: str, bits: int | None, group_size: int, source_kind: str) -> int:
+    """Weight bytes counted in RSS while training.
+
+    A safetensors file already in ``model.dtype`` is memory-mapped, not copied: its pages count once
+    touched. Quantizing reads every linear's pages, and they stay resident afterwards, because the
+    embedding (not quantized) keeps the file mapping alive: then RSS holds the whole file *plus* the
+    quantized buffers. GGUF weights are dequantized into ordinary memory, which quantization frees.
+    """
+    e = DTYPE_BYTES[dtype]
+    mapped = source_kind != "gguf" and shape.file_dtype in (None, dtype)
+    if bits and mapped and shape.file_bytes:
+        return shape.file_bytes + sum(quantized_linear_bytes(lin, bits, group_size, e) for lin in quantized_linears(shape))
+    return weight_bytes(shape, e, bits, group_size)
+
+
+def load_extra_bytes(shape: ModelShape, dtype: str, source_kind: str, cal: Calibration) -> int:
+    """RSS above the runtime while ``from_pretrained`` runs (before any quantization).
+
+    GGUF: the dequantized weights in ``model.dtype`` + transformers' dequantization temporaries
+    (``gguf_load_transient`` x the V x H embedding in fp32). Safetensors in another dtype: the file's
+    pages, read to convert, + the converted copy. Safetensors in ``model.dtype``: mapped lazily; its
+    pages are counted in the training phases instead.
+    """
+    e = DTYPE_BYTES[dtype]
+    if source_kind == "gguf":
+        return shape.params * e + int(cal.gguf_load_transient * shape.vocab * shape.hidden * 4) + cal.gguf_resident_bytes
+    if shape.file_dtype not in (None, dtype) and shape.file_bytes:
+        return shape.file_bytes + shape.params * e
+    return 0
 
 
 def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> list[LinearSpec]:
@@ -216,6 +259,29 @@ def layer_specs(shape: ModelShape, recipe: Recipe) -> list[LayerSpec]:
     return specs
 
 
+def layer_trainable_bytes(shape: ModelShape, recipe: Recipe) -> tuple[list[int], int]:
+    """Gradient bytes per decoder layer, and of everything above the layers (final norm + lm_head),
+    which backward produces first. LoRA: r x (in + out) x 4 per adapted linear; full: the layer's
+    weights (+ 2 norms) in ``model.dtype``."""
+    e = DTYPE_BYTES[recipe.model.dtype]
+    if recipe.adapter.method == "full":
+        per = [0] * shape.layers
+        for lin in shape.linears:
+            if lin.layer is not None:
+                per[lin.layer] += (lin.in_features * lin.out_features + lin.bias * lin.out_features) * e
+        per = [p + 2 * shape.hidden * e for p in per]
+        return per, (shape.vocab + 1) * shape.hidden * e  # lm_head (or the tied embedding) + final norm
+    per = [0] * shape.layers
+    top = 0
+    for lin in lora_targets(shape, recipe.adapter.target_modules):
+        nbytes = recipe.adapter.r * (lin.in_features + lin.out_features) * 4
+        if lin.layer is None:
+            top += nbytes
+        else:
+            per[lin.layer] += nbytes
+    return per, top
+
+
 def checkpointed_layers(policy, layers: int) -> list[bool]:
     """Which layers ``set_activation_checkpointing`` checkpoints: none, all, or every k-th (i % k == 0)."""
     if policy == "off":
@@ -250,11 +316,13 @@ def loss_saved_bytes(shape: ModelShape, batch: int, seq: int, rows: int, dtype_b
     return copy + 24 * rows
 
 
-def loss_workspace_bytes(shape: ModelShape, rows: int, chunk_size: int) -> int:
+def loss_workspace_bytes(shape: ModelShape, rows: int, chunk_size: int, dtype_bytes: int = 4) -> int:
     """Peak extra bytes inside ``linear_cross_entropy``: two (C x V) fp32 buffers at once (the logits and
-    logsumexp's / softmax's exp), + the (C x H) fp32 gathered hidden rows, C = min(chunk_size, K)."""
+    logsumexp's / softmax's exp), + the (C x H) fp32 gathered hidden rows, C = min(chunk_size, K); for a
+    non-fp32 model also the fp32 copy of the (V x H) lm_head weight it computes with."""
     c = min(chunk_size, rows)
-    return 2 * c * shape.vocab * 4 + c * shape.hidden * 4
+    weight_copy = shape.vocab * shape.hidden * 4 if dtype_bytes != 4 else 0
+    return 2 * c * shape.vocab * 4 + c * shape.hidden * 4 + weight_copy
 
 
 def backward_workspace_bytes(shape: ModelShape, n: int, dtype_bytes: int, cal: Calibration) -> int:
@@ -273,12 +341,6 @@ def forward_workspace_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes
 def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> int:
     """Rollout KV cache: K and V (2) x L layers x n_kv heads x d x (prompt + new tokens) x batch x e."""
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
-
-
-def load_peak_bytes(shape: ModelShape, dtype_bytes: int, kind: str, cal: Calibration) -> int:
-    """Extra RSS while ``from_pretrained`` runs: the weights in ``model.dtype`` (before any quantization)
-    times the source's measured load factor."""
-    return int(cal.load_factor.get(kind, 1.0) * shape.params * dtype_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,8 +395,9 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     e = DTYPE_BYTES[recipe.model.dtype]
     full = recipe.adapter.method == "full"
     mezo = recipe.optim.name == "mezo"
-    runtime = cal.runtime_bytes + cal.tokenizer_bytes_per_token * shape.vocab
-    weights = weight_bytes(shape, e, recipe.quant.bits, recipe.quant.group_size)
+    runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
+               + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))
+    weights = resident_weight_bytes(shape, recipe.model.dtype, recipe.quant.bits, recipe.quant.group_size, source_kind)
     adapter = trainable_bytes(shape, recipe)
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
@@ -351,12 +414,12 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     r, dropout = recipe.adapter.r, recipe.adapter.dropout > 0
 
     base = {"runtime": (runtime, "python + torch + transformers + peft + tokenizer (measured)"),
-            "weights": (weights, _weights_note(shape, recipe, e))}
+            "weights": (weights, _weights_note(shape, recipe, e, source_kind))}
     phases: dict[str, dict[str, tuple[int, str]]] = {}
     phases["load"] = {
-        "runtime": base["runtime"],
-        "load": (load_peak_bytes(shape, e, source_kind, cal),
-                 f"from_pretrained ({source_kind}): {cal.load_factor.get(source_kind, 1.0)} x {shape.params:,} params x {e} B"),
+        "runtime": (runtime - (cal.gguf_resident_bytes if source_kind == "gguf" else 0), base["runtime"][1]),
+        "load": (load_extra_bytes(shape, recipe.model.dtype, source_kind, cal),
+                 f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.dtype})"),
     }
     adapter_note = (f"{trainable_elements(shape, recipe):,} trainable x "
                     f"{e if full else 4} B ({'full' if full else f'LoRA r={r}'})")
@@ -375,7 +438,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         phases["forward (no grad)"] = {**base, **trainables, "activations": (
             fwd + n * shape.hidden * e, f"one layer's no-grad forward, B={batch} x T={seq}, + the residual stream")}
         phases["loss (no grad)"] = {**base, **trainables, "loss": (
-            n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + loss_workspace_bytes(shape, rows, recipe.loss.chunk_size),
+            n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e),
             _loss_note(rows, recipe.loss.chunk_size, shape))}
     else:
         specs = layer_specs(shape, recipe)
@@ -388,7 +451,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                     f"{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
         acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
         lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
-        lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size)
+        lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e)
         head_grad = shape.vocab * shape.hidden * 4 if full else 0  # fp32 (V, H) buffer in backward
         phases["forward + loss"] = {**base, **trainables, **acc_grads,
                                     "activations": (saved, act_note),
@@ -397,13 +460,16 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                                    "activations": (saved, act_note),
                                    "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
                                             _loss_note(rows, recipe.loss.chunk_size, shape) + " + grad of hidden")}
-        # Decoder backward, top layer down: layers below i still hold their saved tensors; a checkpointed
-        # layer is recomputed (its full saved set) just before its backward.
+        # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
+        # checkpointed one is recomputed first), gradients exist for what lies above i.
         bwd = backward_workspace_bytes(shape, n, e, cal)
-        worst = max(sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) for i in range(shape.layers))
+        per_grad, top_grad = layer_trainable_bytes(shape, recipe)
+        grads_at = [grads if recipe.train.grad_accum > 1 else top_grad + sum(per_grad[i + 1:]) for i in range(shape.layers)]
+        at = [sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) + grads_at[i] for i in range(shape.layers)]
+        i = max(range(shape.layers), key=at.__getitem__)
         phases["decoder backward"] = {**base, **trainables,
-                                      "gradients": (grads, "one per trainable element"),
-                                      "activations": (worst + outside, act_note + " (+ a recomputed layer)"),
+                                      "gradients": (grads_at[i], f"those of the layers above layer {i}"),
+                                      "activations": (at[i] - grads_at[i] + outside, act_note + f" (layers <= {i})"),
                                       "workspace": (bwd, "gradient buffers of one layer's backward")}
         phases["optimizer step"] = {**base, **trainables,
                                     "gradients": (grads, "one per trainable element"),
@@ -429,11 +495,13 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     return plan
 
 
-def _weights_note(shape: ModelShape, recipe: Recipe, e: int) -> str:
-    if recipe.quant.bits:
-        return (f"{shape.params:,} params; linears (not lm_head) INT{recipe.quant.bits} g={recipe.quant.group_size}, "
-                f"rest {recipe.model.dtype}")
-    return f"{shape.params:,} params x {e} B ({recipe.model.dtype})"
+def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -> str:
+    if not recipe.quant.bits:
+        return f"{shape.params:,} params x {e} B ({recipe.model.dtype})"
+    q = f"linears (not lm_head) INT{recipe.quant.bits} g={recipe.quant.group_size}"
+    if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.dtype) and shape.file_bytes:
+        return f"the mapped {shape.file_dtype} file (pages read to quantize stay resident) + {q}"
+    return f"{shape.params:,} params; {q}, the rest {recipe.model.dtype}"
 
 
 def _loss_note(rows: int, chunk: int, shape: ModelShape) -> str:

@@ -13,10 +13,11 @@ a second this way and allocates nothing.
 
 from __future__ import annotations
 
+import json
 import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from leantune.config import ModelConfig
@@ -63,6 +64,8 @@ class ModelShape:
     params: int
     linears: tuple[LinearSpec, ...]
     source: str
+    file_dtype: str | None = None  # dtype of most weight bytes on disk ("float32", "bfloat16", "gguf"), if known
+    file_bytes: int | None = None  # bytes of the weights on disk (safetensors tensors, or the .gguf file)
 
     @property
     def linear_params(self) -> int:
@@ -129,6 +132,28 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
             pos += 4 + 8 * n_dims + 4 + 8  # dims, ggml type, data offset
             names.append(name)
     return meta, names
+
+
+# Safetensors headers (8-byte little-endian length + JSON)
+
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def safetensors_weight_bytes(directory: str | Path) -> dict[str, int]:
+    """Bytes of the tensors stored in ``directory``'s ``*.safetensors`` files, per dtype, from their
+    headers only (``{"float32": 662700032}``)."""
+    out: dict[str, int] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            dtype = _ST_DTYPES.get(info["dtype"], info["dtype"].lower())
+            out[dtype] = out.get(dtype, 0) + stop - start
+    return out
 
 
 # GGUF architecture -> transformers model_type, for the Llama-style families the planner models.
@@ -225,6 +250,14 @@ def shape_from_config(config, source: str = "config") -> ModelShape:
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
-    """Shape of the model a recipe names, without loading its weights."""
+    """Shape of the model a recipe names, without loading its weights; with the on-disk weight bytes
+    and dtype for local and GGUF sources (they decide what loading costs)."""
     config, source = load_config(cfg)
-    return shape_from_config(config, source=f"{source.kind}:{source.weight_path}")
+    shape = shape_from_config(config, source=f"{source.kind}:{source.weight_path}")
+    if source.kind == "gguf":
+        return replace(shape, file_dtype="gguf", file_bytes=Path(source.weight_path).stat().st_size)
+    if source.kind == "local":
+        per_dtype = safetensors_weight_bytes(source.location)
+        if per_dtype:
+            return replace(shape, file_dtype=max(per_dtype, key=per_dtype.get), file_bytes=sum(per_dtype.values()))
+    return shape
