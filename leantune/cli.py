@@ -105,17 +105,20 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps({"budget_bytes": budget, "recipe_peak_bytes": plan.peak, "written": str(out),
                           "fits": [{"changes": c.changes, "peak_bytes": c.plan.peak, "peak_phase": c.plan.peak_phase,
-                                    "cost": round(c.cost, 4), "tokens_per_s": round(1 / c.speed, 4), "notes": c.notes}
+                                    "cost": round(c.cost, 4), "tokens_per_s": round(c.speed, 4), "notes": c.notes}
                                    for c in fits[: args.top]], "fitting_settings": len(fits)}, indent=1))
         return 0
     console.print(f"recipe as written: {gib(plan.peak)} ({plan.peak_phase}); budget {args.memory} = {gib(budget)}; "
                   f"{len(fits)} searched settings fit")
     table = Table(title=f"settings that fit in {args.memory}, cheapest first")
-    for col in ("#", "changes", "peak", "tokens/s", "cost", "notes"):
-        table.add_column(col, justify="right" if col in ("#", "peak", "tokens/s", "cost") else "left")
+    table.add_column("#", justify="right")
+    table.add_column("changes (overrides)", no_wrap=True)
+    for col in ("peak", "tokens/s", "cost"):
+        table.add_column(col, justify="right")
+    table.add_column("notes")
     for i, c in enumerate(fits[: args.top], 1):
         table.add_row(str(i), "\n".join(c.overrides()) or "(as written)", gib(c.plan.peak),
-                      f"x{1 / c.speed:.2f}", f"x{c.cost:.2f}", "; ".join(c.notes))
+                      f"x{c.speed:.2f}", f"x{c.cost:.2f}", "; ".join(c.notes))
     console.print(table)
     console.print("cost: expected time to the same training progress relative to the recipe (model in "
                   "leantune/plan/search.py); tokens/s: relative throughput")

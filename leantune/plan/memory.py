@@ -439,7 +439,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             fwd + n * shape.hidden * e, f"one layer's no-grad forward, B={batch} x T={seq}, + the residual stream")}
         phases["loss (no grad)"] = {**base, **trainables, "loss": (
             n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e),
-            _loss_note(rows, recipe.loss.chunk_size, shape))}
+            _loss_note(rows, recipe.loss.chunk_size, shape, e))}
     else:
         specs = layer_specs(shape, recipe)
         ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
@@ -455,11 +455,11 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         head_grad = shape.vocab * shape.hidden * 4 if full else 0  # fp32 (V, H) buffer in backward
         phases["forward + loss"] = {**base, **trainables, **acc_grads,
                                     "activations": (saved, act_note),
-                                    "loss": (n * shape.hidden * e + lsaved + lws, _loss_note(rows, recipe.loss.chunk_size, shape))}
+                                    "loss": (n * shape.hidden * e + lsaved + lws, _loss_note(rows, recipe.loss.chunk_size, shape, e))}
         phases["loss backward"] = {**base, **trainables, **acc_grads,
                                    "activations": (saved, act_note),
                                    "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
-                                            _loss_note(rows, recipe.loss.chunk_size, shape) + " + grad of hidden")}
+                                            _loss_note(rows, recipe.loss.chunk_size, shape, e) + " + grad of hidden")}
         # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
         # checkpointed one is recomputed first), gradients exist for what lies above i.
         bwd = backward_workspace_bytes(shape, n, e, cal)
@@ -504,22 +504,6 @@ def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -
     return f"{shape.params:,} params; {q}, the rest {recipe.model.dtype}"
 
 
-def _loss_note(rows: int, chunk: int, shape: ModelShape) -> str:
-    return f"chunk {min(chunk, rows)} of {rows} loss rows x V={shape.vocab} x 4 B x 2"
-
-
-def with_changes(recipe: Recipe, changes: dict[str, object]) -> Recipe:
-    """A copy of ``recipe`` with dotted ``changes`` (``{"train.micro_batch_size": 2}``), validated."""
-    data = recipe.model_dump()
-    for key, value in changes.items():
-        section, name = key.split(".", 1)
-        data[section][name] = value
-    new = Recipe.model_validate(data)
-    return replace_fields_set(new, recipe)
-
-
-def replace_fields_set(new: Recipe, old: Recipe) -> Recipe:
-    """Keep which sections were written explicitly (``is_rl`` reads it) across a dump/validate round trip."""
-    object.__setattr__(new, "__pydantic_fields_set__", set(old.model_fields_set))
-    return new
-
+def _loss_note(rows: int, chunk: int, shape: ModelShape, e: int) -> str:
+    copy = " + fp32 lm_head copy" if e != 4 else ""
+    return f"chunk {min(chunk, rows)} of {rows} loss rows x V={shape.vocab} x 4 B x 2{copy}"

@@ -79,7 +79,7 @@ class Candidate:
     recipe: Recipe
     plan: MemoryPlan
     cost: float  # time to the same progress / the recipe's (1.0 = as written)
-    speed: float  # tokens/s relative to the recipe (MeZO's extra steps not included)
+    speed: float  # tokens/s relative to the recipe (< 1: slower; MeZO's extra steps not included)
     notes: list[str] = field(default_factory=list)
 
     def overrides(self) -> list[str]:
@@ -162,7 +162,18 @@ def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "l
         out.append(Candidate(changes, new, plan, step_cost(new, shape, cost) / base_cost,
                              base_speed / _speed(new, shape, cost), _notes(recipe, changes)))
     out.sort(key=lambda c: (round(c.cost, 6), len(c.changes), c.plan.peak))
-    return out
+    return _undominated(out)
+
+
+def _undominated(fits: list[Candidate]) -> list[Candidate]:
+    """Drop a setting when another that fits costs no more and makes a subset of its changes (e.g. the
+    same setting with a smaller LoRA rank, when the rank was not needed to fit). ``fits`` is sorted."""
+    kept: list[Candidate] = []
+    for c in fits:
+        items = set(map(str, c.changes.items()))
+        if not any(k.cost <= c.cost + 1e-9 and set(map(str, k.changes.items())) < items for k in kept):
+            kept.append(c)
+    return kept
 
 
 def _speed(recipe: Recipe, shape: ModelShape, cost: CostModel) -> float:
@@ -204,7 +215,7 @@ def write_recipe(recipe_path: str | Path, overrides: list[str], chosen: Candidat
     head = (f"# leantune train {out}\n"
             f"# Written by `leantune plan {recipe_path} --memory {budget_text}`: predicted peak "
             f"{chosen.plan.peak / 2**30:.2f} GiB ({chosen.plan.peak_phase}); changed: {changed};\n"
-            f"# expected cost x{chosen.cost:.2f} of the original (tokens/s x{1 / chosen.speed:.2f}).\n")
+            f"# expected cost x{chosen.cost:.2f} of the original (tokens/s x{chosen.speed:.2f}).\n")
     return atomic_write_text(out, head + yaml.safe_dump(raw, sort_keys=False))
 
 
