@@ -72,7 +72,7 @@ def cmd_plan(args) -> int:
     )
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan, shape, kind = plan_recipe(recipe)
+    plan, shape, kind = plan_recipe(recipe, mode=args.mode)
     console = Console(width=max(100, Console().width))
     if not args.memory:
         if args.json:
@@ -97,9 +97,9 @@ def cmd_plan(args) -> int:
         return 0
 
     budget = budget_bytes(args.memory)
-    fits = search(recipe, shape, budget, kind)
+    fits = search(recipe, shape, budget, kind, mode=args.mode)
     if not fits:
-        raise UserError(f"nothing fits in {args.memory} ({gib(budget)}): {floor_note(recipe, shape, kind)}")
+        raise UserError(f"nothing fits in {args.memory} ({gib(budget)}): {floor_note(recipe, shape, kind, mode=args.mode)}")
     out = Path(args.out) if args.out else default_out_path(args.recipe, args.memory)
     write_recipe(args.recipe, args.overrides, fits[0], args.memory, out)
     if args.json:
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "cheapest first, and write the cheapest as a recipe")
     pl.add_argument("--out", help="recipe file to write with --memory (default: RECIPE.fit-<budget>.yaml next to RECIPE)")
     pl.add_argument("--top", type=int, default=10, help="rows of the --memory table (default 10)")
+    pl.add_argument("--mode", choices=["sft", "rl"], default=None,
+                    help="plan `leantune train` (sft) or `leantune rl` (rollouts + updates); default: rl if the recipe has an rl section")
     pl.add_argument("--json", action="store_true", help="print JSON instead of tables")
     pl.set_defaults(func=cmd_plan)
 

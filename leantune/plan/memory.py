@@ -390,8 +390,13 @@ def is_rl(recipe: Recipe) -> bool:
 
 
 def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
-                cal: Calibration = CALIBRATION) -> MemoryPlan:
-    """Predict the peak RSS of ``recipe`` on a model of ``shape``: the largest of its phases."""
+                cal: Calibration = CALIBRATION, mode: str | None = None) -> MemoryPlan:
+    """Predict the peak RSS of ``recipe`` on a model of ``shape``: the largest of its phases.
+
+    ``mode``: "sft" (``leantune train``) or "rl" (``leantune rl``: rollouts, then policy updates on
+    prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
+    ``data.max_length`` (an upper bound on the rendered prompt).
+    """
     e = DTYPE_BYTES[recipe.model.dtype]
     full = recipe.adapter.method == "full"
     mezo = recipe.optim.name == "mezo"
@@ -402,7 +407,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
 
-    rl = is_rl(recipe)
+    rl = is_rl(recipe) if mode is None else mode == "rl"
     batch, seq = recipe.train.micro_batch_size, recipe.data.max_length
     loss_fraction = recipe.memory.loss_fraction
     if rl:  # the policy update runs on prompt + completion; only completion tokens carry a loss

@@ -143,7 +143,7 @@ def _notes(recipe: Recipe, changes: dict) -> list[str]:
 
 
 def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "local",
-           cal: Calibration = CALIBRATION, cost: CostModel = COST) -> list[Candidate]:
+           cal: Calibration = CALIBRATION, cost: CostModel = COST, mode: str | None = None) -> list[Candidate]:
     """Every searched setting whose predicted peak is <= ``budget`` bytes, cheapest first (then fewest
     changes, then smallest peak)."""
     knobs = knob_values(recipe)
@@ -156,7 +156,7 @@ def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "l
         if key in seen:
             continue
         seen.add(key)
-        plan = plan_memory(new, shape, source_kind, cal)
+        plan = plan_memory(new, shape, source_kind, cal, mode)
         if plan.peak > budget:
             continue
         out.append(Candidate(changes, new, plan, step_cost(new, shape, cost) / base_cost,
@@ -182,10 +182,11 @@ def _speed(recipe: Recipe, shape: ModelShape, cost: CostModel) -> float:
     return t / cost.mezo_steps if recipe.optim.name == "mezo" else t
 
 
-def floor_note(recipe: Recipe, shape: ModelShape, source_kind: str, cal: Calibration = CALIBRATION) -> str:
+def floor_note(recipe: Recipe, shape: ModelShape, source_kind: str, cal: Calibration = CALIBRATION,
+               mode: str | None = None) -> str:
     """Why nothing fits: the smallest plan the search can reach, and its largest terms."""
     knobs = knob_values(recipe)
-    best = min((plan_memory(_variant(recipe, dict(zip(knobs, c)))[0], shape, source_kind, cal)
+    best = min((plan_memory(_variant(recipe, dict(zip(knobs, c)))[0], shape, source_kind, cal, mode)
                 for c in itertools.product(*knobs.values())), key=lambda p: p.peak)
     terms = sorted(best.terms.items(), key=lambda kv: -kv[1][0])[:3]
     parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, (v, _) in terms)
@@ -245,34 +246,38 @@ class BudgetError(PlanError):
     """The recipe's predicted peak exceeds ``memory.budget``; the message lists settings that fit."""
 
 
-def plan_recipe(recipe: Recipe, cal: Calibration = CALIBRATION) -> tuple[MemoryPlan, ModelShape, str]:
+def plan_recipe(recipe: Recipe, cal: Calibration = CALIBRATION, mode: str | None = None
+                ) -> tuple[MemoryPlan, ModelShape, str]:
     """Plan ``recipe`` from its model's config alone: (plan, shape, source kind)."""
     from leantune.models.loading import resolve_source
     from leantune.plan.model_shape import model_shape
 
     shape = model_shape(recipe.model)
     kind = resolve_source(recipe.model).kind
-    return plan_memory(recipe, shape, kind, cal), shape, kind
+    return plan_memory(recipe, shape, kind, cal, mode), shape, kind
 
 
-def check_budget(recipe: Recipe, recipe_path: str | None = None, top: int = 3) -> MemoryPlan | None:
+def check_budget(recipe: Recipe, recipe_path: str | None = None, top: int = 3, mode: str | None = None
+                 ) -> MemoryPlan | None:
     """Raise ``BudgetError`` naming the cheapest settings that fit when the plan exceeds
-    ``memory.budget``; None when no budget is set. Reads the model's config only (no weights, no data)."""
+    ``memory.budget``; None when no budget is set. Reads the model's config only (no weights, no data).
+    ``mode``: "sft" for ``leantune train``, "rl" for ``leantune rl`` (None: decided by the recipe)."""
     budget = recipe.memory.budget_bytes
     if budget is None:
         return None
-    plan, shape, kind = plan_recipe(recipe)
+    plan, shape, kind = plan_recipe(recipe, mode=mode)
     if plan.fits(budget):
         return plan
     terms = sorted(plan.terms.items(), key=lambda kv: -kv[1][0])[:3]
     lines = [f"memory.budget {recipe.memory.budget} ({gib(budget)}): the plan predicts a peak of {gib(plan.peak)} "
              f"({plan.peak_phase}: " + ", ".join(f"{k} {gib(v)}" for k, (v, _) in terms) + ")."]
-    fits = [c for c in search(recipe, shape, budget, kind) if c.changes][:top]
+    fits = [c for c in search(recipe, shape, budget, kind, mode=mode) if c.changes][:top]
     if fits:
         lines.append("Settings that fit, cheapest first (add them as overrides):")
         lines += [f"  {i}. {describe(c)}" for i, c in enumerate(fits, 1)]
         where = recipe_path or "RECIPE.yaml"
         lines.append(f"Full table and a recipe file: leantune plan {where} --memory {recipe.memory.budget}")
     else:
-        lines.append(f"No searched setting fits: {floor_note(recipe, shape, kind)}. Raise memory.budget or use a smaller model.")
+        lines.append(f"No searched setting fits: {floor_note(recipe, shape, kind, mode=mode)}. "
+                     "Raise memory.budget or use a smaller model.")
     raise BudgetError("\n".join(lines))

@@ -220,7 +220,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, recipe_p
     if recipe.memory.budget is not None:
         from leantune.plan.search import check_budget
 
-        check_budget(recipe, recipe_path)
+        check_budget(recipe, recipe_path, mode="sft")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc_mmap_threshold is not None:
