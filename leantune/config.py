@@ -177,15 +177,15 @@ _SIZE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_SIZE = re.compile(r"^\s*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]\+?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(value: str | float) -> int:
     """Bytes in a memory size: an integer byte count or a number with a unit. GB/MB/KB/TB are powers of
     1000, GiB/MiB/KiB/TiB powers of 1024 (``"2GB"`` = 2,000,000,000 bytes; ``"2GiB"`` = 2,147,483,648).
 
-    >>> parse_size("2GB"), parse_size("1.5 GiB"), parse_size(4096), parse_size("512mib")
-    (2000000000, 1610612736, 4096, 536870912)
+    >>> parse_size("2GB"), parse_size("1.5 GiB"), parse_size(4096), parse_size("512mib"), parse_size("2e9")
+    (2000000000, 1610612736, 4096, 536870912, 2000000000)
     """
     units = "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
