@@ -50,7 +50,7 @@ class Calibration:
     gguf_resident_bytes: what a GGUF load leaves behind besides the weights (32 MiB measured after
         loading SmolLM2's GGUF, vs 13 MiB for a safetensors directory).
     gguf_load_transient: peak extra RSS while transformers dequantizes a GGUF file, in units of its
-        largest tensor in fp32 (the V x H embedding): 270-280 MiB for SmolLM2's 108 MiB embedding, in
+        largest tensor in fp32 (the V x H embedding): 240-265 MiB for SmolLM2's 108 MiB embedding, in
         fp32 and bf16 alike. Measured on one GGUF model (the only one shipped); an estimate elsewhere.
     backward_workspace: gradient buffers alive inside one layer's backward, in units of
         ``N x (3 I + 2 H) x dtype bytes`` (grad of the MLP product, of act and up, of the residual).
@@ -64,7 +64,7 @@ class Calibration:
     peft_bytes: int = 11 * MiB
     tokenizer_bytes_per_token: int = 600
     gguf_resident_bytes: int = 19 * MiB
-    gguf_load_transient: float = 2.5
+    gguf_load_transient: float = 2.25
     backward_workspace: float = 1.0
     forward_workspace: float = 1.0
     mezo_restore_fraction: float = 0.15
@@ -422,7 +422,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             "weights": (weights, _weights_note(shape, recipe, e, source_kind))}
     phases: dict[str, dict[str, tuple[int, str]]] = {}
     phases["load"] = {
-        "runtime": (runtime - (cal.gguf_resident_bytes if source_kind == "gguf" else 0), base["runtime"][1]),
+        # the tokenizer loads after the model
+        "runtime": (cal.runtime_bytes - (cal.peft_bytes if full else 0), "python + torch + transformers + peft"),
         "load": (load_extra_bytes(shape, recipe.model.dtype, source_kind, cal),
                  f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.dtype})"),
     }
@@ -473,7 +474,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         at = [sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) + grads_at[i] for i in range(shape.layers)]
         i = max(range(shape.layers), key=at.__getitem__)
         phases["decoder backward"] = {**base, **trainables,
-                                      "gradients": (grads_at[i], f"those of the layers above layer {i}"),
+                                      "gradients": (grads_at[i], "accumulated over micro-batches" if recipe.train.grad_accum > 1
+                                                    else f"those of the layers above layer {i}"),
                                       "activations": (at[i] - grads_at[i] + outside, act_note + f" (layers <= {i})"),
                                       "workspace": (bwd, "gradient buffers of one layer's backward")}
         phases["optimizer step"] = {**base, **trainables,
@@ -485,7 +487,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         tokens = recipe.data.max_length + recipe.rl.max_new_tokens
         kv = kv_cache_bytes(shape, tokens, rollouts, e)
         prefill = forward_workspace_bytes(shape, rollouts, recipe.data.max_length, e, True, cal)
-        phases["rollout"] = {**base, "adapter": trainables["adapter"],
+        phases["rollout"] = {**base, **trainables,
                              "kv_cache": (kv, (f"2 x {shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim} x "
                                                f"{tokens} tokens x {rollouts} sequences x {e} B")),
                              "workspace": (prefill + 2 * rollouts * shape.vocab * 4,
