@@ -157,7 +157,8 @@ def prepare(spec: dict) -> dict:
             c = length - length // 2 - 1  # + eos
             records.append({"prompt": "".join(" " + rng.choice(words) for _ in range(p)),
                             "completion": " " + " ".join(rng.choice(words) for _ in range(c))})
-        data = Path(spec["work_dir"]) / f"data-{Path(model_path).name}-{T}-{B}-{n}.jsonl"
+        tag = Path(model_path).name.replace("builtin:", "")
+        data = Path(spec["work_dir"]) / f"data-{tag}-{T}-{B}-{n}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
         examples, _ = load_sft_examples(data, tok, DataConfig(train=str(data), max_length=T))
         lengths = [len(e.input_ids) for e in examples]
