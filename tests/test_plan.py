@@ -374,3 +374,22 @@ def test_saved_counter_sanity():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lin(x)
     assert sum(seen.values()) == 5 * 8 * 4
+
+
+def test_quantization_not_suggested_for_a_mapped_file(tiny_model_dir, tmp_path):
+    # fp32 safetensors trained in fp32: the file stays mapped, INT4 only adds its buffers on top
+    recipe = recipe_from_dict(_big_recipe(tiny_model_dir, tmp_path))
+    shape = model_shape(recipe.model)
+    plain = plan_memory(recipe, shape, "local")
+    int4 = recipe.model_copy(update={"quant": recipe.quant.model_copy(update={"bits": 4})})
+    assert plan_memory(int4, shape, "local").peak > plain.peak
+    fits = search(recipe, shape, int(plain.peak * 0.9), "local")
+    assert fits and not any("quant.bits" in c.changes for c in fits)
+
+
+def test_mode_sft_ignores_rl_section(tiny_model_dir, tmp_path):
+    raw = {**tiny_recipe(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run"), "rl": {"group_size": 4}}
+    recipe = recipe_from_dict(raw)
+    shape = model_shape(recipe.model)
+    assert "rollout" in plan_memory(recipe, shape, "local").phases
+    assert "rollout" not in plan_memory(recipe, shape, "local", mode="sft").phases
