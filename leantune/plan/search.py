@@ -6,15 +6,18 @@ chunk, weight quantization of the frozen base, the LoRA rank, and AdamW vs MeZO.
 is planned (pure arithmetic, no model is built), those under the budget are kept and ordered by their
 expected cost relative to the recipe as written.
 
-Cost model (``COST``), time to the same training progress relative to the recipe; factors measured
-with ``benchmarks/plan_accuracy.py`` (CPU seconds per optimizer step, SmolLM2-135M fp32, LoRA r=8 on
-q/k/v/o, batch 4 x 256 tokens, 1 thread), each relative to the same run without the change:
+Cost model (``COST``), time to the same training progress relative to the recipe. Factors measured
+with ``benchmarks/plan_accuracy.py`` (process CPU seconds per optimizer step after the first,
+SmolLM2-135M fp32, LoRA r=8 on q/k/v/o, micro-batch 4 x 256 tokens, 1 thread, on a 2-core VM that
+other jobs were loading -- indicative, not precise), each relative to the same run without the change:
 
-- checkpointing: ``1 + ckpt x (checkpointed layers / layers)`` (one more forward of those layers);
-- quantized base: ``int8`` / ``int4`` (dequantize in every forward and backward);
-- micro-batch: per-token time ``1 + micro_batch / m`` (small matmuls use the cores worse);
-- loss chunk: per-token time ``1 + chunk / c`` (per-chunk overhead of the fused loss);
-- MeZO: ``mezo_step`` per step (two forward passes instead of forward + backward) times
+- checkpointing: ``1 + ckpt x (checkpointed layers / layers)``: all layers 1.35x (every 2nd: 1.26x);
+- quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
+- micro-batch: per-token time ``1 + micro_batch / m``: measured 0.97x for 1 x 4 vs 4 x 1 (CPU matmuls
+  of 256 rows are already efficient on one thread); a small penalty is kept, assuming more threads
+  parallelize small matmuls worse;
+- loss chunk: per-token time ``1 + chunk / c``: chunk 64 vs 256 measured 1.02x;
+- MeZO: ``mezo_step`` per step (two forward passes instead of forward + backward: 0.91x measured) times
   ``mezo_steps``, how many more steps MeZO needs: an assumption, not a measurement -- the repo's own
   recipes use 2000 MeZO steps where AdamW needs 60 (MeZO's paper, arXiv 2305.17333, reports far more
   steps than Adam too); treat MeZO rows as "fits, but slow to learn";
@@ -45,11 +48,11 @@ class CostModel:
     """Relative-cost factors; see the module docstring for how each was measured."""
 
     ckpt: float = 0.35
-    int8: float = 1.3
-    int4: float = 1.4
-    micro_batch: float = 0.4
-    chunk: float = 8.0
-    mezo_step: float = 0.7
+    int8: float = 1.07
+    int4: float = 1.16
+    micro_batch: float = 0.03
+    chunk: float = 2.0
+    mezo_step: float = 0.91
     mezo_steps: float = 32.0
 
 
