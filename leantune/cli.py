@@ -3,6 +3,7 @@
     leantune train RECIPE.yaml [key.sub=value ...] [--resume]
     leantune rl RECIPE.yaml [key.sub=value ...] [--resume]
     leantune rft RECIPE.yaml [key.sub=value ...]
+    leantune plan RECIPE.yaml [key.sub=value ...] [--memory 2GB [--out FILE]] [--json]
     leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl)
     leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
     leantune report RUN_DIR
@@ -30,8 +31,10 @@ class UserError(Exception):
 def _user_errors():
     from leantune.config import RecipeError
     from leantune.models.loading import ModelLoadError
+    from leantune.plan.model_shape import PlanError
 
-    errors: list[type[BaseException]] = [RecipeError, ModelLoadError, UserError, FileExistsError, FileNotFoundError]
+    errors: list[type[BaseException]] = [RecipeError, ModelLoadError, PlanError, UserError, FileExistsError,
+                                         FileNotFoundError]
     try:
         from leantune.data.records import DataError
 
@@ -47,7 +50,7 @@ def cmd_train(args) -> int:
     from leantune.train.sft import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume)
+    result = train(recipe, resume=args.resume, recipe_path=args.recipe)
     print(summarize_ledger(result.ledger))
     print(f"[leantune] run directory: {recipe.train.output_dir}")
     return 0
@@ -74,6 +77,78 @@ def cmd_rft(args) -> int:
     result = train_rft(recipe)
     print(summarize_ledger(result.ledger))
     print(f"[leantune] run directory: {recipe.train.output_dir}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from leantune.config import load_recipe
+    from leantune.plan.search import (
+        budget_bytes,
+        default_out_path,
+        floor_note,
+        gib,
+        plan_recipe,
+        search,
+        write_recipe,
+    )
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan, shape, kind = plan_recipe(recipe, mode=args.mode)
+    console = Console(width=max(100, Console().width))
+    if not args.memory:
+        if args.json:
+            print(json.dumps({"peak_bytes": plan.peak, "peak_phase": plan.peak_phase, "phases": plan.totals,
+                              "terms": {k: {"bytes": v, "how": how} for k, (v, how) in plan.terms.items()},
+                              "notes": plan.notes}, indent=1))
+            return 0
+        console.print(f"model: {recipe.model.path} ({shape.model_type}, {shape.params / 1e6:.1f}M params, "
+                      f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; from the {kind} config, no weights read)")
+        table = Table(title=f"predicted peak RSS {gib(plan.peak)} (phase: {plan.peak_phase})")
+        for col, just in (("term", "left"), ("size", "right"), ("how", "left")):
+            table.add_column(col, justify=just)
+        for name, (nbytes, how) in plan.terms.items():
+            table.add_row(name, gib(nbytes), how)
+        console.print(table)
+        console.print("phases: " + " | ".join(f"{k} {gib(v)}" for k, v in plan.totals.items()))
+        for note in plan.notes:
+            console.print(f"note: {note}")
+        if recipe.memory.budget is not None:
+            fits = plan.fits(recipe.memory.budget_bytes)
+            console.print(f"memory.budget {recipe.memory.budget}: {'fits' if fits else 'EXCEEDED'}")
+        return 0
+
+    budget = budget_bytes(args.memory)
+    fits = search(recipe, shape, budget, kind, mode=args.mode)
+    if not fits:
+        raise UserError(f"nothing fits in {args.memory} ({gib(budget)}): {floor_note(recipe, shape, kind, mode=args.mode)}")
+    out = Path(args.out) if args.out else default_out_path(args.recipe, args.memory)
+    write_recipe(args.recipe, args.overrides, fits[0], args.memory, out)
+    if args.json:
+        print(json.dumps({"budget_bytes": budget, "recipe_peak_bytes": plan.peak, "written": str(out),
+                          "fits": [{"changes": c.changes, "peak_bytes": c.plan.peak, "peak_phase": c.plan.peak_phase,
+                                    "cost": round(c.cost, 4), "tokens_per_s": round(c.speed, 4), "notes": c.notes}
+                                   for c in fits[: args.top]], "fitting_settings": len(fits)}, indent=1))
+        return 0
+    console.print(f"recipe as written: {gib(plan.peak)} ({plan.peak_phase}); budget {args.memory} = {gib(budget)}; "
+                  f"{len(fits)} searched settings fit")
+    table = Table(title=f"settings that fit in {args.memory}, cheapest first")
+    table.add_column("#", justify="right")
+    table.add_column("changes (overrides)", no_wrap=True)
+    for col in ("peak", "tokens/s", "cost"):
+        table.add_column(col, justify="right")
+    table.add_column("notes")
+    for i, c in enumerate(fits[: args.top], 1):
+        table.add_row(str(i), "\n".join(c.overrides()) or "(as written)", gib(c.plan.peak),
+                      f"x{c.speed:.2f}", f"x{c.cost:.2f}", "; ".join(c.notes))
+    console.print(table)
+    console.print("cost: expected time to the same training progress relative to the recipe (model in "
+                  "leantune/plan/search.py); tokens/s: relative throughput")
+    console.print(f"wrote {out}  (leantune train {out})")
     return 0
 
 
@@ -155,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("recipe")
     rf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rft.rounds=2")
     rf.set_defaults(func=cmd_rft)
+
+    pl = sub.add_parser("plan", help="predict peak memory from the recipe (no weights loaded); --memory: settings that fit")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
+    pl.add_argument("--memory", help="budget, e.g. 2GB (10^9 bytes) or 1.5GiB (2^30): list settings that fit, "
+                    "cheapest first, and write the cheapest as a recipe")
+    pl.add_argument("--out", help="recipe file to write with --memory (default: RECIPE.fit-<budget>.yaml next to RECIPE)")
+    pl.add_argument("--top", type=int, default=10, help="rows of the --memory table (default 10)")
+    pl.add_argument("--mode", choices=["sft", "rl"], default=None,
+                    help="plan `leantune train` (sft) or `leantune rl` (rollouts + updates); default: rl if the recipe has an rl section")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    pl.set_defaults(func=cmd_plan)
 
     v = sub.add_parser("validate", help="check recipes without building a model")
     v.add_argument("recipes", nargs="+")

@@ -189,6 +189,67 @@ class EvalConfig(Section):
     batch_size: int = Field(default=8, gt=0)
 
 
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]\+?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: str | float) -> int:
+    """Bytes in a memory size: an integer byte count or a number with a unit. GB/MB/KB/TB are powers of
+    1000, GiB/MiB/KiB/TiB powers of 1024 (``"2GB"`` = 2,000,000,000 bytes; ``"2GiB"`` = 2,147,483,648).
+
+    >>> parse_size("2GB"), parse_size("1.5 GiB"), parse_size(4096), parse_size("512mib"), parse_size("2e9")
+    (2000000000, 1610612736, 4096, 536870912, 2000000000)
+    """
+    units = "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        # ValueError, not TypeError: pydantic turns only ValueErrors into field errors with file:line
+        raise ValueError(f"a memory size is a number of bytes or a string such as '2GB' or '1.5GiB', got {value!r}")  # noqa: TRY004
+    if isinstance(value, (int, float)):
+        if value <= 0 or value != int(value):
+            raise ValueError(f"a memory size in bytes must be a positive whole number, got {value!r}")
+        return int(value)
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a memory size; write e.g. '2GB', '1.5GiB' or 2000000000 (units: {units})")
+    number, unit = float(m.group(1)), (m.group(2) or "b").lower()
+    if unit not in _SIZE_UNITS:
+        hint = f"; did you mean '{m.group(1)}{unit[0].upper()}B' (10^n) or '{m.group(1)}{unit[0].upper()}iB' (2^n)?" if unit in ("k", "m", "g", "t") else ""
+        raise ValueError(f"unknown unit {m.group(2)!r} in memory size {value!r}{hint} (units: {units})")
+    nbytes = round(number * _SIZE_UNITS[unit])
+    if nbytes <= 0:
+        raise ValueError(f"a memory size must be positive, got {value!r}")
+    return nbytes
+
+
+class MemoryConfig(Section):
+    """Memory planning (`leantune plan`, MISSION A2): a budget the run must fit, checked before anything loads."""
+
+    budget: str | int | None = Field(
+        default=None,
+        description="Peak-memory (RSS) budget, e.g. '2GB' (10^9 bytes), '1.5GiB' (2^30) or bytes; `leantune train` "
+        "refuses to start, naming settings that fit, when the planner predicts more. null: no check.",
+    )
+    loss_fraction: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of token positions that carry a loss (completion tokens), for the planner's loss "
+        "workspace; 1.0 assumes the worst case.",
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _parseable(cls, v):
+        if v is not None:
+            parse_size(v)
+        return v
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget is None else parse_size(self.budget)
+
+
 class PromptSelectionConfig(Section):
     """Skip prompts that teach nothing right now (MISSION D2): recent pass rate exactly 0 or 1."""
 
@@ -256,6 +317,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rl: RLConfig = Field(default_factory=RLConfig, description="Used by `leantune rl` and `leantune rft` only.")
     rft: RFTConfig = Field(default_factory=RFTConfig, description="Used by `leantune rft` only.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Budget checked by `leantune train` and `leantune plan`.")
 
     @model_validator(mode="after")
     def _quant_needs_lora(self):

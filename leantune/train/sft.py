@@ -260,16 +260,24 @@ class TrainResult:
     tokenizer: object
 
 
-def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=None, tokenizer=None) -> TrainResult:
+def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=None, tokenizer=None,
+          recipe_path: str | None = None) -> TrainResult:
     """Run SFT as the recipe says; return the ledger and the trained model.
 
     ``model``/``tokenizer``: continue training this (already adapted) model instead of loading
     `model.path` and adding a fresh adapter -- expert iteration (`leantune rft`) trains one adapter
     across rounds this way.
+
+    With ``memory.budget`` set, the run is planned first (model config only) and refused with
+    ``BudgetError``, naming settings that fit, before any data, weights or run directory are touched.
     """
     cfg = recipe.train
     if recipe.data.train is None:
         raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
+    if recipe.memory.budget is not None:
+        from leantune.plan.search import check_budget
+
+        check_budget(recipe, recipe_path, mode="sft")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc_mmap_threshold is not None:

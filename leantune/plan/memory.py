@@ -1,0 +1,516 @@
+"""Peak memory of a leantune run, predicted from the model's shape and the recipe (MISSION A2).
+
+Every term is a small pure function of shapes and byte sizes. ``plan_memory`` adds them up phase by
+phase -- loading, forward + loss, loss backward, decoder backward, optimizer step (or MeZO's forward
+passes, or an RL rollout) -- and the peak is the largest phase. What is counted is what the trainer
+(``leantune.train.sft``) really keeps alive, traced with ``torch.autograd.graph.saved_tensors_hooks``
+on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against such a trace):
+
+- weights: every distinct parameter in ``model.dtype``; with ``quant.bits`` every ``nn.Linear`` but
+  ``lm_head`` as codes + fp32 scale/offset per group (``leantune.quant.weight_only``); embeddings,
+  norms and the lm_head stay full precision;
+- adapter: LoRA's A (r x in) and B (out x r) per targeted linear, fp32 (PEFT keeps adapters in fp32
+  over a bf16 base); ``adapter.method: full`` trains every weight in ``model.dtype``;
+- gradients: one per trainable element, same dtype; optimizer: AdamW 2 states per trainable element
+  plus one trainable-sized temporary in its foreach step; MeZO none (plus its restore list);
+- activations: what autograd saves per decoder layer (``layer_saved_bytes``), or only the layer input
+  for checkpointed layers, which are recomputed one at a time in backward;
+- loss workspace: ``linear_cross_entropy`` materializes ``chunk x V`` fp32 logits twice (logits and
+  their exp) for ``chunk = min(loss.chunk_size, loss-carrying rows)``;
+- rollout KV cache (RL recipes): ``2 x L x n_kv x d x (prompt + new) x batch x dtype bytes``;
+- runtime: python + torch + transformers + peft + the tokenizer, measured (``Calibration``).
+
+Assumptions (worst case within the recipe): every micro-batch is padded to ``data.max_length``; a
+micro-batch of more than one sequence carries padding, so SDPA gets an explicit attention mask (on CPU
+that costs a ``B x T x T`` mask per layer and un-grouped K/V); ``memory.loss_fraction`` of the
+positions carry a loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from leantune.config import Recipe
+from leantune.plan.model_shape import LinearSpec, ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants measured on the dev machine (2-core x86 VM, torch 2.13 CPU, transformers 5.23, glibc
+    malloc with ``M_MMAP_THRESHOLD=131072``); ``benchmarks/plan_accuracy.py`` checks them.
+
+    runtime_bytes: RSS of a process that imported torch, transformers (with the model class), peft and
+        leantune: 401 MiB after the imports + 13 MiB once ``from_pretrained`` ran (``/proc/self/status``).
+    peft_bytes: the part of it that is peft (11 MiB), not imported by full fine-tuning.
+    tokenizer_bytes_per_token: RSS of a loaded fast tokenizer per vocabulary entry (SmolLM2: 27-31 MiB
+        for 49,152 entries).
+    gguf_resident_bytes: what a GGUF load leaves behind besides the weights (32 MiB measured after
+        loading SmolLM2's GGUF, vs 13 MiB for a safetensors directory).
+    gguf_load_transient: peak extra RSS while transformers dequantizes a GGUF file, in units of its
+        largest tensor in fp32 (the V x H embedding): 240-265 MiB for SmolLM2's 108 MiB embedding, in
+        fp32 and bf16 alike. Measured on one GGUF model (the only one shipped); an estimate elsewhere.
+    backward_workspace: gradient buffers alive inside one layer's backward, in units of
+        ``N x (3 I + 2 H) x dtype bytes`` (grad of the MLP product, of act and up, of the residual).
+    forward_workspace: the same for one layer's no-grad forward (MeZO, rollouts), units of
+        ``N x (3 I + 4 H) x dtype bytes``.
+    mezo_restore_fraction: MeZO's exception list for bit-exact restore, as a fraction of the trainable
+        bytes (2-15% measured in ``leantune.optim.mezo``).
+    """
+
+    runtime_bytes: int = 414 * MiB
+    peft_bytes: int = 11 * MiB
+    tokenizer_bytes_per_token: int = 600
+    gguf_resident_bytes: int = 19 * MiB
+    gguf_load_transient: float = 2.25
+    backward_workspace: float = 1.0
+    forward_workspace: float = 1.0
+    mezo_restore_fraction: float = 0.15
+
+
+CALIBRATION = Calibration()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights and trainable state
+
+
+def quantized_linear_bytes(lin: LinearSpec, bits: int, group_size: int, dtype_bytes: int) -> int:
+    """Bytes of one ``QuantLinear``: uint8 codes (two per byte at 4 bits) of the (out, in_padded)
+    matrix + fp32 scale and offset per (row, group) + the bias in ``dtype_bytes``.
+
+    in_padded = n_groups x g with g = min(group_size, in (+1 if odd, 4-bit)), n_groups = ceil(in / g).
+    """
+    n_in = lin.in_features
+    g = min(group_size, n_in + (n_in % 2 if bits == 4 else 0))
+    n_groups = -(-n_in // g)
+    codes = lin.out_features * n_groups * g * bits // 8  # (out, in_padded) codes, bits/8 bytes each
+    scales = 2 * lin.out_features * n_groups * 4  # scale + offset, (out, G) fp32 each
+    return codes + scales + lin.bias * lin.out_features * dtype_bytes
+
+
+def quantized_linears(shape: ModelShape) -> list[LinearSpec]:
+    """The linears ``_setup_model`` quantizes: all but ``lm_head`` (its skip list)."""
+    return [lin for lin in shape.linears if lin.short != "lm_head"]
+
+
+def weight_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Frozen (or full-FT) weights in memory: every distinct parameter in ``dtype_bytes``; with ``bits``
+    the linears but ``lm_head`` as ``QuantLinear`` buffers instead."""
+    if not bits:
+        return shape.params * dtype_bytes
+    quantized = quantized_linears(shape)
+    replaced = sum(lin.in_features * lin.out_features + lin.bias * lin.out_features for lin in quantized)
+    return (shape.params - replaced) * dtype_bytes + sum(
+        quantized_linear_bytes(lin, bits, group_size, dtype_bytes) for lin in quantized)
+
+
+def resident_weight_bytes(shape: ModelShape, dtype: str, bits: int | None, group_size: int, source_kind: str) -> int:
+    """Weight bytes counted in RSS while training.
+
+    A safetensors file already in ``model.dtype`` is memory-mapped, not copied: its pages count once
+    touched. Quantizing reads every linear's pages, and they stay resident afterwards, because the
+    embedding (not quantized) keeps the file mapping alive: then RSS holds the whole file *plus* the
+    quantized buffers. GGUF weights are dequantized into ordinary memory, which quantization frees.
+    """
+    e = DTYPE_BYTES[dtype]
+    mapped = source_kind != "gguf" and shape.file_dtype in (None, dtype)
+    if bits and mapped and shape.file_bytes:
+        return shape.file_bytes + sum(quantized_linear_bytes(lin, bits, group_size, e) for lin in quantized_linears(shape))
+    return weight_bytes(shape, e, bits, group_size)
+
+
+def load_extra_bytes(shape: ModelShape, dtype: str, source_kind: str, cal: Calibration) -> int:
+    """RSS above the runtime while ``from_pretrained`` runs (before any quantization).
+
+    GGUF: the dequantized weights in ``model.dtype`` + transformers' dequantization temporaries
+    (``gguf_load_transient`` x the V x H embedding in fp32). Safetensors in another dtype: the file's
+    pages, read to convert, + the converted copy. Safetensors in ``model.dtype``: mapped lazily; its
+    pages are counted in the training phases instead.
+    """
+    e = DTYPE_BYTES[dtype]
+    if source_kind == "gguf":
+        return shape.params * e + int(cal.gguf_load_transient * shape.vocab * shape.hidden * 4) + cal.gguf_resident_bytes
+    if shape.file_dtype not in (None, dtype) and shape.file_bytes:
+        return shape.file_bytes + shape.params * e
+    return 0
+
+
+def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> list[LinearSpec]:
+    """The linear layers PEFT adapts: a list entry matches a module's name or its last components
+    (``q_proj`` matches ``model.layers.0.self_attn.q_proj``); a string is a regex matched in full."""
+    import re
+
+    if isinstance(target_modules, str):
+        return [lin for lin in shape.linears if re.fullmatch(target_modules, lin.name)]
+    return [lin for lin in shape.linears
+            if any(lin.name == t or lin.name.endswith(f".{t}") for t in target_modules)]
+
+
+def trainable_elements(shape: ModelShape, recipe: Recipe) -> int:
+    """LoRA: r x (in + out) per targeted linear (A is r x in, B is out x r). Full: every parameter."""
+    if recipe.adapter.method == "full":
+        return shape.params
+    return sum(recipe.adapter.r * (lin.in_features + lin.out_features)
+               for lin in lora_targets(shape, recipe.adapter.target_modules))
+
+
+def trainable_bytes(shape: ModelShape, recipe: Recipe) -> int:
+    """Trainable parameters: LoRA adapters in fp32 (4 bytes), full fine-tuning in ``model.dtype``."""
+    per = DTYPE_BYTES[recipe.model.dtype] if recipe.adapter.method == "full" else 4
+    return trainable_elements(shape, recipe) * per
+
+
+def optimizer_state_bytes(trainable: int, optimizer: str) -> int:
+    """AdamW: exp_avg + exp_avg_sq, each like the parameter. MeZO: none (z is regenerated from a seed)."""
+    return 2 * trainable if optimizer == "adamw" else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What decides one decoder layer's saved activations (see ``layer_saved_bytes``)."""
+
+    adapted: frozenset[str]  # short names of the LoRA-adapted linears in this layer
+    full: bool  # every weight trainable (adapter.method: full)
+    input_requires_grad: bool  # something trainable below this layer (or full FT)
+
+
+def _lora_input_bytes(n: int, width: int, dtype_bytes: int, dropout: bool, input_requires_grad: bool) -> int:
+    """What ``lora_A`` saves of its input (N x width) when not shared with another saved tensor: with
+    dropout, the dropout output (fp32) and, if the input requires grad, the scaled noise it was
+    multiplied by (CPU dropout is ``x * noise``); else the fp32 cast PEFT makes over a non-fp32 base."""
+    if dropout:
+        return n * width * (4 + (4 if input_requires_grad else 0))
+    return n * width * 4 if dtype_bytes != 4 else 0
+
+
+def layer_saved_bytes(spec: LayerSpec, shape: ModelShape, batch: int, seq: int, dtype_bytes: int,
+                      r: int, dropout: bool, masked: bool) -> int:
+    """Bytes autograd keeps for one Llama decoder layer (no checkpointing), N = batch x seq tokens.
+
+    RMSNorm saves its fp32 input (N x H x 4; a copy for bf16) and rsqrt (N x 4), + the normalized
+    input (N x H x e) when its weight trains. SDPA (CPU flash kernel) saves q, k, v, out (N x n_h d or
+    n_kv d, e each; K/V repeated to n_h heads when a mask is passed) and logsumexp (N x n_h x 4), plus
+    the mask in the compute dtype (B x T x T x e). SiLU-gated MLP: gate, act, up (N x I x e each). LoRA: the input
+    of ``lora_A`` (shared with the base when fp32 and no dropout, else an fp32 copy per module) and its
+    output (N x r x 4). Full fine-tuning: each linear's input, shared within q/k/v and gate/up.
+    """
+    n, e, H, I = batch * seq, dtype_bytes, shape.hidden, shape.intermediate
+    qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    A, full = spec.adapted, spec.full
+    fp32_shared = e == 4 and not dropout  # lora_A saves the very tensor the base layer got
+    total = 0
+
+    def norm(requires_grad: bool) -> int:
+        return n * (4 * H + 4) + (n * H * e if full else 0) if requires_grad else 0
+
+    def lora(names: set[str], width: int, shared_saved: bool, input_rg: bool) -> int:
+        """LoRA inputs for ``names`` reading the same (N x width) tensor, + their (N x r) outputs."""
+        hit = [m for m in names if m in A]
+        if not hit:
+            return 0
+        if fp32_shared:
+            inputs = 0 if shared_saved else n * width * 4
+        else:
+            inputs = len(hit) * _lora_input_bytes(n, width, e, dropout, input_rg)
+        return inputs + len(hit) * n * r * 4
+
+    # attention block
+    total += norm(spec.input_requires_grad)
+    y_rg = spec.input_requires_grad or full
+    qkv = {"q_proj", "k_proj", "v_proj"}
+    total += lora(qkv, H, shared_saved=False, input_rg=y_rg)
+    total += n * H * e if full else 0  # y, input of q/k/v, for their weight gradients
+    sdpa_rg = y_rg or bool(qkv & A) or full
+    if sdpa_rg:
+        kv_width = qd if masked else kvd  # repeat_kv when a mask rules out enable_gqa
+        total += n * e * (2 * qd + 2 * kv_width) + n * shape.heads * 4  # q, k, v, out + logsumexp
+        total += batch * seq * seq * e if masked else 0
+    total += lora({"o_proj"}, qd, shared_saved=sdpa_rg, input_rg=sdpa_rg)  # o_proj's input is SDPA's saved output
+    h_rg = sdpa_rg or "o_proj" in A or spec.input_requires_grad
+    # MLP block
+    total += norm(h_rg)
+    y2_rg = h_rg or full
+    total += lora({"gate_proj", "up_proj"}, H, shared_saved=False, input_rg=y2_rg)
+    total += n * H * e if full else 0  # y2, input of gate/up
+    gate_rg = y2_rg or "gate_proj" in A
+    up_rg = y2_rg or "up_proj" in A
+    total += n * I * e * (gate_rg + gate_rg + up_rg)  # silu saves gate; act * up saves up (and act)
+    total += lora({"down_proj"}, I, shared_saved=False, input_rg=gate_rg or up_rg)
+    total += n * I * e if full else 0  # act * up, input of down_proj
+    return total
+
+
+def layer_specs(shape: ModelShape, recipe: Recipe) -> list[LayerSpec]:
+    """Per decoder layer: which linears carry LoRA and whether its input already requires grad."""
+    full = recipe.adapter.method == "full"
+    targets = [] if full else lora_targets(shape, recipe.adapter.target_modules)
+    adapted = [frozenset(lin.short for lin in targets if lin.layer == i) for i in range(shape.layers)]
+    specs, below = [], full
+    for i in range(shape.layers):
+        specs.append(LayerSpec(adapted[i], full, below))
+        below = below or bool(adapted[i])
+    return specs
+
+
+def layer_trainable_bytes(shape: ModelShape, recipe: Recipe) -> tuple[list[int], int]:
+    """Gradient bytes per decoder layer, and of everything above the layers (final norm + lm_head),
+    which backward produces first. LoRA: r x (in + out) x 4 per adapted linear; full: the layer's
+    weights (+ 2 norms) in ``model.dtype``."""
+    e = DTYPE_BYTES[recipe.model.dtype]
+    if recipe.adapter.method == "full":
+        per = [0] * shape.layers
+        for lin in shape.linears:
+            if lin.layer is not None:
+                per[lin.layer] += (lin.in_features * lin.out_features + lin.bias * lin.out_features) * e
+        per = [p + 2 * shape.hidden * e for p in per]
+        return per, (shape.vocab + 1) * shape.hidden * e  # lm_head (or the tied embedding) + final norm
+    per = [0] * shape.layers
+    top = 0
+    for lin in lora_targets(shape, recipe.adapter.target_modules):
+        nbytes = recipe.adapter.r * (lin.in_features + lin.out_features) * 4
+        if lin.layer is None:
+            top += nbytes
+        else:
+            per[lin.layer] += nbytes
+    return per, top
+
+
+def checkpointed_layers(policy, layers: int) -> list[bool]:
+    """Which layers ``set_activation_checkpointing`` checkpoints: none, all, or every k-th (i % k == 0)."""
+    if policy == "off":
+        return [False] * layers
+    k = 1 if policy == "all" else int(policy)
+    return [i % k == 0 for i in range(layers)]
+
+
+def shared_saved_bytes(shape: ModelShape, seq: int, dtype_bytes: int) -> int:
+    """RoPE cos and sin (T x d each, e bytes), saved once and shared by every layer."""
+    return 2 * seq * shape.head_dim * dtype_bytes
+
+
+def final_norm_saved_bytes(shape: ModelShape, n: int, dtype_bytes: int, full: bool) -> int:
+    """The final RMSNorm: fp32 input + rsqrt, + its normalized input when its weight trains."""
+    return n * (4 * shape.hidden + 4) + (n * shape.hidden * dtype_bytes if full else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, workspaces, RL
+
+
+def loss_rows(batch: int, seq: int, loss_fraction: float) -> int:
+    """K: shifted positions (B x (T - 1)) that carry a loss and reach the lm_head (logits masking)."""
+    return max(1, round(batch * (seq - 1) * loss_fraction))
+
+
+def loss_saved_bytes(shape: ModelShape, batch: int, seq: int, rows: int, dtype_bytes: int) -> int:
+    """What ``linear_cross_entropy`` saves: hidden[:, :-1] flattened (a copy when B > 1, B x (T-1) x H
+    x e) + per kept row its index and label (int64), weight and logsumexp (fp32): 24 bytes."""
+    copy = batch * (seq - 1) * shape.hidden * dtype_bytes if batch > 1 else 0
+    return copy + 24 * rows
+
+
+def loss_workspace_bytes(shape: ModelShape, rows: int, chunk_size: int, dtype_bytes: int = 4) -> int:
+    """Peak extra bytes inside ``linear_cross_entropy``: two (C x V) fp32 buffers at once (the logits and
+    logsumexp's / softmax's exp), + the (C x H) fp32 gathered hidden rows, C = min(chunk_size, K); for a
+    non-fp32 model also the fp32 copy of the (V x H) lm_head weight it computes with."""
+    c = min(chunk_size, rows)
+    weight_copy = shape.vocab * shape.hidden * 4 if dtype_bytes != 4 else 0
+    return 2 * c * shape.vocab * 4 + c * shape.hidden * 4 + weight_copy
+
+
+def backward_workspace_bytes(shape: ModelShape, n: int, dtype_bytes: int, cal: Calibration) -> int:
+    """Gradient buffers alive inside one layer's backward: ~ N x (3 I + 2 H) x e (calibrated)."""
+    return int(cal.backward_workspace * n * (3 * shape.intermediate + 2 * shape.hidden) * dtype_bytes)
+
+
+def forward_workspace_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int, masked: bool,
+                            cal: Calibration) -> int:
+    """One layer's no-grad forward: ~ N x (3 I + 4 H) x e (calibrated) + the attention mask if any."""
+    n = batch * seq
+    return int(cal.forward_workspace * n * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes) + (
+        batch * seq * seq * dtype_bytes if masked else 0)
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> int:
+    """Rollout KV cache: K and V (2) x L layers x n_kv heads x d x (prompt + new tokens) x batch x e."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# The breakdown
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak RSS of a run (bytes), phase by phase.
+
+    ``phases`` maps each phase to its terms, each term to (bytes, how it was computed); the peak is
+    the phase with the largest total.
+    """
+
+    phases: dict[str, dict[str, tuple[int, str]]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {name: sum(v for v, _ in terms.values()) for name, terms in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.totals
+        return max(totals, key=totals.get)
+
+    @property
+    def peak(self) -> int:
+        return self.totals[self.peak_phase]
+
+    @property
+    def terms(self) -> dict[str, tuple[int, str]]:
+        """The terms of the peak phase."""
+        return self.phases[self.peak_phase]
+
+    def fits(self, budget: int | None) -> bool:
+        return budget is None or self.peak <= budget
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def is_rl(recipe: Recipe) -> bool:
+    """An RL recipe names an ``rl`` section (or has no SFT data): rollouts join the plan."""
+    return "rl" in recipe.model_fields_set or recipe.data.train is None
+
+
+def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
+                cal: Calibration = CALIBRATION, mode: str | None = None) -> MemoryPlan:
+    """Predict the peak RSS of ``recipe`` on a model of ``shape``: the largest of its phases.
+
+    ``mode``: "sft" (``leantune train``) or "rl" (``leantune rl``: rollouts, then policy updates on
+    prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
+    ``data.max_length`` (an upper bound on the rendered prompt).
+    """
+    e = DTYPE_BYTES[recipe.model.dtype]
+    full = recipe.adapter.method == "full"
+    mezo = recipe.optim.name == "mezo"
+    runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
+               + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))
+    weights = resident_weight_bytes(shape, recipe.model.dtype, recipe.quant.bits, recipe.quant.group_size, source_kind)
+    adapter = trainable_bytes(shape, recipe)
+    grads = 0 if mezo else adapter
+    optim = optimizer_state_bytes(adapter, recipe.optim.name)
+
+    rl = is_rl(recipe) if mode is None else mode == "rl"
+    batch, seq = recipe.train.micro_batch_size, recipe.data.max_length
+    loss_fraction = recipe.memory.loss_fraction
+    if rl:  # the policy update runs on prompt + completion; only completion tokens carry a loss
+        seq = recipe.data.max_length + recipe.rl.max_new_tokens
+        loss_fraction = min(loss_fraction, recipe.rl.max_new_tokens / seq)
+    n = batch * seq
+    masked = batch > 1
+    rows = loss_rows(batch, seq, loss_fraction)
+    r, dropout = recipe.adapter.r, recipe.adapter.dropout > 0
+
+    base = {"runtime": (runtime, "python + torch + transformers + peft + tokenizer (measured)"),
+            "weights": (weights, _weights_note(shape, recipe, e, source_kind))}
+    phases: dict[str, dict[str, tuple[int, str]]] = {}
+    phases["load"] = {
+        # the tokenizer loads after the model
+        "runtime": (cal.runtime_bytes - (cal.peft_bytes if full else 0), "python + torch + transformers + peft"),
+        "load": (load_extra_bytes(shape, recipe.model.dtype, source_kind, cal),
+                 f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.dtype})"),
+    }
+    adapter_note = (f"{trainable_elements(shape, recipe):,} trainable x "
+                    f"{e if full else 4} B ({'full' if full else f'LoRA r={r}'})")
+    # Full fine-tuning trains the weights themselves: no separate adapter bytes.
+    trainables = {"adapter": (0 if full else adapter, adapter_note + (" (the weights themselves)" if full else ""))}
+    if optim:
+        trainables["optimizer"] = (optim, "AdamW: 2 states per trainable element")
+
+    if mezo:
+        restore = int(cal.mezo_restore_fraction * adapter)
+        biggest = max((lin.in_features * recipe.adapter.r for lin in lora_targets(shape, recipe.adapter.target_modules)),
+                      default=0) if not full else shape.vocab * shape.hidden
+        zchunk = int(2.25 * min(1 << 22, max(biggest, 1)) * (e if full else 4))
+        trainables["optimizer"] = (restore + zchunk, f"MeZO: restore list ~{cal.mezo_restore_fraction:.0%} of trainable + z chunk")
+        fwd = forward_workspace_bytes(shape, batch, seq, e, masked, cal)
+        phases["forward (no grad)"] = {**base, **trainables, "activations": (
+            fwd + n * shape.hidden * e, f"one layer's no-grad forward, B={batch} x T={seq}, + the residual stream")}
+        phases["loss (no grad)"] = {**base, **trainables, "loss": (
+            n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e),
+            _loss_note(rows, recipe.loss.chunk_size, shape, e))}
+    else:
+        specs = layer_specs(shape, recipe)
+        ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
+        kept = [layer_saved_bytes(s, shape, batch, seq, e, r, dropout, masked) for s in specs]
+        stored = [n * shape.hidden * e if c else k for c, k in zip(ckpt, kept)]  # checkpoint: layer input only
+        outside = shared_saved_bytes(shape, seq, e) + final_norm_saved_bytes(shape, n, e, full) + (n * 8 if full else 0)
+        saved = sum(stored) + outside
+        act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed, B={batch} x T={seq}"
+                    f"{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
+        acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
+        lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
+        lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e)
+        head_grad = shape.vocab * shape.hidden * 4 if full else 0  # fp32 (V, H) buffer in backward
+        phases["forward + loss"] = {**base, **trainables, **acc_grads,
+                                    "activations": (saved, act_note),
+                                    "loss": (n * shape.hidden * e + lsaved + lws, _loss_note(rows, recipe.loss.chunk_size, shape, e))}
+        phases["loss backward"] = {**base, **trainables, **acc_grads,
+                                   "activations": (saved, act_note),
+                                   "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
+                                            _loss_note(rows, recipe.loss.chunk_size, shape, e) + " + grad of hidden")}
+        # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
+        # checkpointed one is recomputed first), gradients exist for what lies above i.
+        bwd = backward_workspace_bytes(shape, n, e, cal)
+        per_grad, top_grad = layer_trainable_bytes(shape, recipe)
+        grads_at = [grads if recipe.train.grad_accum > 1 else top_grad + sum(per_grad[i + 1:]) for i in range(shape.layers)]
+        at = [sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) + grads_at[i] for i in range(shape.layers)]
+        i = max(range(shape.layers), key=at.__getitem__)
+        phases["decoder backward"] = {**base, **trainables,
+                                      "gradients": (grads_at[i], "accumulated over micro-batches" if recipe.train.grad_accum > 1
+                                                    else f"those of the layers above layer {i}"),
+                                      "activations": (at[i] - grads_at[i] + outside, act_note + f" (layers <= {i})"),
+                                      "workspace": (bwd, "gradient buffers of one layer's backward")}
+        phases["optimizer step"] = {**base, **trainables,
+                                    "gradients": (grads, "one per trainable element"),
+                                    "workspace": (adapter, "AdamW foreach temporary (sqrt of exp_avg_sq)")}
+
+    if rl:
+        rollouts = recipe.rl.group_size * recipe.rl.prompts_per_step
+        tokens = recipe.data.max_length + recipe.rl.max_new_tokens
+        kv = kv_cache_bytes(shape, tokens, rollouts, e)
+        prefill = forward_workspace_bytes(shape, rollouts, recipe.data.max_length, e, True, cal)
+        phases["rollout"] = {**base, **trainables,
+                             "kv_cache": (kv, (f"2 x {shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim} x "
+                                               f"{tokens} tokens x {rollouts} sequences x {e} B")),
+                             "workspace": (prefill + 2 * rollouts * shape.vocab * 4,
+                                           "prefill of one layer + next-token logits and probabilities")}
+
+    plan = MemoryPlan(phases)
+    if recipe.quant.bits and plan.peak_phase == "load":
+        plan.notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
+                          "so quant.bits lowers the training phases only")
+    if not rl and masked:
+        plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
+    return plan
+
+
+def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -> str:
+    if not recipe.quant.bits:
+        return f"{shape.params:,} params x {e} B ({recipe.model.dtype})"
+    q = f"linears (not lm_head) INT{recipe.quant.bits} g={recipe.quant.group_size}"
+    if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.dtype) and shape.file_bytes:
+        return f"the mapped {shape.file_dtype} file (pages read to quantize stay resident) + {q}"
+    return f"{shape.params:,} params; {q}, the rest {recipe.model.dtype}"
+
+
+def _loss_note(rows: int, chunk: int, shape: ModelShape, e: int) -> str:
+    copy = " + fp32 lm_head copy" if e != 4 else ""
+    return f"chunk {min(chunk, rows)} of {rows} loss rows x V={shape.vocab} x 4 B x 2{copy}"

@@ -1,0 +1,286 @@
+"""Settings that fit a memory budget, cheapest first, and the cost model that orders them.
+
+The search varies what changes memory without changing what is learned much: activation
+checkpointing, micro-batch size (with gradient accumulation keeping the effective batch), the loss
+chunk, weight quantization of the frozen base, the LoRA rank, and AdamW vs MeZO. Every combination
+is planned (pure arithmetic, no model is built), those under the budget are kept and ordered by their
+expected cost relative to the recipe as written.
+
+Cost model (``COST``), time to the same training progress relative to the recipe. Factors measured
+with ``benchmarks/plan_accuracy.py`` (process CPU seconds per optimizer step after the first,
+SmolLM2-135M fp32, LoRA r=8 on q/k/v/o, micro-batch 4 x 256 tokens, 1 thread, on a 2-core VM that
+other jobs were loading -- indicative, not precise), each relative to the same run without the change:
+
+- checkpointing: ``1 + ckpt x (checkpointed layers / layers)``: all layers 1.35x (every 2nd: 1.26x);
+- quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
+- micro-batch: per-token time ``1 + micro_batch / m``: measured 0.97x for 1 x 4 vs 4 x 1 (CPU matmuls
+  of 256 rows are already efficient on one thread); a small penalty is kept, assuming more threads
+  parallelize small matmuls worse;
+- loss chunk: per-token time ``1 + chunk / c``: chunk 64 vs 256 measured 1.02x;
+- MeZO: ``mezo_step`` per step (two forward passes instead of forward + backward: 0.91x measured) times
+  ``mezo_steps``, how many more steps MeZO needs: an assumption, not a measurement -- the repo's own
+  recipes use 2000 MeZO steps where AdamW needs 60 (MeZO's paper, arXiv 2305.17333, reports far more
+  steps than Adam too); treat MeZO rows as "fits, but slow to learn";
+- LoRA rank: no cost in time; flagged because a smaller rank can learn less.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from leantune.config import Recipe, apply_overrides, parse_size
+from leantune.plan.memory import (
+    CALIBRATION,
+    Calibration,
+    MemoryPlan,
+    checkpointed_layers,
+    plan_memory,
+)
+from leantune.plan.model_shape import ModelShape, PlanError
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Relative-cost factors; see the module docstring for how each was measured."""
+
+    ckpt: float = 0.35
+    int8: float = 1.07
+    int4: float = 1.16
+    micro_batch: float = 0.03
+    chunk: float = 2.0
+    mezo_step: float = 0.91
+    mezo_steps: float = 32.0
+
+
+COST = CostModel()
+
+
+def step_cost(recipe: Recipe, shape: ModelShape, cost: CostModel = COST) -> float:
+    """Relative time per token of training progress for ``recipe`` (an absolute scale; compare ratios)."""
+    t = 1.0
+    if recipe.optim.name == "mezo":
+        t *= cost.mezo_step * cost.mezo_steps
+    else:
+        ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
+        t *= 1 + cost.ckpt * sum(ckpt) / shape.layers
+    if recipe.quant.bits:
+        t *= cost.int4 if recipe.quant.bits == 4 else cost.int8
+    t *= 1 + cost.micro_batch / recipe.train.micro_batch_size
+    t *= 1 + cost.chunk / recipe.loss.chunk_size
+    return t
+
+
+@dataclass
+class Candidate:
+    """One setting of the searched knobs: its dotted changes to the recipe, plan and relative cost."""
+
+    changes: dict[str, object]
+    recipe: Recipe
+    plan: MemoryPlan
+    cost: float  # time to the same progress / the recipe's (1.0 = as written)
+    speed: float  # tokens/s relative to the recipe (< 1: slower; MeZO's extra steps not included)
+    notes: list[str] = field(default_factory=list)
+
+    def overrides(self) -> list[str]:
+        return [f"{k}={_yaml_scalar(v)}" for k, v in self.changes.items()]
+
+
+def _yaml_scalar(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def knob_values(recipe: Recipe) -> dict[str, list]:
+    """The values tried per knob; the recipe's own value is always among them."""
+    t, a = recipe.train, recipe.adapter
+    effective = t.micro_batch_size * t.grad_accum
+    lora = a.method == "lora"
+    return {
+        "train.activation_checkpointing": list(dict.fromkeys([t.activation_checkpointing, "off", 4, 2, "all"])),
+        "train.micro_batch_size": sorted({d for d in _divisors(effective) if d <= t.micro_batch_size} | {t.micro_batch_size}),
+        "loss.chunk_size": sorted({recipe.loss.chunk_size, 1024, 256, 64}),
+        "quant.bits": list(dict.fromkeys([recipe.quant.bits, None, 8, 4])) if lora else [recipe.quant.bits],
+        "adapter.r": sorted({a.r, max(1, a.r // 2), max(1, a.r // 4)}, reverse=True) if lora else [a.r],
+        "optim.name": list(dict.fromkeys([recipe.optim.name, "adamw", "mezo"])),
+    }
+
+
+def _variant(recipe: Recipe, values: dict) -> tuple[Recipe, dict]:
+    """The recipe with ``values`` applied (grad_accum follows the micro-batch) and the dotted changes."""
+    data = recipe.model_dump()
+    changes = {}
+    effective = recipe.train.micro_batch_size * recipe.train.grad_accum
+    values = dict(values)
+    values["train.grad_accum"] = effective // values["train.micro_batch_size"]
+    if values["optim.name"] == "mezo":  # no backward: checkpointing changes nothing, keep it as written
+        values["train.activation_checkpointing"] = recipe.train.activation_checkpointing
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        if data[section][name] != value:
+            changes[key] = value
+            data[section][name] = value
+    if recipe.adapter.alpha and "adapter.r" in changes:  # keep the LoRA scale alpha / r
+        data["adapter"]["alpha"] = recipe.adapter.alpha * changes["adapter.r"] / recipe.adapter.r
+        changes["adapter.alpha"] = data["adapter"]["alpha"]
+    new = Recipe.model_validate(data)
+    object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep is_rl()
+    return new, changes
+
+
+def _notes(recipe: Recipe, changes: dict) -> list[str]:
+    notes = []
+    if "adapter.r" in changes:
+        notes.append(f"LoRA rank {recipe.adapter.r} -> {changes['adapter.r']}: fewer trainable parameters, may learn less")
+    if changes.get("optim.name") == "mezo":
+        notes.append("MeZO: no gradients; needs many more steps and a different lr (see optim.name help)")
+    if changes.get("quant.bits"):
+        notes.append(f"INT{changes['quant.bits']} base: small weight error; export merges into the dequantized weights")
+    return notes
+
+
+def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "local",
+           cal: Calibration = CALIBRATION, cost: CostModel = COST, mode: str | None = None) -> list[Candidate]:
+    """Every searched setting whose predicted peak is <= ``budget`` bytes, cheapest first (then fewest
+    changes, then smallest peak)."""
+    knobs = knob_values(recipe)
+    base_cost = step_cost(recipe, shape, cost)
+    base_speed = _speed(recipe, shape, cost)
+    seen, out = set(), []
+    for combo in itertools.product(*knobs.values()):
+        new, changes = _variant(recipe, dict(zip(knobs, combo)))
+        key = tuple(sorted((k, str(v)) for k, v in changes.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        plan = plan_memory(new, shape, source_kind, cal, mode)
+        if plan.peak > budget:
+            continue
+        out.append(Candidate(changes, new, plan, step_cost(new, shape, cost) / base_cost,
+                             base_speed / _speed(new, shape, cost), _notes(recipe, changes)))
+    out.sort(key=lambda c: (round(c.cost, 6), len(c.changes), c.plan.peak))
+    return _undominated(out)
+
+
+def _undominated(fits: list[Candidate]) -> list[Candidate]:
+    """Drop a setting when another that fits costs no more and makes a subset of its changes (e.g. the
+    same setting with a smaller LoRA rank, when the rank was not needed to fit). ``fits`` is sorted."""
+    kept: list[Candidate] = []
+    for c in fits:
+        items = set(map(str, c.changes.items()))
+        if not any(k.cost <= c.cost + 1e-9 and set(map(str, k.changes.items())) < items for k in kept):
+            kept.append(c)
+    return kept
+
+
+def _speed(recipe: Recipe, shape: ModelShape, cost: CostModel) -> float:
+    """Relative time per token, leaving out MeZO's step-count multiplier (for the tokens/s column)."""
+    t = step_cost(recipe, shape, cost)
+    return t / cost.mezo_steps if recipe.optim.name == "mezo" else t
+
+
+def floor_note(recipe: Recipe, shape: ModelShape, source_kind: str, cal: Calibration = CALIBRATION,
+               mode: str | None = None) -> str:
+    """Why nothing fits: the smallest plan the search can reach, and its largest terms."""
+    knobs = knob_values(recipe)
+    best = min((plan_memory(_variant(recipe, dict(zip(knobs, c)))[0], shape, source_kind, cal, mode)
+                for c in itertools.product(*knobs.values())), key=lambda p: p.peak)
+    terms = sorted(best.terms.items(), key=lambda kv: -kv[1][0])[:3]
+    parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, (v, _) in terms)
+    return f"the least any searched setting needs is {best.peak / 2**30:.2f} GiB ({best.peak_phase}: {parts})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The chosen recipe on disk
+
+
+def default_out_path(recipe_path: str | Path, budget_text: str) -> Path:
+    """``recipes/x.yaml`` + ``2GB`` -> ``recipes/x.fit-2GB.yaml``."""
+    p = Path(recipe_path)
+    tag = "".join(ch for ch in str(budget_text) if ch.isalnum() or ch in ".-_")
+    return p.with_name(f"{p.stem}.fit-{tag}{p.suffix or '.yaml'}")
+
+
+def write_recipe(recipe_path: str | Path, overrides: list[str], chosen: Candidate, budget_text: str,
+                 out: str | Path) -> Path:
+    """Write the input recipe with the command-line overrides and the chosen changes applied, and
+    ``memory.budget`` set, atomically (temp file + rename). The header says how it was made."""
+    from leantune.ledger import atomic_write_text
+
+    raw = yaml.safe_load(Path(recipe_path).read_text()) or {}
+    apply_overrides(raw, list(overrides) + chosen.overrides() + [f"memory.budget={budget_text}"])
+    changed = ", ".join(chosen.overrides()) or "nothing (the recipe fits as written)"
+    head = (f"# leantune train {out}\n"
+            f"# Written by `leantune plan {recipe_path} --memory {budget_text}`: predicted peak "
+            f"{chosen.plan.peak / 2**30:.2f} GiB ({chosen.plan.peak_phase}); changed: {changed};\n"
+            f"# expected cost x{chosen.cost:.2f} of the original (tokens/s x{chosen.speed:.2f}).\n")
+    return atomic_write_text(out, head + yaml.safe_dump(raw, sort_keys=False))
+
+
+def budget_bytes(text: str) -> int:
+    """``--memory`` / ``memory.budget`` text -> bytes, with the recipe's parse errors as PlanError."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise PlanError(f"--memory: {err}") from None
+
+
+def describe(c: Candidate) -> str:
+    """One line: the overrides, the peak and the cost."""
+    what = " ".join(c.overrides()) or "(as written)"
+    return f"{what}  -> {c.plan.peak / 2**30:.2f} GiB, cost x{c.cost:.2f}"
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# The budget check of `leantune train`
+
+
+class BudgetError(PlanError):
+    """The recipe's predicted peak exceeds ``memory.budget``; the message lists settings that fit."""
+
+
+def plan_recipe(recipe: Recipe, cal: Calibration = CALIBRATION, mode: str | None = None
+                ) -> tuple[MemoryPlan, ModelShape, str]:
+    """Plan ``recipe`` from its model's config alone: (plan, shape, source kind)."""
+    from leantune.models.loading import resolve_source
+    from leantune.plan.model_shape import model_shape
+
+    shape = model_shape(recipe.model)
+    kind = resolve_source(recipe.model).kind
+    return plan_memory(recipe, shape, kind, cal, mode), shape, kind
+
+
+def check_budget(recipe: Recipe, recipe_path: str | None = None, top: int = 3, mode: str | None = None
+                 ) -> MemoryPlan | None:
+    """Raise ``BudgetError`` naming the cheapest settings that fit when the plan exceeds
+    ``memory.budget``; None when no budget is set. Reads the model's config only (no weights, no data).
+    ``mode``: "sft" for ``leantune train``, "rl" for ``leantune rl`` (None: decided by the recipe)."""
+    budget = recipe.memory.budget_bytes
+    if budget is None:
+        return None
+    plan, shape, kind = plan_recipe(recipe, mode=mode)
+    if plan.fits(budget):
+        return plan
+    terms = sorted(plan.terms.items(), key=lambda kv: -kv[1][0])[:3]
+    lines = [f"memory.budget {recipe.memory.budget} ({gib(budget)}): the plan predicts a peak of {gib(plan.peak)} "
+             f"({plan.peak_phase}: " + ", ".join(f"{k} {gib(v)}" for k, (v, _) in terms) + ")."]
+    fits = [c for c in search(recipe, shape, budget, kind, mode=mode) if c.changes][:top]
+    if fits:
+        lines.append("Settings that fit, cheapest first (add them as overrides):")
+        lines += [f"  {i}. {describe(c)}" for i, c in enumerate(fits, 1)]
+        where = recipe_path or "RECIPE.yaml"
+        lines.append(f"Full table and a recipe file: leantune plan {where} --memory {recipe.memory.budget}")
+    else:
+        lines.append(f"No searched setting fits: {floor_note(recipe, shape, kind, mode=mode)}. "
+                     "Raise memory.budget or use a smaller model.")
+    raise BudgetError("\n".join(lines))
