@@ -1,12 +1,16 @@
 """Losses: small pure functions of (hidden | logits, labels, weights) -> scalar."""
 
-from leantune.losses.linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
+from leantune.losses.linear_cross_entropy import (
+    LinearCrossEntropyFunction,
+    linear_cross_entropy,
+)
 from leantune.losses.vocab_subset import (
     CANDIDATE_SOURCES,
     build_candidates,
     embedding_neighbour_candidates,
-    frequent_token_candidates,
+    softmax_mass,
     token_counts,
+    top_token_candidates,
     vocab_subset,
     vocab_subset_cross_entropy,
 )
@@ -16,9 +20,10 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "build_candidates",
     "embedding_neighbour_candidates",
-    "frequent_token_candidates",
     "linear_cross_entropy",
+    "softmax_mass",
     "token_counts",
+    "top_token_candidates",
     "vocab_subset",
     "vocab_subset_cross_entropy",
 ]
