@@ -90,11 +90,11 @@ def _candidates(spec: dict, vocab: int):
     """The --subset most frequent tokens of the benchmark data (leantune's 'frequency' source)."""
     import torch
 
-    from leantune.losses import frequent_token_candidates, token_counts
+    from leantune.losses import token_counts, top_token_candidates
 
     tokens = json.loads((Path(spec["work_dir"]) / "tokens.json").read_text())
     ids = [[t for t, m in zip(row, mask) if m] for row, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
-    return frequent_token_candidates(token_counts(ids, vocab), spec["subset"]).to(torch.long)
+    return top_token_candidates(token_counts(ids, vocab), spec["subset"]).to(torch.long)
 
 
 def _full_logits_loss(model, batch, candidates, spec):

@@ -5,7 +5,8 @@ Two measurements on the demo task (2-digit addition, SmolLM2-135M-Instruct, offl
 
 1. ``loss_error``: on held-out examples, the exact per-token cross-entropy against the subset loss, for
    every ``--sources`` x ``--subsets`` (candidates built from the training split, as the trainer does),
-   with the model in fp32: the gap (exact - subset, >= 0, in nats), the probability mass outside the
+   with the model in fp32 ("probability" calibrates on 64 training examples, seed 0, as the trainer
+   does): the gap (exact - subset, >= 0, in nats), the probability mass outside the
    subset (1 - exp(-gap)), and the gradient with respect to the final hidden states (cosine and relative
    error vs the exact gradient). Measured on the base model and, with ``--train``, on each trained run.
 2. ``training`` (``--train``): ``leantune train`` on the demo recipe (recipes/sft_smollm2_addition.yaml)
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -53,7 +55,7 @@ def _env(threads: int) -> dict:
 
 
 def loss_error(model, tokenizer, train_file: Path, valid_file: Path, sources: list[str], subsets: list[int],
-               max_length: int, batch_size: int = 16) -> dict:
+               max_length: int, batch_size: int = 16, calibration: int = 64, seed: int = 0) -> dict:
     """Exact vs subset loss (and hidden-state gradient) per held-out loss token, for each candidate set."""
     import torch
 
@@ -67,6 +69,7 @@ def loss_error(model, tokenizer, train_file: Path, valid_file: Path, sources: li
         vocab_subset,
         vocab_subset_cross_entropy,
     )
+    from leantune.train.sft import calibration_softmax_mass
 
     lm = causal_lm(model)
     weight = lm.get_output_embeddings().weight.detach().float()  # (V, H)
@@ -76,6 +79,11 @@ def loss_error(model, tokenizer, train_file: Path, valid_file: Path, sources: li
     valid, _ = load_sft_examples(valid_file, tokenizer, cfg)
     all_counts = token_counts((e.input_ids for e in train), vocab)
     target_counts = token_counts(([t for t, s in zip(e.input_ids, e.spans) if s != SPAN_PROMPT] for e in train), vocab)
+    mass = None
+    if "probability" in sources:  # the trainer's calibration: a seeded sample of the training split
+        n = min(calibration, len(train))
+        sample = [train[i] for i in sorted(random.Random(seed).sample(range(len(train)), n))]
+        mass = calibration_softmax_mass(model, sample, tokenizer.pad_token_id, SpanWeights(), 8, 1024)
 
     # Final hidden states and labels of every held-out loss token: (K, H), (K,)
     hs, ys = [], []
@@ -114,7 +122,8 @@ def loss_error(model, tokenizer, train_file: Path, valid_file: Path, sources: li
     rows = []
     for source in sources:
         for k in subsets:
-            cands = build_candidates(source, k, weight=weight, all_counts=all_counts, target_counts=target_counts)
+            cands = build_candidates(source, k, weight=weight, all_counts=all_counts, target_counts=target_counts,
+                                     probability_mass=mass)
             approx = token_losses(vocab_subset(cands, labels))
             total, g = hidden_grad(vocab_subset_cross_entropy, cands)
             assert abs(total - float(approx.sum())) <= 1e-3 * abs(total), (total, float(approx.sum()))
@@ -195,11 +204,12 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny random model: a smoke check, numbers mean nothing")
     p.add_argument("--subsets", default="64,256,1024,4096", help="candidate-set sizes for the loss error")
-    p.add_argument("--sources", default="frequency,embedding", help="candidate sources for the loss error")
+    p.add_argument("--sources", default="probability,frequency,embedding", help="candidate sources for the loss error")
     p.add_argument("--train", action="store_true", help="also train exact vs subset on the demo recipe and evaluate")
     p.add_argument("--no-base-error", action="store_true", help="skip the loss error of the untrained base model")
+    p.add_argument("--no-exact-run", action="store_true", help="train only the subset runs (e.g. to add a source)")
     p.add_argument("--train-subsets", default="1024", help="subset sizes trained (besides the exact loss)")
-    p.add_argument("--train-source", default="frequency", choices=["frequency", "embedding"])
+    p.add_argument("--train-source", default="probability", choices=["probability", "frequency", "embedding"])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per training run (the demo uses 60)")
     p.add_argument("--num-problems", type=int, default=50, help="held-out addition problems for accuracy")
     p.add_argument("--max-length", type=int, default=128)
@@ -240,9 +250,10 @@ def main(argv=None) -> int:
                     "settings": {k: v for k, v in vars(args).items() if k not in ("json", "work_dir")},
                     "loss_error": {} if args.no_base_error else {"base_model": measure_model(model_path, args, data_dir)}}
     if args.train:
-        runs = {"exact": train_and_eval("exact", None, args, data_dir, work, model_path)}
+        runs = {} if args.no_exact_run else {"exact": train_and_eval("exact", None, args, data_dir, work, model_path)}
         for k in args.train_subsets:
-            runs[f"subset_{k}"] = train_and_eval(f"subset_{k}", k, args, data_dir, work, model_path)
+            name = f"subset_{args.train_source}_{k}"
+            runs[name] = train_and_eval(name, k, args, data_dir, work, model_path)
         for name, r in runs.items():
             log(f"{name}: accuracy {r['accuracy']:.3f}, exact eval loss {r['final_eval_loss_exact']}")
         result["training"] = runs

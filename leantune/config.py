@@ -99,9 +99,13 @@ class LossConfig(Section):
         gt=0,
         description="APPROXIMATE loss (arXiv 2606.19528): softmax over this many candidate tokens plus the step's target tokens instead of the whole vocabulary; lm_head work and memory scale with the subset. Training loss reads lower than the exact loss (eval_loss stays exact). null: exact cross-entropy.",
     )
-    vocab_subset_source: Literal["frequency", "embedding"] = Field(
-        default="frequency",
-        description="Candidate set, built once from the training data: frequency = most frequent tokens (ties to the lower id); embedding = the completion tokens and their nearest neighbours (cosine) in the output embedding.",
+    vocab_subset_source: Literal["probability", "frequency", "embedding"] = Field(
+        default="probability",
+        description="Candidate set, built once at start: probability = the tokens the model itself gives the most probability at the loss positions of `vocab_subset_calibration` training examples (measured most accurate); frequency = the training data's most frequent tokens (ties to the lower id); embedding = the completion tokens and their nearest neighbours (cosine) in the output embedding.",
+    )
+    vocab_subset_calibration: int = Field(
+        default=64, gt=0,
+        description="probability source only: training examples (a seeded sample) run through the model, without gradients, to rank the vocabulary.",
     )
 
     def weights_at(self, step: int) -> SpanWeights:

@@ -24,9 +24,10 @@ from leantune.data.sft import collate, load_sft_examples
 from leantune.losses import (
     build_candidates,
     embedding_neighbour_candidates,
-    frequent_token_candidates,
     linear_cross_entropy,
+    softmax_mass,
     token_counts,
+    top_token_candidates,
     vocab_subset,
     vocab_subset_cross_entropy,
 )
@@ -213,9 +214,9 @@ def test_input_errors(kwargs, match):
 def test_frequent_candidates_rank_by_count_then_id():
     counts = token_counts([[5, 5, 5, 2, 2, 9], [2, 7]], vocab_size=10)
     assert counts.tolist() == [0, 0, 3, 0, 0, 3, 0, 1, 0, 1]
-    assert frequent_token_candidates(counts, 3).tolist() == [2, 5, 7]
-    assert frequent_token_candidates(counts, 6).tolist() == [0, 1, 2, 5, 7, 9]  # filled with the lowest ids
-    assert frequent_token_candidates(counts, 50).tolist() == list(range(10))
+    assert top_token_candidates(counts, 3).tolist() == [2, 5, 7]
+    assert top_token_candidates(counts, 6).tolist() == [0, 1, 2, 5, 7, 9]  # filled with the lowest ids
+    assert top_token_candidates(counts, 50).tolist() == list(range(10))
     with pytest.raises(ValueError, match="token ids must lie"):
         token_counts([[10]], vocab_size=10)
 
@@ -230,16 +231,29 @@ def test_embedding_candidates_are_seeds_plus_nearest_rows():
     assert embedding_neighbour_candidates(weight, torch.tensor([3]), k=100).tolist() == list(range(50))
 
 
+def test_softmax_mass_matches_plain_softmax():
+    hidden, weight, _, _ = _make((37, 16), 101, seed=12)
+    ref = torch.softmax(hidden.double() @ weight.double().T, dim=-1).sum(0)  # (V,)
+    torch.testing.assert_close(softmax_mass(hidden, weight, chunk_size=5), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(softmax_mass(hidden.bfloat16(), weight.bfloat16()).sum(), torch.tensor(37.0, dtype=torch.float64))
+
+
 def test_build_candidates_dispatch():
     weight = torch.randn(30, 4, generator=torch.Generator().manual_seed(1))
     all_counts = token_counts([[1, 1, 2, 3]], 30)
     target_counts = token_counts([[20, 21]], 30)
-    freq = build_candidates("frequency", 5, weight=weight, all_counts=all_counts, target_counts=target_counts)
+    kw = {"weight": weight, "all_counts": all_counts, "target_counts": target_counts}
+    freq = build_candidates("frequency", 5, **kw)
     assert freq.tolist() == [0, 1, 2, 3, 4]
-    emb = build_candidates("embedding", 5, weight=weight, all_counts=all_counts, target_counts=target_counts)
+    emb = build_candidates("embedding", 5, **kw)
     assert {20, 21} <= set(emb.tolist()) and emb.numel() == 5
+    mass = torch.zeros(30, dtype=torch.float64)
+    mass[[29, 7, 12]] = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    assert build_candidates("probability", 3, probability_mass=mass, **kw).tolist() == [7, 12, 29]
+    with pytest.raises(ValueError, match="needs probability_mass"):
+        build_candidates("probability", 3, **kw)
     with pytest.raises(ValueError, match="source must be one of"):
-        build_candidates("random", 5, weight=weight, all_counts=all_counts, target_counts=target_counts)
+        build_candidates("random", 5, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +307,14 @@ def _train(tmp_path, model_dir, data_file, name, **loss):
 def test_train_with_vocab_subset(tmp_path, tiny_model_dir, sft_data, capsys):
     exact_m, exact_l = _train(tmp_path, tiny_model_dir, sft_data, "exact")
     vocab = exact_l["flops"]["inputs"]["vocab"]  # the whole lm_head
-    full_m, _ = _train(tmp_path, tiny_model_dir, sft_data, "full", vocab_subset=100000)  # >= V: the whole vocabulary
-    assert [m["loss"] for m in full_m] == [m["loss"] for m in exact_m]
+    for source in ("probability", "frequency"):  # k >= V: the whole vocabulary, the exact loss
+        full_m, _ = _train(tmp_path, tiny_model_dir, sft_data, f"full-{source}", vocab_subset=100000,
+                           vocab_subset_source=source)
+        assert [m["loss"] for m in full_m] == [m["loss"] for m in exact_m]
+    prob_m, prob_l = _train(tmp_path, tiny_model_dir, sft_data, "prob", vocab_subset=16)  # default source
+    assert prob_l["extra"]["loss"]["vocab_subset_source"] == "probability"
+    assert prob_l["extra"]["loss"]["vocab_subset_calibration"] == 64
+    assert prob_m[0]["loss"] < exact_m[0]["loss"]
     capsys.readouterr()
     sub_m, sub_l = _train(tmp_path, tiny_model_dir, sft_data, "sub", vocab_subset=16, vocab_subset_source="embedding")
     printed = capsys.readouterr().out

@@ -6,8 +6,9 @@ from leantune.losses.vocab_subset import (
     CANDIDATE_SOURCES,
     build_candidates,
     embedding_neighbour_candidates,
-    frequent_token_candidates,
+    softmax_mass,
     token_counts,
+    top_token_candidates,
     vocab_subset,
     vocab_subset_cross_entropy,
 )
@@ -17,10 +18,11 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "build_candidates",
     "embedding_neighbour_candidates",
-    "frequent_token_candidates",
     "linear_cross_entropy",
     "linear_token_logprobs",
+    "softmax_mass",
     "token_counts",
+    "top_token_candidates",
     "vocab_subset",
     "vocab_subset_cross_entropy",
 ]

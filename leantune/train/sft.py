@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,14 @@ from leantune.adapters.lora import (
 )
 from leantune.config import Recipe, RecipeError, SpanWeights
 from leantune.data.sft import SPAN_PROMPT, DataStats, Example, batch_at, collate, load_sft_examples
-from leantune.losses import build_candidates, linear_cross_entropy, token_counts, vocab_subset, vocab_subset_cross_entropy
+from leantune.losses import (
+    build_candidates,
+    linear_cross_entropy,
+    softmax_mass,
+    token_counts,
+    vocab_subset,
+    vocab_subset_cross_entropy,
+)
 from leantune.metering import set_malloc_mmap_threshold
 from leantune.models.loading import load_model_and_tokenizer, resolve_source
 from leantune.optim import MeZO
@@ -212,10 +220,12 @@ def _setup_data(recipe: Recipe, tokenizer):
     return train, stats, evals
 
 
-def _setup_loss(recipe: Recipe, model, train_examples: list[Example]) -> torch.Tensor | None:
+def _setup_loss(recipe: Recipe, model, train_examples: list[Example], pad_id: int) -> torch.Tensor | None:
     """Candidate token ids of the approximate vocabulary-subset loss (sorted int64), or None (exact loss).
 
-    Built once from the training data: counts over every token, and over completion tokens only.
+    Built once from the training data: token counts over every token and over completion tokens, and for
+    the "probability" source the model's summed softmax at the loss positions of a seeded sample of
+    ``loss.vocab_subset_calibration`` examples (forward only, no gradients).
     """
     k = recipe.loss.vocab_subset
     if k is None:
@@ -226,8 +236,33 @@ def _setup_loss(recipe: Recipe, model, train_examples: list[Example]) -> torch.T
     target_counts = token_counts(
         ([t for t, s in zip(e.input_ids, e.spans) if s != SPAN_PROMPT] for e in train_examples), vocab
     )
+    mass = None
+    if recipe.loss.vocab_subset_source == "probability":
+        n = min(recipe.loss.vocab_subset_calibration, len(train_examples))
+        sample = [train_examples[i] for i in sorted(random.Random(recipe.train.seed).sample(range(len(train_examples)), n))]
+        mass = calibration_softmax_mass(model, sample, pad_id, recipe.loss.weights_at(0),
+                                        recipe.train.micro_batch_size, recipe.loss.chunk_size)
     return build_candidates(recipe.loss.vocab_subset_source, k, weight=weight, all_counts=all_counts,
-                            target_counts=target_counts)
+                            target_counts=target_counts, probability_mass=mass)
+
+
+@torch.no_grad()
+def calibration_softmax_mass(model, examples: list[Example], pad_id: int, weights: SpanWeights, batch_size: int,
+                             chunk_size: int) -> torch.Tensor:
+    """(V,) Σ softmax over the loss-carrying positions of ``examples``: where the model puts its probability."""
+    was_training = model.training
+    model.eval()
+    lm = causal_lm(model)
+    weight = lm.get_output_embeddings().weight  # (V, H)
+    mass = torch.zeros(weight.shape[0], dtype=torch.float64)
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, weights)
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        keep = batch["labels"][:, 1:] != -100
+        mass += softmax_mass(hidden[keep], weight, chunk_size=chunk_size)  # (V,)
+    model.train(was_training)
+    return mass
 
 
 def setup_optimizer(recipe: Recipe, model, total_steps: int | None = None):
@@ -307,7 +342,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     train_examples, stats, eval_examples = _setup_data(recipe, tokenizer)
     if not quiet:
         print(f"[leantune] data: {stats.as_dict()}")
-    candidates = _setup_loss(recipe, model, train_examples)
+    candidates = _setup_loss(recipe, model, train_examples, tokenizer.pad_token_id)
     if candidates is not None and not quiet:
         print(f"[leantune] loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
               f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
@@ -454,6 +489,8 @@ def loss_note(recipe: Recipe, candidates: torch.Tensor | None, subset_rows: list
         "kind": "APPROXIMATE vocabulary-subset cross-entropy (arXiv 2606.19528)",
         "vocab_subset": recipe.loss.vocab_subset,
         "vocab_subset_source": recipe.loss.vocab_subset_source,
+        "vocab_subset_calibration": recipe.loss.vocab_subset_calibration
+        if recipe.loss.vocab_subset_source == "probability" else None,
         "candidates": candidates.numel(),
         "subset_size_mean": sum(subset_rows) / len(subset_rows) if subset_rows else None,
         "subset_size_max": max(subset_rows, default=None),
