@@ -72,6 +72,17 @@ CONFIGS = [
     ("smol_b4_t256_chunk64", SMOL, {"loss.chunk_size": 64}, False, "smol_b4_t256"),
     ("smol_b4_t1024_ckpt_all", SMOL, {"data.max_length": 1024, "train.activation_checkpointing": "all"}, False, None),
     ("smol_bf16_b8_t128", SMOL, {"model.dtype": "bfloat16", "train.micro_batch_size": 8, "data.max_length": 128}, False, None),
+    # held out: added after the calibration constants were fixed, measured once, never tuned on
+    ("heldout_mini_full_bf16_b4_t256", "mini", {"adapter.method": "full", "model.dtype": "bfloat16"}, True, None),
+    ("heldout_small_int8_ckpt4_b2x2_t1024", "small", {"quant.bits": 8, "train.activation_checkpointing": 4,
+                                                      "train.micro_batch_size": 2, "train.grad_accum": 2,
+                                                      "data.max_length": 1024}, True, None),
+    ("heldout_smol_alllinear_dropout_b2_t512", SMOL, {"adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                 "gate_proj", "up_proj", "down_proj"],
+                                                      "adapter.r": 16, "adapter.dropout": 0.05,
+                                                      "train.micro_batch_size": 2, "data.max_length": 512}, False, None),
+    ("heldout_smol_mezo_bf16_int4_b8_t256", SMOL, {"optim.name": "mezo", "model.dtype": "bfloat16", "quant.bits": 4,
+                                                   "train.micro_batch_size": 8}, False, None),
 ]
 
 
