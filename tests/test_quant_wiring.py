@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -44,3 +45,22 @@ def test_quantized_run_trains_and_exports_onto_w_hat(tmp_path, tiny_model_dir, s
     torch.testing.assert_close(merged, ref, rtol=0, atol=1e-5)
     ledger = json.loads((run / "ledger.json").read_text())
     print(json.dumps({k: v for k, v in ledger.items() if k in ("extra",)}, default=str)[:400])
+
+
+def test_bf16_quantized_run_evaluates_on_the_grid_it_trained_on(tmp_path, tiny_model_dir, sft_data):
+    """The demo's setting (bf16 base) with an INT4 base: training runs, and `leantune eval`'s loader
+    (fresh base, fake-quantized in bf16, plus the saved adapter) gives the trained model's logits."""
+    from leantune.eval.evaluate import load_for_eval
+
+    raw = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "run", quant={"bits": 4, "group_size": 32},
+                      model={"dtype": "bfloat16"})
+    result = train(recipe_from_dict(raw), quiet=True)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(map(math.isfinite, losses))
+    ids = torch.tensor([[5, 17, 33, 2, 99, 250]])
+    model, _ = load_for_eval(str(tmp_path / "run"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = result.model.eval()(input_ids=ids).logits.float()
+        got = model.eval()(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
