@@ -179,6 +179,28 @@ def test_dynamic_sampling_stops_at_the_cap(policy, prompts_file, tmp_path):
     assert len(batch.rewards) == 8 and batch.stats["rounds"] == 1
 
 
+def test_dropped_groups_are_billed_for_their_prompt_tokens(tiny_chat_model_dir, prompts_file, tmp_path):
+    # Regression: the ledger counted prompt tokens of kept groups only, so rollouts that dynamic sampling
+    # dropped were billed for their generated tokens but not for the prompts they prefilled.
+    from leantune.rl.rollout import _tokenize_prompts
+
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "bill", prompts_file, max_sampling_rounds=2)
+    raw["rl"]["rewards"] = {"rl_helpers:constant": 1.0}  # every group is dropped
+    raw["train"]["steps"] = 1
+    result = train_rl(recipe_from_dict(raw), quiet=True)
+    roll = result.ledger["totals"]["rollouts"]
+    assert roll["rollouts_generated"] == 16 and roll["rollouts_used"] == 0  # 2 rounds x 2 prompts x G=4
+    from leantune.data.records import read_prompt_rows
+
+    pool = read_prompt_rows(prompts_file)
+    stream = PromptStream(len(pool), seed=0)
+    sampled = [pool[stream.next()]["prompt"] for _ in range(4)]
+    tok = tiny_tokenizer(chat_template=True)
+    want = 4 * sum(len(ids) for ids in _tokenize_prompts(tok, sampled))
+    assert roll["prompt_tokens"] == want
+    assert result.ledger["totals"]["tokens_processed"] == roll["tokens_generated"] + want
+
+
 def test_prompt_selection_skips_then_readmits(policy, prompts_file, tmp_path):
     raw = _rl_recipe(tmp_path, tmp_path / "r", prompts_file, prompts_per_step=12, max_sampling_rounds=1)
     raw["rl"]["rewards"] = {"rl_helpers:constant": 1.0}  # pass rate 1 for every prompt

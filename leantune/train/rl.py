@@ -175,7 +175,8 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
     keep = Batch([], [], [], [], [], [], {})
     s = dict(rollouts=0, tokens_generated=0, groups=0, zero_variance_groups=0, prompts_skipped=0,
              rounds=0, rollout_seconds=0.0, entropy_sum=0.0, high_entropy=0, reward_sum=0.0,
-             reward_sq=0.0, correct=0, pass_at_k_sum=0.0, truncated=0, decode_steps=0, entropy_filtered=0)
+             reward_sq=0.0, correct=0, pass_at_k_sum=0.0, truncated=0, decode_steps=0, entropy_filtered=0,
+             prompt_tokens=0)
     while len(keep.rewards) < rl.prompts_per_step * g and s["rounds"] < rl.max_sampling_rounds:
         need = rl.prompts_per_step - len(keep.rewards) // g
         want = need if rl.entropy_filter is None else max(need, math.ceil(need / rl.entropy_filter))
@@ -210,6 +211,7 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
         s["rounds"] += 1
         s["rollouts"] += len(ro)
         s["tokens_generated"] += ro.tokens_generated
+        s["prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)  # prefilled for every rollout, kept or dropped
         s["rollout_seconds"] += ro.seconds
         s["decode_steps"] += ro.decode_steps
         s["groups"] += len(cand)
@@ -414,7 +416,7 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         totals["tokens_generated"] += s["tokens_generated"]
         totals["tokens_trained"] += upd["tokens_trained"]
         totals["update_tokens"] += upd["update_tokens"]
-        totals["prompt_tokens"] += sum(len(p) for p in batch.prompt_ids)
+        totals["prompt_tokens"] += s["prompt_tokens"]  # of every rollout generated: the rollouts' bill
         totals["zero_variance_rollouts_dropped"] += s["zero_variance_groups"] * g if rl.dynamic_sampling else 0
         totals["prompt_selection_rollouts_saved"] += s["prompts_skipped"] * g
         totals["entropy_filter_rollouts_saved"] += s["entropy_filtered"] * g
