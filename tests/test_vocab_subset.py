@@ -147,6 +147,23 @@ def test_subset_matches_restricted_reference(shape, vocab, n_cand, chunk_size, r
     assert torch.equal(gw[outside], torch.zeros_like(gw[outside]))
 
 
+def test_bf16_matches_fp64_restricted_reference():
+    hidden, weight, labels, weights = _make((5, 123, 64), 257, seed=9, dtype=torch.bfloat16, with_weights=True)
+    cands = torch.arange(0, 257, 5)
+    loss, gh, gw = _loss_and_grads(
+        lambda h, w, y, weights=None, **k: vocab_subset_cross_entropy(h, w, y, cands, weights=weights, **k),
+        hidden, weight, labels, weights, chunk_size=37,
+    )
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    rloss, rgh, rgw = _loss_and_grads(
+        lambda h, w, y, weights=None, **k: _subset_ref(h, w, y, cands, weights, **k),
+        hidden.double(), weight.double(), labels, weights,
+    )
+    torch.testing.assert_close(loss.double(), rloss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh.double(), rgh, atol=1e-4, rtol=2e-2)
+    torch.testing.assert_close(gw.double(), rgw, atol=1e-4, rtol=2e-2)
+
+
 def test_subset_loss_is_a_lower_bound_per_token():
     hidden, weight, labels, _ = _make((4, 40, 32), 300, seed=7)
     labels = labels.clamp(min=0)
@@ -329,3 +346,28 @@ def test_train_with_vocab_subset(tmp_path, tiny_model_dir, sft_data, capsys):
     assert sub_l["flops"]["inputs"]["vocab"] == round(note["subset_size_mean"])
     assert vocab > 16 * 10
     assert "eval_loss" in sub_m[-1]  # evaluation stays exact
+
+
+def test_resume_with_subset_equals_uninterrupted(tmp_path, tiny_model_dir, sft_data):
+    """The candidates are rebuilt at every start from the data and the freshly initialized model (LoRA B = 0,
+    so the base model), before the checkpoint is loaded: a resumed run sees the same subset."""
+    from safetensors.torch import load_file
+
+    from leantune.config import recipe_from_dict
+    from leantune.train.sft import train
+
+    def recipe(name, steps):
+        return recipe_from_dict(tiny_recipe(tiny_model_dir, sft_data, tmp_path / name,
+                                            loss={"chunk_size": 16, "vocab_subset": 16},
+                                            optim={"lr": 1e-2, "scheduler": "constant"},
+                                            train={"steps": steps, "save_every": 1}))
+
+    train(recipe("straight", 4), quiet=True)
+    train(recipe("resumed", 2), quiet=True)
+    resumed = train(recipe("resumed", 4), resume=True, quiet=True)
+    assert resumed.ledger["extra"]["resumed"] is True
+    a = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
