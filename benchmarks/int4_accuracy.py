@@ -156,7 +156,7 @@ def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: 
     run_dir = work / f"run-{name}"
     overrides = [f"data.train={data['train']}", f"data.eval={data['valid']}", f"train.output_dir={run_dir}",
                  f"train.steps={args.steps}", f"train.seed={args.seed}", "train.progress=false",
-                 f"train.threads={args.threads}", "train.save_every=0", "train.eval_every=0"]
+                 f"train.threads={args.threads}", f"train.save_every={args.save_every}", "train.eval_every=0"]
     if bits:
         overrides += [f"quant.bits={bits}", f"quant.group_size={args.group_size}"]
     if model:
@@ -164,7 +164,8 @@ def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: 
     if args.dtype:
         overrides.append(f"model.dtype={args.dtype}")
     log(f"--- {name}: train ({' '.join(overrides[3:])}), load {loadavg()}")
-    train = run_measured(_cli("train", str(RECIPE), *overrides), args.threads, args.timeout,
+    resume = ["--resume"] if args.resume else []  # continue a killed arm from its last checkpoint
+    train = run_measured(_cli("train", str(RECIPE), *overrides, *resume), args.threads, args.timeout,
                          phase_marker="[leantune] data:")  # printed once the model is loaded (and quantized)
     if train["returncode"] != 0:
         return {"status": "failed", "error": f"leantune train exited with {train['returncode']}", "train_process": train}
@@ -252,6 +253,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="arms run at once (each its own process; >1 gives every arm the same machine load)")
     p.add_argument("--train-problems", type=int, default=2000, help="leantune make-data --train")
+    p.add_argument("--save-every", type=int, default=10,
+                   help="train.save_every: checkpoints let --resume continue an arm that was killed")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each arm from its checkpoint in --work-dir (resume == uninterrupted in leantune; "
+                        "the training-phase peak then covers the last segment only)")
     p.add_argument("--baseline", action="store_true", help="also evaluate the untrained base at each precision")
     p.add_argument("--quick", action="store_true", help="tiny random model, 3 steps: plumbing check only")
     p.add_argument("--json", action="store_true")
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
         "mode": "quick" if args.quick else "full",
         "recipe": str(RECIPE.relative_to(REPO)),
         "leantune_commit": leantune_commit(),
-        "settings": {"arms": arms, "steps": args.steps, "seed": args.seed, "dtype": dtype, "jobs": args.jobs,
+        "settings": {"arms": arms, "steps": args.steps, "seed": args.seed, "dtype": dtype, "jobs": args.jobs, "resumed": args.resume,
                      "group_size": args.group_size, "threads": args.threads, "train_problems": args.train_problems,
                      "eval": {"task": "addition", **EVAL, "decoding": "greedy"},
                      "model": model or _recipe_value(text, "model", "path")},
