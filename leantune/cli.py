@@ -62,7 +62,7 @@ def cmd_rl(args) -> int:
     from leantune.train.rl import train_rl
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train_rl(recipe, resume=args.resume)
+    result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe)
     print(summarize_ledger(result.ledger))
     print(f"[leantune] run directory: {recipe.train.output_dir}")
     return 0

@@ -359,3 +359,14 @@ def test_entropy_filter_samples_only_the_highest_entropy_prompts(policy, prompts
 
     want = {tuple(ids) for ids in _tokenize_prompts(tok, [pool[cands[j]]["prompt"] for j in top])}
     assert rendered == want
+
+
+def test_rl_refuses_early_over_a_memory_budget(tiny_chat_model_dir, prompts_file, tmp_path):
+    from leantune.cli import main
+
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "over", prompts_file)
+    raw["memory"] = {"budget": "1MB"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["rl", str(recipe)]) == 2
+    assert not (tmp_path / "over").exists()

@@ -325,12 +325,17 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
 # The loop
 
 
-def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=None, tokenizer=None) -> TrainResult:
+def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=None, tokenizer=None,
+             recipe_path: str | None = None) -> TrainResult:
     """Run RL as the recipe says; return the ledger and the policy. ``model``/``tokenizer``: start from these
     (e.g. the demo's SFT result) instead of loading `model.path` (+ `rl.init`)."""
     cfg, rl = recipe.train, recipe.rl
     if recipe.optim.name != "adamw":
         raise RecipeError("optim.name: leantune rl trains with adamw (policy-gradient losses need gradients)")
+    if recipe.memory.budget is not None:  # refuse before loading anything when the plan exceeds it
+        from leantune.plan.search import check_budget
+
+        check_budget(recipe, recipe_path, mode="rl")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc_mmap_threshold is not None:
