@@ -274,7 +274,8 @@ def run_leantune(spec: dict, meter: Meter) -> dict:
     return {
         "config": {"dynamic_sampling": ds, "prompt_selection": ps, "max_sampling_rounds": 3,
                    "early_stop": "eos, or the task's is_complete (answer closed)", "overlong_filter": True,
-                   "malloc_mmap_threshold": recipe.train.malloc_mmap_threshold, "run_dir": out_dir},
+                   "malloc_mmap_threshold": recipe.train.malloc_mmap_threshold, "run_dir": out_dir,
+                   "compute_dtype": recipe.model.compute_dtype},
         "steps": steps,
         "ledger_rollouts": roll,
         "final": _final_accuracy(result.model, result.tokenizer, spec),
@@ -410,6 +411,7 @@ def run_trl(spec: dict, meter: Meter) -> dict:
                    "per_device_train_batch_size": args.per_device_train_batch_size,
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
+                   "compute_dtype": recipe.model.compute_dtype,
                    "optim": str(args.optim), "generation": "model.generate (KV cache), until eos or max_completion_length"},
         "steps": steps,
         "final": _final_accuracy(trainer.model, tok, spec),
@@ -556,8 +558,9 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=512, help="training prompt pool (rl.num_prompts)")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the shared starting adapter (20; quick 40)")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems, greedy (50; quick 20)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="base weights dtype in both runners (bfloat16, the recipes' choice; quick float32)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
+                   help="base weights dtype in both runners (auto, the recipes' choice: bfloat16 where this machine "
+                   "runs it faster, else float32; quick float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per runner (1: fair on a shared box)")
     p.add_argument("--only", action="append", default=[],
                    help=f"runners to run, comma-separated (default {','.join(DEFAULT_RUNNERS)}; also "
@@ -571,7 +574,7 @@ def parse_args(argv=None):
     args.prompts_per_step = args.prompts_per_step or (4 if args.quick else 8)
     args.sft_steps = args.sft_steps or (40 if args.quick else 20)
     args.eval_problems = args.eval_problems or (20 if args.quick else 50)
-    args.dtype = args.dtype or ("float32" if args.quick else "bfloat16")
+    args.dtype = args.dtype or ("float32" if args.quick else "auto")
     if (args.prompts_per_step * args.group_size) % args.micro_batch:
         p.error("--micro-batch must divide prompts-per-step x group-size (TRL's accumulation needs it)")
     return args

@@ -216,7 +216,11 @@ def _load_model(spec: dict):
     where, gguf = _model_location(spec)
     kwargs = {"dtype": torch.float32}
     if gguf:
-        kwargs["gguf_file"] = gguf
+        from leantune.models.loading import gguf_dequantize_kwargs
+
+        # plain dense fp32 weights, exactly as leantune loads them (newer transformers would otherwise keep
+        # GGUF blocks packed and unpack them in every forward)
+        kwargs.update(gguf_file=gguf, **gguf_dequantize_kwargs(gguf))
     model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     model.config.use_cache = False
     if gguf:

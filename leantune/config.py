@@ -45,12 +45,20 @@ class ModelConfig(Section):
         default=None, description="GGUF file name inside `path` (or set `path` to the .gguf file itself)."
     )
     tokenizer: str | None = Field(default=None, description="Tokenizer location if different from `path`.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="Compute dtype of the frozen base. bfloat16: half the memory, ~3x faster matmuls on modern CPUs, less precise."
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        default="float32",
+        description="Compute dtype of the frozen base. bfloat16: half the memory, ~3x faster matmuls on CPUs with AVX512-BF16/AMX, but ~90x slower on AVX2-only CPUs; less precise. auto: whichever a one-off matmul probe finds faster here (the ledger records the choice).",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow code shipped with the model to run. Off unless you trust the source."
     )
+
+    @property
+    def compute_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved for this machine (``float32`` or ``bfloat16``)."""
+        from leantune.models.precision import resolve_dtype
+
+        return resolve_dtype(self.dtype)
 
 
 class DataConfig(Section):

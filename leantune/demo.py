@@ -17,7 +17,7 @@ from leantune.config import recipe_from_dict
 
 # The demo's recipe. recipes/sft_smollm2_arithmetic.yaml is the same recipe as a file (a test checks).
 DEMO_RECIPE: dict = {
-    "model": {"path": "builtin:smollm2-135m-instruct", "dtype": "bfloat16"},
+    "model": {"path": "builtin:smollm2-135m-instruct", "dtype": "auto"},
     "data": {"train": "data/addition/train.jsonl", "eval": "data/addition/valid.jsonl", "max_length": 128},
     "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "loss": {"chunk_size": 256},
@@ -102,7 +102,7 @@ def run_demo(out: Path, quick: bool = False, rl: bool = False) -> dict:
         raw["model"]["path"] = str(save_tiny_model(out / "tiny-model", chat_template=True))
     recipe = recipe_from_dict(raw)
     ev = recipe.eval
-    print(f"[demo] model: {recipe.model.path} ({recipe.model.dtype}); task: {ev.task}; output: {out}")
+    print(f"[demo] model: {recipe.model.path} ({recipe.model.compute_dtype}); task: {ev.task}; output: {out}")
 
     model, tok, _ = load_model_and_tokenizer(recipe.model)
     before = task_accuracy(model, tok, ev.task, num_problems=ev.num_problems, max_new_tokens=ev.max_new_tokens,

@@ -212,6 +212,16 @@ def _safe_sha(path: str) -> str:
         return f"unreadable: {e.strerror or e}"
 
 
+def _compute_dtype(recipe: dict) -> str | None:
+    """The base's compute dtype with ``model.dtype: auto`` resolved, as the run used it."""
+    name = (recipe or {}).get("model", {}).get("dtype")
+    if name is None:
+        return None
+    from leantune.models.precision import resolve_dtype
+
+    return resolve_dtype(name)
+
+
 def build_ledger(
     *,
     recipe: dict,
@@ -247,6 +257,7 @@ def build_ledger(
         "schema": "leantune.ledger/1",
         "recipe": recipe,
         "seed": seed,
+        "compute_dtype": _compute_dtype(recipe),
         "model_hash": {"location": str(model_location), **model_weights_hash(model_location)},
         "data_sha256": {str(p): _safe_sha(str(p)) for p in data_files if p},
         "versions": library_versions(),
@@ -290,7 +301,8 @@ def summarize_ledger(ledger: dict) -> str:
         return "n/a" if x is None else fmt.format(x)
 
     rows = [
-        ("run", f"leantune {v.get('leantune', '?')}, torch {v.get('torch', '?')}, seed {ledger.get('seed')}"),
+        ("run", f"leantune {v.get('leantune', '?')}, torch {v.get('torch', '?')}, seed {ledger.get('seed')}"
+         + (f", {ledger['compute_dtype']}" if ledger.get("compute_dtype") else "")),
         ("hardware", f"{hw.get('cpu', '?')} ({hw.get('usable_cores', '?')} cores), {format_bytes(hw.get('ram_bytes'))} RAM, {gpus}"),
         ("steps", num(t.get("steps"))),
         ("tokens", f"{num(t.get('tokens_processed'))} processed, {num(t.get('trainable_tokens'))} trainable"),

@@ -127,14 +127,29 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     return tok
 
 
+def gguf_dequantize_kwargs(gguf_file: str) -> dict:
+    """Ask transformers for plain dense weights from a GGUF file.
+
+    Newer transformers (with ``GgufConfig``) can keep GGUF weights packed and unpack them in every
+    forward. leantune trains LoRA on plain ``nn.Linear`` weights (and quantizes them itself with
+    ``quant.bits``), so it asks for the dequantized model, as older transformers always gave.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers: GGUF is always dequantized on load
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
 def load_model(cfg: ModelConfig, source: ModelSource | None = None):
-    """Load the causal LM in ``cfg.dtype``. Raises ModelLoadError with a one-line message."""
+    """Load the causal LM in ``cfg.compute_dtype`` (``auto`` resolved). Raises ModelLoadError with a one-line message."""
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(cfg)
-    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": DTYPES[cfg.compute_dtype], "trust_remote_code": cfg.trust_remote_code}
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
+        kwargs.update(gguf_dequantize_kwargs(source.gguf_file))
     else:
         kwargs["use_safetensors"] = True
     try:

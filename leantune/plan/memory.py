@@ -159,7 +159,7 @@ def trainable_elements(shape: ModelShape, recipe: Recipe) -> int:
 
 def trainable_bytes(shape: ModelShape, recipe: Recipe) -> int:
     """Trainable parameters: LoRA adapters in fp32 (4 bytes), full fine-tuning in ``model.dtype``."""
-    per = DTYPE_BYTES[recipe.model.dtype] if recipe.adapter.method == "full" else 4
+    per = DTYPE_BYTES[recipe.model.compute_dtype] if recipe.adapter.method == "full" else 4
     return trainable_elements(shape, recipe) * per
 
 
@@ -263,7 +263,7 @@ def layer_trainable_bytes(shape: ModelShape, recipe: Recipe) -> tuple[list[int],
     """Gradient bytes per decoder layer, and of everything above the layers (final norm + lm_head),
     which backward produces first. LoRA: r x (in + out) x 4 per adapted linear; full: the layer's
     weights (+ 2 norms) in ``model.dtype``."""
-    e = DTYPE_BYTES[recipe.model.dtype]
+    e = DTYPE_BYTES[recipe.model.compute_dtype]
     if recipe.adapter.method == "full":
         per = [0] * shape.layers
         for lin in shape.linears:
@@ -397,12 +397,12 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
     ``data.max_length`` (an upper bound on the rendered prompt).
     """
-    e = DTYPE_BYTES[recipe.model.dtype]
+    e = DTYPE_BYTES[recipe.model.compute_dtype]
     full = recipe.adapter.method == "full"
     mezo = recipe.optim.name == "mezo"
     runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
                + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))
-    weights = resident_weight_bytes(shape, recipe.model.dtype, recipe.quant.bits, recipe.quant.group_size, source_kind)
+    weights = resident_weight_bytes(shape, recipe.model.compute_dtype, recipe.quant.bits, recipe.quant.group_size, source_kind)
     adapter = trainable_bytes(shape, recipe)
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
@@ -424,8 +424,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     phases["load"] = {
         # the tokenizer loads after the model
         "runtime": (cal.runtime_bytes - (cal.peft_bytes if full else 0), "python + torch + transformers + peft"),
-        "load": (load_extra_bytes(shape, recipe.model.dtype, source_kind, cal),
-                 f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.dtype})"),
+        "load": (load_extra_bytes(shape, recipe.model.compute_dtype, source_kind, cal),
+                 f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.compute_dtype})"),
     }
     adapter_note = (f"{trainable_elements(shape, recipe):,} trainable x "
                     f"{e if full else 4} B ({'full' if full else f'LoRA r={r}'})")
@@ -504,11 +504,11 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
 
 def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -> str:
     if not recipe.quant.bits:
-        return f"{shape.params:,} params x {e} B ({recipe.model.dtype})"
+        return f"{shape.params:,} params x {e} B ({recipe.model.compute_dtype})"
     q = f"linears (not lm_head) INT{recipe.quant.bits} g={recipe.quant.group_size}"
-    if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.dtype) and shape.file_bytes:
+    if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.compute_dtype) and shape.file_bytes:
         return f"the mapped {shape.file_dtype} file (pages read to quantize stay resident) + {q}"
-    return f"{shape.params:,} params; {q}, the rest {recipe.model.dtype}"
+    return f"{shape.params:,} params; {q}, the rest {recipe.model.compute_dtype}"
 
 
 def _loss_note(rows: int, chunk: int, shape: ModelShape, e: int) -> str:
