@@ -148,7 +148,7 @@ class QuantConfig(Section):
 class OptimConfig(Section):
     name: Literal["adamw", "mezo"] = Field(
         default="adamw",
-        description="adamw: backprop + Adam state. mezo: zeroth-order SGD (arXiv 2305.17333), 2 forward passes per sample and no gradients or optimizer state: memory ~ inference, but many more steps (paper: lr 1e-6..1e-7 for full parameters; LoRA needs larger values).",
+        description="adamw: backprop + Adam state. mezo: zeroth-order SGD (arXiv 2305.17333), 2 forward passes per sample and no gradients or optimizer state: memory ~ inference, but many more steps (paper: lr 1e-6..1e-7 for full parameters; LoRA needs larger values). In `leantune train` MeZO lowers the loss; in `leantune rl` it raises the reward itself (a non-differentiable objective, e.g. verifier accuracy), re-sampling the kept prompts at theta +- zo_eps * z.",
     )
     lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0)

@@ -11,3 +11,8 @@ def has_digit(prompts, completions, **kw) -> list[float]:
 def constant(prompts, completions, **kw) -> list[float]:
     """The same reward for everything: every group has zero variance."""
     return [0.5 for _ in completions]
+
+
+def digit_share(prompts, completions, **kw) -> list[float]:
+    """The share of a completion's characters that are digits: graded, so any change of the text shows."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]

@@ -370,3 +370,56 @@ def test_rl_refuses_early_over_a_memory_budget(tiny_chat_model_dir, prompts_file
     recipe.write_text(yaml.safe_dump(raw))
     assert main(["rl", str(recipe)]) == 2
     assert not (tmp_path / "over").exists()
+
+
+def test_mezo_rl_raises_the_reward_itself_without_gradients(tiny_chat_model_dir, prompts_file, tmp_path):
+    """optim.name: mezo in `leantune rl`: the objective is the (non-differentiable) reward of completions
+    re-sampled at theta +- eps*z; no parameter ever gets a .grad and every extra rollout is billed."""
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "zo", prompts_file, max_sampling_rounds=4,
+                     rewards={"rl_helpers:digit_share": 1.0})
+    raw["optim"] = {"name": "mezo", "lr": 0.5, "zo_eps": 0.5, "scheduler": "constant"}
+    recipe = recipe_from_dict(raw)
+    from leantune.train.sft import setup_model
+
+    init, _, _, _, _ = setup_model(recipe)
+    before = _trainable(init)
+    result = train_rl(recipe, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "zo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # a large eps moves the samples: at least one step saw different rewards at theta+ and theta-
+    assert any(r["zo_reward_plus"] != r["zo_reward_minus"] for r in rows)
+    after = _trainable(result.model)
+    assert [n for n in after if torch.equal(before[n], after[n])] == []
+    assert all(p.grad is None for p in result.model.parameters())
+    roll = result.ledger["totals"]["rollouts"]
+    # two re-samplings (theta+, theta-) of every kept rollout, per step
+    assert roll["zo_rollouts"] == sum(r["zo_rollouts"] for r in rows) == 2 * sum(r["rollouts_used"] for r in rows)
+    assert roll["tokens_generated"] > 0 and result.ledger["flops"]["update"] == 0
+
+
+def test_mezo_rl_replays_the_same_samples_at_both_perturbations(tiny_chat_model_dir, prompts_file, tmp_path):
+    """Common random numbers: with a negligible eps both evaluations draw the very same completions, so the
+    estimate is exactly zero and nothing moves (without the replay, sampling noise alone would move it)."""
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "crn", prompts_file, max_sampling_rounds=4,
+                     rewards={"rl_helpers:digit_share": 1.0})
+    raw["optim"] = {"name": "mezo", "lr": 0.5, "zo_eps": 1e-9, "scheduler": "constant"}
+    raw["train"]["steps"] = 2
+    recipe = recipe_from_dict(raw)
+    from leantune.train.sft import setup_model
+
+    init, _, _, _, _ = setup_model(recipe)
+    before = _trainable(init)
+    result = train_rl(recipe, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "crn" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["zo_rollouts"] > 0 and r["zo_reward_plus"] == r["zo_reward_minus"] for r in rows)
+    after = _trainable(result.model)
+    assert all(torch.equal(before[n], after[n]) for n in after)
+
+
+def test_mezo_rl_rejects_gradient_only_settings(tiny_chat_model_dir, prompts_file, tmp_path):
+    from leantune.config import RecipeError
+
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "bad", prompts_file, beta=0.1)
+    raw["optim"] = {"name": "mezo", "lr": 0.1}
+    with pytest.raises(RecipeError, match="rl.beta"):
+        train_rl(recipe_from_dict(raw), quiet=True)

@@ -10,7 +10,8 @@ One step, as the loop below reads:
    `rl.prompts_per_step` groups or `rl.max_sampling_rounds` is reached (DAPO);
 5. advantages per group, overlong completions masked out, then `rl.updates_per_batch` optimizer steps of
    the chosen policy loss over micro-batches -- completions with zero advantage are skipped entirely when
-   there is no KL term (they carry no gradient), so they cost no forward or backward.
+   there is no KL term (they carry no gradient), so they cost no forward or backward. With `optim.name: mezo`
+   the update is instead one MeZO step on the reward itself (`zeroth_order_update`): no gradients at all.
 
 The KL reference is the same model with the adapter disabled (never a second copy). Checkpoints hold the
 adapter, optimizer, scheduler, RNG, the prompt stream and the selector, so a killed run resumes exactly.
@@ -166,13 +167,14 @@ class Batch:
     truncated: list[bool]
     texts: list[str]
     stats: dict
+    rows: list[dict] | None = None  # the prompt row of each kept group (prompt + reward fields)
 
 
 def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl: RLConfig, step: int,
                   generator: torch.Generator) -> Batch:
     """Sample until `rl.prompts_per_step` informative groups are kept or the rounds run out."""
     g = rl.group_size
-    keep = Batch([], [], [], [], [], [], {})
+    keep = Batch([], [], [], [], [], [], {}, [])
     s = dict(rollouts=0, tokens_generated=0, groups=0, zero_variance_groups=0, prompts_skipped=0,
              rounds=0, rollout_seconds=0.0, entropy_sum=0.0, high_entropy=0, reward_sum=0.0,
              reward_sq=0.0, correct=0, pass_at_k_sum=0.0, truncated=0, decode_steps=0, entropy_filtered=0,
@@ -239,6 +241,7 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
             keep.correct += correct[sl]
             keep.truncated += ro.truncated[sl]
             keep.texts += ro.texts[sl]
+            keep.rows.append(rows[gi])
         if not rl.dynamic_sampling:
             break  # one round: every sampled group is trained on
     keep.stats = s
@@ -321,6 +324,44 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     return out
 
 
+def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, reward_fn, task, rl: RLConfig,
+                        generator: torch.Generator) -> dict:
+    """One MeZO step (``optim.name: mezo``) on a non-differentiable objective: minus the mean reward of
+    G completions per kept prompt, *re-sampled* at θ+εz and at θ-εz.
+
+    No logprobs, no backward, no optimizer state: memory is that of sampling. Both evaluations replay the
+    same sampling noise (the generator is reset; MeZO resets torch's RNG), so their difference comes from
+    the perturbation, not from luck (common random numbers). Each step costs ``2 * optim.zo_samples``
+    extra rounds of sampling on the kept prompts; they are counted in the ledger.
+    """
+    out = dict(loss=0.0, clip_fraction=0.0, kl=0.0, grad_norm=0.0, sequences_trained=0, tokens_trained=0,
+               update_tokens=0, overlong_masked=0, zo_rollouts=0, zo_tokens_generated=0, zo_prompt_tokens=0,
+               zo_reward_plus=None, zo_reward_minus=None)
+    if not batch.rows:
+        return out
+    g = rl.group_size
+    prompts = [r["prompt"] for r in batch.rows]
+    fields = _fields(batch.rows, g)
+    state = generator.get_state()
+
+    def objective() -> float:  # a float: the verifier's verdicts have no gradient
+        generator.set_state(state)
+        ro = sample_groups(model, tokenizer, prompts, group_size=g, max_new_tokens=rl.max_new_tokens,
+                           temperature=rl.temperature, top_p=rl.top_p, stop=rl.stop,
+                           is_complete=getattr(task, "is_complete", None), generator=generator)
+        out["zo_rollouts"] += len(ro)
+        out["zo_tokens_generated"] += ro.tokens_generated
+        out["zo_prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)
+        rewards = reward_fn([p for p in prompts for _ in range(g)], ro.texts, completion_ids=ro.completion_ids, **fields)
+        return -sum(float(x) for x in rewards) / len(rewards)
+
+    info = optimizer.step(objective)
+    scheduler.step()
+    out.update(loss=info["loss"], grad_norm=abs(info["projected_grad"]), sequences_trained=len(batch.rewards),
+               zo_reward_plus=-info["loss_plus"], zo_reward_minus=-info["loss_minus"])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -330,8 +371,11 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
     """Run RL as the recipe says; return the ledger and the policy. ``model``/``tokenizer``: start from these
     (e.g. the demo's SFT result) instead of loading `model.path` (+ `rl.init`)."""
     cfg, rl = recipe.train, recipe.rl
-    if recipe.optim.name != "adamw":
-        raise RecipeError("optim.name: leantune rl trains with adamw (policy-gradient losses need gradients)")
+    zo = recipe.optim.name == "mezo"  # zeroth-order on the reward itself, instead of a policy-gradient loss
+    if zo and rl.beta > 0:
+        raise RecipeError("rl.beta: the KL term needs gradients; with optim.name: mezo set rl.beta: 0")
+    if zo and rl.updates_per_batch != 1:
+        raise RecipeError("rl.updates_per_batch: optim.name: mezo takes one step per batch; set it to 1")
     if recipe.memory.budget is not None:  # refuse before loading anything when the plan exceeds it
         from leantune.plan.search import check_budget
 
@@ -410,8 +454,15 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         t0 = time.perf_counter()
         batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl, step, generator)
         s = batch.stats
-        upd = policy_update(model, optimizer, scheduler, batch, rl, pad_id=pad_id, micro_batch=cfg.micro_batch_size,
-                            chunk_size=recipe.loss.chunk_size, max_grad_norm=recipe.optim.max_grad_norm)
+        if zo:
+            upd = zeroth_order_update(model, tokenizer, optimizer, scheduler, batch, reward_fn, task, rl, generator)
+            for k in ("zo_rollouts", "zo_tokens_generated", "zo_prompt_tokens"):
+                totals[k] = totals.get(k, 0) + upd[k]
+            totals["tokens_generated"] += upd["zo_tokens_generated"]  # real work: counted in FLOPs and tokens
+            totals["prompt_tokens"] += upd["zo_prompt_tokens"]
+        else:
+            upd = policy_update(model, optimizer, scheduler, batch, rl, pad_id=pad_id, micro_batch=cfg.micro_batch_size,
+                                chunk_size=recipe.loss.chunk_size, max_grad_norm=recipe.optim.max_grad_norm)
         step += 1
         dt = time.perf_counter() - t0
         totals["elapsed_s"] += dt
@@ -445,6 +496,9 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         }
         if rl.beta > 0:
             row["kl"] = upd["kl"]
+        if zo:
+            row.update(zo_reward_plus=upd["zo_reward_plus"], zo_reward_minus=upd["zo_reward_minus"],
+                       zo_rollouts=upd["zo_rollouts"])
         is_last = step == cfg.steps
         if step % cfg.log_every == 0 or is_last:
             metrics.log(row)
@@ -467,7 +521,7 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
     # that sample); the update is forward + backward over prompt + completion of the sequences trained,
     # the LM head on completion tokens only (LoRA-aware, as for SFT). No-grad reference/old-policy passes
     # (rl.beta > 0, rl.updates_per_batch > 1) are not counted.
-    seq = rl.max_new_tokens + totals["prompt_tokens"] / max(1, totals["rollouts_generated"])
+    seq = rl.max_new_tokens + totals["prompt_tokens"] / max(1, totals["rollouts_generated"] + totals.get("zo_rollouts", 0))
     rollout = ledger_mod.zeroth_order_flops(
         ledger_mod.flops_from_model(model, tokens=totals["tokens_generated"] + totals["prompt_tokens"],
                                     loss_tokens=totals["tokens_generated"], seq_len=round(seq)), forward_passes=1)
