@@ -113,6 +113,19 @@ def test_rollouts_stop_early_and_finished_rows_cost_nothing(policy):
     assert ro.row_steps == ro.tokens_generated < 12 * 24
 
 
+def test_sampling_builds_no_autograd_graph(policy):
+    """Rollouts run without autograd: a graph over every decode step would cost memory and time."""
+    model, tok = policy
+    assert any(p.requires_grad for p in model.parameters())
+    seen = []
+    handle = model.model.register_forward_pre_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        sample_groups(model, tok, ["a", "b"], group_size=2, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert len(seen) >= 2 and not any(seen)
+
+
 def test_sampling_is_seeded(policy):
     model, tok = policy
     a = sample_groups(model, tok, ["x"], group_size=3, max_new_tokens=6, generator=torch.Generator().manual_seed(5))

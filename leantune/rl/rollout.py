@@ -74,6 +74,13 @@ def _tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def _cache_kwarg(decoder) -> str:
+    """The decoder's KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_groups(
     model,
@@ -121,9 +128,10 @@ def sample_groups(
     truncated = [False] * n
     rows = torch.arange(n, device=dev)  # cache row -> sequence index
     cache = DynamicCache()
+    cache_kw = _cache_kwarg(decoder)
     try:
-        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                      use_cache=True)
+        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                      **{cache_kw: cache})
         next_pos = positions[:, -1] + 1  # (n,)
         steps = row_steps = 0
         for t in range(max_new_tokens):
@@ -161,7 +169,7 @@ def sample_groups(
                 rows, nxt, attn, next_pos = rows[keep], nxt[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
             out = decoder(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                          past_key_values=cache, use_cache=True)
+                          use_cache=True, **{cache_kw: cache})
             next_pos = next_pos + 1
             steps += 1
     finally:
