@@ -393,3 +393,22 @@ def test_mode_sft_ignores_rl_section(tiny_model_dir, tmp_path):
     shape = model_shape(recipe.model)
     assert "rollout" in plan_memory(recipe, shape, "local").phases
     assert "rollout" not in plan_memory(recipe, shape, "local", mode="sft").phases
+
+
+def test_rl_plan_uses_the_adapter_of_rl_init(tiny_model_dir, tmp_path):
+    """`rl.init` continues a LoRA run: the plan counts *that* adapter (rank, targets), as setup_model loads it."""
+    init = tmp_path / "sft-run" / "adapter"
+    init.mkdir(parents=True)
+    (init / "adapter_config.json").write_text(json.dumps(
+        {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"]}))
+    raw = {**tiny_recipe(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run"),
+           "adapter": {"r": 2, "target_modules": ["q_proj"]}, "rl": {"group_size": 2, "prompts_per_step": 2}}
+    shape = model_shape(recipe_from_dict(raw).model)
+    plain = recipe_from_dict(raw)
+    cont = recipe_from_dict({**raw, "rl": {**raw["rl"], "init": str(tmp_path / "sft-run")}})
+    eff = M.with_init_adapter(cont)
+    assert (eff.adapter.r, eff.adapter.alpha, eff.adapter.target_modules) == (16, 32.0, ["k_proj", "o_proj", "q_proj", "v_proj"])
+    assert M.with_init_adapter(plain) is plain
+    assert M.trainable_elements(shape, eff) == 16 * sum(
+        lin.in_features + lin.out_features for lin in M.lora_targets(shape, ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert plan_memory(cont, shape, "local").peak > plan_memory(plain, shape, "local").peak

@@ -28,7 +28,9 @@ positions carry a loss.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from leantune.config import Recipe
 from leantune.plan.model_shape import LinearSpec, ModelShape
@@ -389,6 +391,25 @@ def is_rl(recipe: Recipe) -> bool:
     return "rl" in recipe.model_fields_set or recipe.data.train is None
 
 
+def with_init_adapter(recipe: Recipe) -> Recipe:
+    """For an RL recipe that continues a LoRA run (``rl.init``), the adapter that run trained: its rank,
+    alpha, dropout and target modules (from ``INIT/adapter/adapter_config.json``) replace the recipe's
+    ``adapter`` section, as ``setup_model(recipe, init=...)`` loads it. Otherwise the recipe unchanged."""
+    init = recipe.rl.init if "rl" in recipe.model_fields_set else None
+    cfg_path = Path(init) / "adapter" / "adapter_config.json" if init else None
+    if cfg_path is None or not cfg_path.is_file():
+        return recipe
+    cfg = json.loads(cfg_path.read_text())
+    targets = cfg.get("target_modules")
+    adapter = recipe.adapter.model_copy(update={
+        "r": int(cfg.get("r", recipe.adapter.r)),
+        "alpha": float(cfg.get("lora_alpha", recipe.adapter.alpha)),
+        "dropout": float(cfg.get("lora_dropout", recipe.adapter.dropout) or 0.0),
+        "target_modules": sorted(targets) if isinstance(targets, list) else (targets or recipe.adapter.target_modules),
+    })
+    return recipe.model_copy(update={"adapter": adapter})
+
+
 def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                 cal: Calibration = CALIBRATION, mode: str | None = None) -> MemoryPlan:
     """Predict the peak RSS of ``recipe`` on a model of ``shape``: the largest of its phases.
@@ -397,6 +418,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
     ``data.max_length`` (an upper bound on the rendered prompt).
     """
+    recipe = with_init_adapter(recipe)
     e = DTYPE_BYTES[recipe.model.compute_dtype]
     full = recipe.adapter.method == "full"
     mezo = recipe.optim.name == "mezo"
