@@ -6,6 +6,8 @@ Energy comes from RAPL counters where readable, NVML on GPU, otherwise a labelle
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.metadata
 import importlib.util
 import os
@@ -136,6 +138,30 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
         return False
     M_MMAP_THRESHOLD = -3
     return bool(mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(int(nbytes))))
+
+
+SAMPLING_MMAP_THRESHOLD = 32 * 2**20
+"""glibc's own upper bound for its adaptive threshold (64-bit): what ``sampling_allocator`` sets."""
+
+
+@contextlib.contextmanager
+def sampling_allocator(training_threshold: int | None):
+    """Sample with glibc's largest mmap threshold, then restore ``training_threshold``.
+
+    Decoding allocates the same mid-size buffers (a few MB: ``(rows, vocab)`` probabilities, KV-cache
+    growth) every token. With a low threshold each one is a fresh mmap, zero-filled page by page: measured
+    +55% wall time for 32 SmolLM2 rollouts (20.7 vs 13.3 s, 2-core CPU). During sampling they come from the
+    heap and are reused (RSS +0.18 GiB there); training gets its low threshold back for the large,
+    short-lived activation buffers. No-op when ``training_threshold`` is None (glibc left alone) or off glibc.
+    """
+    if training_threshold is None:
+        yield
+        return
+    set_malloc_mmap_threshold(SAMPLING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        set_malloc_mmap_threshold(training_threshold)
 
 
 def _ru_maxrss_bytes() -> int:

@@ -289,3 +289,21 @@ def test_ledger_records_unreadable_data_instead_of_crashing(tmp_path):
     assert led["data_sha256"][str(tmp_path / "gone.jsonl")].startswith("unreadable")
     assert led["model_hash"]["note"] == "not a local path"
     assert "not a local path" in L.summarize_ledger(led)
+
+
+def test_sampling_allocator_restores_the_training_threshold(monkeypatch):
+    from leantune import metering
+
+    calls = []
+    monkeypatch.setattr(metering, "set_malloc_mmap_threshold", lambda n: calls.append(n) or True)
+    with metering.sampling_allocator(131072):
+        assert calls == [metering.SAMPLING_MMAP_THRESHOLD]
+    assert calls == [metering.SAMPLING_MMAP_THRESHOLD, 131072]
+    calls.clear()
+    with pytest.raises(RuntimeError), metering.sampling_allocator(4096):
+        raise RuntimeError("sampling failed")
+    assert calls[-1] == 4096  # restored on error too
+    calls.clear()
+    with metering.sampling_allocator(None):  # glibc left alone
+        pass
+    assert calls == []

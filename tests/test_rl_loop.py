@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from leantune.config import recipe_from_dict
 from leantune.losses import linear_token_logprobs
 from leantune.models.tiny import tiny_model, tiny_tokenizer
-from leantune.rl.rollout import completion_logprobs, sample_groups, top_p_filter
+from leantune.rl.rollout import completion_logprobs, sample_categorical, sample_groups, top_p_filter
 from leantune.rl.selection import PromptSelector, PromptStream
 from leantune.train.rl import build_rewards, collect_batch, train_rl
 
@@ -111,6 +111,22 @@ def test_rollouts_stop_early_and_finished_rows_cost_nothing(policy):
     assert not all(ro.truncated)
     # each decode step feeds only the rows still running: tokens generated == row-steps computed
     assert ro.row_steps == ro.tokens_generated < 12 * 24
+
+
+def test_sample_categorical_matches_the_distribution():
+    """Inverse-CDF draws follow the (unnormalized) row weights; zero-weight entries are never drawn."""
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(3, 37, generator=g) * (torch.rand(3, 37, generator=g) > 0.4)  # odd V, some zeros
+    weights[2] = 0.0
+    weights[2, 36] = 5.0  # all the mass on the last entry
+    n = 40000
+    draws = torch.stack([sample_categorical(weights, g) for _ in range(n)])  # (n, 3)
+    for row in range(3):
+        freq = torch.bincount(draws[:, row], minlength=37).double() / n
+        p = (weights[row] / weights[row].sum()).double()
+        assert freq[p == 0].sum() == 0
+        # within 5 standard errors of the binomial proportion, entry by entry
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all()
 
 
 def test_sampling_builds_no_autograd_graph(policy):

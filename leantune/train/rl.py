@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm, trainable_state
 from leantune.config import Recipe, RecipeError, RLConfig
-from leantune.metering import set_malloc_mmap_threshold
+from leantune.metering import sampling_allocator, set_malloc_mmap_threshold
 from leantune.models.loading import resolve_source
 from leantune.rl.advantages import ADVANTAGES
 from leantune.rl.losses import POLICY_LOSSES
@@ -452,10 +452,13 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
     row: dict = {}
     while step < cfg.steps:
         t0 = time.perf_counter()
-        batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl, step, generator)
+        with sampling_allocator(cfg.malloc_mmap_threshold):
+            batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl, step,
+                                  generator)
         s = batch.stats
         if zo:
-            upd = zeroth_order_update(model, tokenizer, optimizer, scheduler, batch, reward_fn, task, rl, generator)
+            with sampling_allocator(cfg.malloc_mmap_threshold):
+                upd = zeroth_order_update(model, tokenizer, optimizer, scheduler, batch, reward_fn, task, rl, generator)
             for k in ("zo_rollouts", "zo_tokens_generated", "zo_prompt_tokens"):
                 totals[k] = totals.get(k, 0) + upd[k]
             totals["tokens_generated"] += upd["zo_tokens_generated"]  # real work: counted in FLOPs and tokens
