@@ -220,17 +220,17 @@ def measure(spec: dict) -> dict:
             return out
         return wrapper
 
-    setup = sft._setup_model
+    setup = sft.setup_model
 
-    def setup_model(recipe):
+    def setup_model(recipe, *a, **kw):
         marks["ru_maxrss_before_load"] = maxrss()
-        out = setup(recipe)
+        out = setup(recipe, *a, **kw)
         marks["ru_maxrss_after_setup"] = maxrss()
         return out
 
     sft.accumulate_gradients = timed(sft.accumulate_gradients)
     sft.zeroth_order_step = timed(sft.zeroth_order_step)
-    sft._setup_model = setup_model
+    sft.setup_model = setup_model
     t0 = time.perf_counter()
     rc = cli_main(["train", spec["recipe_path"]])
     if rc != 0:

@@ -17,8 +17,8 @@ kernel. Runners (``--only NAME[,NAME...]``):
   ``zero_grad(set_to_none=True)``), every weight trainable, activation checkpointing off.
 - ``adamw_ckpt``: the same with every layer checkpointed (``train.activation_checkpointing: all``).
 
-Models and optimizers are built by leantune's own set-up functions (``_setup_model``,
-``_setup_optimizer``) from a recipe made in code, so the rows measure the code users run.
+Models and optimizers are built by leantune's own set-up functions (``setup_model``,
+``setup_optimizer``) from a recipe made in code, so the rows measure the code users run.
 
 Memory. In every child the first thing done is ``leantune.metering.set_malloc_mmap_threshold``
 (``--malloc-mmap-threshold``, default 131072 bytes, the trainer's ``train.malloc_mmap_threshold``
@@ -149,7 +149,7 @@ def _step_fn(spec: dict, runner: str):
 
     recipe = _recipe(spec, runner)
     torch.manual_seed(0)
-    model, _tok, _src, n_ckpt, _ = sft._setup_model(recipe)
+    model, _tok, _src, n_ckpt, _ = sft.setup_model(recipe)
     batch = _batch(spec)
     chunk = spec["chunk_size"]
     info: dict = {"checkpointed_layers": n_ckpt,
@@ -177,7 +177,7 @@ def _step_fn(spec: dict, runner: str):
                 info["logits_bytes"] = logits.numel() * logits.element_size()
         return model, step, info
 
-    optimizer, scheduler = sft._setup_optimizer(recipe, model)
+    optimizer, scheduler = sft.setup_optimizer(recipe, model)
     info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if runner == "mezo":
         restore = []
