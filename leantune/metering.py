@@ -150,7 +150,7 @@ def sampling_allocator(training_threshold: int | None):
 
     Decoding allocates the same mid-size buffers (a few MB: ``(rows, vocab)`` probabilities, KV-cache
     growth) every token. With a low threshold each one is a fresh mmap, zero-filled page by page: measured
-    +55% wall time for 32 SmolLM2 rollouts (20.7 vs 13.3 s, 2-core CPU). During sampling they come from the
+    +59% wall time for 32 SmolLM2 rollouts (20.7 vs 13.0 s, 2-core CPU). During sampling they come from the
     heap and are reused (RSS +0.18 GiB there); training gets its low threshold back for the large,
     short-lived activation buffers. No-op when ``training_threshold`` is None (glibc left alone) or off glibc.
     """
