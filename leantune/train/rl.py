@@ -23,7 +23,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,14 +167,14 @@ class Batch:
     truncated: list[bool]
     texts: list[str]
     stats: dict
-    rows: list[dict] | None = None  # the prompt row of each kept group (prompt + reward fields)
+    rows: list[dict] = field(default_factory=list)  # the prompt row of each kept group (prompt + reward fields)
 
 
 def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl: RLConfig, step: int,
                   generator: torch.Generator) -> Batch:
     """Sample until `rl.prompts_per_step` informative groups are kept or the rounds run out."""
     g = rl.group_size
-    keep = Batch([], [], [], [], [], [], {}, [])
+    keep = Batch([], [], [], [], [], [], {})
     s = dict(rollouts=0, tokens_generated=0, groups=0, zero_variance_groups=0, prompts_skipped=0,
              rounds=0, rollout_seconds=0.0, entropy_sum=0.0, high_entropy=0, reward_sum=0.0,
              reward_sq=0.0, correct=0, pass_at_k_sum=0.0, truncated=0, decode_steps=0, entropy_filtered=0,
