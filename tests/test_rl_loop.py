@@ -97,6 +97,58 @@ def test_rollout_logprobs_equal_a_training_forward(policy):
         torch.testing.assert_close(ent[i, :n], torch.tensor(ro.entropy[i]), atol=2e-5, rtol=0)
 
 
+def _grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    out = fn()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prompt_shared_forward_equals_one_forward_per_sequence(policy, checkpointing):
+    """Each distinct prompt runs once and its KV cache is shared by its completions: same logprobs, entropy,
+    mask and parameter gradients as a joint prompt + completion forward per sequence. Odd shapes: prompts
+    of different lengths repeated 1-3 times, not contiguous, completions of length 0, 1 and more."""
+    from leantune.train.sft import set_activation_checkpointing
+
+    model, tok = policy
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    prompt_ids = [prompts[i] for i in (0, 1, 0, 2, 1, 0, 2)]
+    completion_ids = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (4, 1, 7, 0, 3, 6, 2)]
+    weights = torch.randn(7, 7, generator=g)
+    model.train()
+    if checkpointing:
+        set_activation_checkpointing(model, "all")
+    try:
+        def run(share):
+            lp, ent, mask = completion_logprobs(model, prompt_ids, completion_ids, pad_id=tok.pad_token_id,
+                                                temperature=0.9, chunk_size=5, share_prompts=share)
+            (lp * weights).sum().backward()
+            return lp.detach(), ent, mask
+
+        calls = []
+        handle = model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+        (lp_s, ent_s, mask_s), grads_s = _grads(model, lambda: run(True))
+        shared_calls = len(calls)
+        (lp_j, ent_j, mask_j), grads_j = _grads(model, lambda: run(False))
+        # shared: the distinct prompts, then the completions on their cache; checkpointing drops the cache
+        # inside each layer, so the joint forward is used instead
+        assert (shared_calls, len(calls) - shared_calls) == ((1, 1) if checkpointing else (2, 1))
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        if checkpointing:
+            causal = model.model
+            for layer in causal.layers:
+                layer.gradient_checkpointing = False
+    assert mask_s.tolist() == mask_j.tolist() and mask_s.sum() == sum(len(c) for c in completion_ids)
+    torch.testing.assert_close(lp_s, lp_j, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_s, ent_j, atol=1e-5, rtol=0)
+    assert grads_s.keys() == grads_j.keys() and len(grads_s) > 0
+    for name in grads_j:
+        torch.testing.assert_close(grads_s[name], grads_j[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_rollouts_stop_early_and_finished_rows_cost_nothing(policy):
     model, tok = policy
     ro = sample_groups(model, tok, ["a", "bb", "c"], group_size=4, max_new_tokens=24, stop=["1"],

@@ -9,6 +9,13 @@ a finished completion -- babbling after the answer costs nothing, and neither do
 Only the last position of each row goes through the LM head (prefill included): a prompt of P tokens
 costs one (1, V) logits row, not P of them.
 
+The G completions of a prompt share it, so it is prefilled once, not G times: the prefill runs over the
+distinct prompts and its KV cache is then repeated G times along the batch (`batch_repeat_interleave`).
+The training forward (`completion_logprobs`) shares prompts the same way, with gradient: the prompt
+passes through the decoder once per distinct prompt, its keys and values are indexed out to every
+completion (autograd sums their gradients back), and only the completion tokens run per sequence. With
+prompts about as long as completions, as in the bundled tasks, that halves the update's compute.
+
 Layout: prompts p_0..p_{n-1} -> N = n * G sequences, group-contiguous (sequence j is completion j % G of
 prompt j // G), the layout `leantune.rl.advantages` expects.
 """
@@ -132,15 +139,16 @@ def sample_groups(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dev = head_w.device
 
-    prompt_ids = [ids for ids in _tokenize_prompts(tokenizer, prompts) for _ in range(group_size)]
+    distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
+    prompt_ids = [ids for ids in distinct for _ in range(group_size)]
     n = len(prompt_ids)
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((n, width), pad, dtype=torch.long, device=dev)  # (N, P) left-padded
-    attn = torch.zeros((n, width), dtype=torch.long, device=dev)
-    for i, ids in enumerate(prompt_ids):
+    width = max(len(p) for p in distinct)
+    input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
+    attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
+    for i, ids in enumerate(distinct):
         input_ids[i, width - len(ids):] = torch.tensor(ids, device=dev)
         attn[i, width - len(ids):] = 1
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding does not shift positions
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
@@ -152,10 +160,14 @@ def sample_groups(
     try:
         out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
                       **{cache_kw: cache})
-        next_pos = positions[:, -1] + 1  # (n,)
+        # one prefill per distinct prompt, then its cache rows and last hidden state G times (group-contiguous)
+        h = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)  # (n, H)
+        del out
+        cache.batch_repeat_interleave(group_size)
+        attn = attn.repeat_interleave(group_size, dim=0)  # (n, P)
+        next_pos = positions[:, -1].repeat_interleave(group_size) + 1  # (n,)
         steps = row_steps = 0
         for t in range(max_new_tokens):
-            h = out.last_hidden_state[:, -1].contiguous()  # (n, H); contiguous: F.linear's fast path
             logits = (h @ head_w.T).float() / temperature  # (n, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
             del logits
@@ -190,6 +202,7 @@ def sample_groups(
             attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
             out = decoder(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                           use_cache=True, **{cache_kw: cache})
+            h = out.last_hidden_state[:, -1].contiguous()  # (n, H); contiguous: F.linear's fast path
             next_pos = next_pos + 1
             steps += 1
     finally:
@@ -199,7 +212,7 @@ def sample_groups(
     return Rollouts(
         group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
         entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps,
-        seconds=time.perf_counter() - start_time,
+        seconds=time.perf_counter() - start_time, extra={"prefill_tokens": sum(len(p) for p in distinct)},
     )
 
 
@@ -226,43 +239,102 @@ def completion_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log pi(completion token | prefix) for B sequences, with gradient: (logps, entropy, mask), each (B, T).
 
-    One forward of prompt + completion (right-padded) through the decoder; only the hidden states that
-    predict completion tokens reach the LM head (`linear_token_logprobs`, chunked). T = the longest
-    completion; mask marks real completion tokens. Entropy carries no gradient.
+    Only the hidden states that predict completion tokens reach the LM head (`linear_token_logprobs`,
+    chunked). T = the longest completion; mask marks real completion tokens. Entropy carries no gradient.
+
+    With ``share_prompts`` (default) and repeated prompts (the G completions of a group), each distinct
+    prompt goes through the decoder once (`_prompt_shared_hidden`); otherwise, or when the decoder
+    checkpoints its layers (the cache it needs is dropped under checkpointing), one forward of prompt +
+    completion per sequence (`_joint_hidden`). Both give the same values and gradients (tested).
     """
     from leantune.losses import linear_token_logprobs
 
     lm = causal_lm(model)
+    decoder = lm.get_decoder()
     head_w = lm.get_output_embeddings().weight
     dev = head_w.device
     b = len(prompt_ids)
     t_max = max((len(c) for c in completion_ids), default=0)
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)  # (B, L) right-padded
-    attn = torch.zeros((b, width), dtype=torch.long, device=dev)
-    src_rows, src_cols, dst_cols, targets = [], [], [], []
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        seq = list(p) + list(c)
-        input_ids[i, : len(seq)] = torch.tensor(seq, device=dev)
-        attn[i, : len(seq)] = 1
-        for j, tok in enumerate(c):  # hidden at position len(p) + j - 1 predicts completion token j
-            src_rows.append(i)
-            src_cols.append(len(p) + j - 1)
-            dst_cols.append(j)
-            targets.append(tok)
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
-    rows = torch.tensor(src_rows, dtype=torch.long, device=dev)
-    picked = hidden[rows, torch.tensor(src_cols, dtype=torch.long, device=dev)]  # (K, H)
-    lp, ent = linear_token_logprobs(picked, head_w, torch.tensor(targets, dtype=torch.long, device=dev),
-                                    chunk_size=chunk_size, temperature=temperature)  # (K,), (K,)
-    cols = torch.tensor(dst_cols, dtype=torch.long, device=dev)
+    rows = torch.tensor([i for i, c in enumerate(completion_ids) for _ in c], dtype=torch.long, device=dev)  # (K,)
+    cols = torch.tensor([j for c in completion_ids for j in range(len(c))], dtype=torch.long, device=dev)  # (K,)
+    targets = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long, device=dev)  # (K,)
+    shared = share_prompts and len({tuple(p) for p in prompt_ids}) < b and t_max > 0
+    if shared and torch.is_grad_enabled() and decoder.training:
+        shared = not any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    if shared:
+        hidden = _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, T, H)
+        picked = hidden[rows, cols]  # (K, H)
+    else:
+        hidden = _joint_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, L, H)
+        starts = torch.tensor([len(prompt_ids[i]) - 1 for i in rows.tolist()], dtype=torch.long, device=dev)
+        picked = hidden[rows, starts + cols]  # (K, H): position len(p) + j - 1 predicts completion token j
+    lp, ent = linear_token_logprobs(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)  # (K,)
     logps = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), lp)  # (B, T)
     entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent.detach())
     mask = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), torch.ones_like(lp.detach()))
     return logps, entropy, mask
+
+
+def _joint_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> torch.Tensor:
+    """One forward of prompt + completion per sequence, right-padded: hidden states (B, L, H)."""
+    dev = decoder.get_input_embeddings().weight.device
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long, device=dev)  # (B, L)
+    attn = torch.zeros_like(input_ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        seq = list(p) + list(c)
+        input_ids[i, : len(seq)] = torch.tensor(seq, device=dev)
+        attn[i, : len(seq)] = 1
+    return decoder(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
+
+
+def _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> torch.Tensor:
+    """Hidden states (B, T, H) where [i, j] predicts completion token j of sequence i, each distinct prompt
+    run through the decoder once.
+
+    1. the U distinct prompts, right-padded (U, Pw), with a KV cache: the last real position of each
+       predicts its completions' first token;
+    2. the cache rows are indexed out to the B sequences (differentiable: the gradients of the G copies
+       add up in the shared prompt), and the completions minus their last token (B, T-1) run on top,
+       attending to their prompt's real positions only (the prompt's padding is masked), at positions
+       len(prompt) + j.
+    """
+    dev = decoder.get_input_embeddings().weight.device
+    index: dict[tuple[int, ...], int] = {}
+    src = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids], dtype=torch.long, device=dev)  # (B,)
+    distinct = list(index)
+    u, pw = len(distinct), max(len(p) for p in distinct)
+    p_ids = torch.full((u, pw), pad_id, dtype=torch.long, device=dev)  # (U, Pw) right-padded
+    p_attn = torch.zeros_like(p_ids)
+    for i, p in enumerate(distinct):
+        p_ids[i, : len(p)] = torch.tensor(p, device=dev)
+        p_attn[i, : len(p)] = 1
+    p_len = p_attn.sum(-1)  # (U,)
+    cache = DynamicCache()
+    kw = _cache_kwarg(decoder)
+    p_hidden = decoder(input_ids=p_ids, attention_mask=p_attn, position_ids=torch.arange(pw, device=dev).expand(u, pw),
+                       use_cache=True, **{kw: cache}).last_hidden_state  # (U, Pw, H)
+    first = p_hidden[torch.arange(u, device=dev), p_len - 1]  # (U, H)
+    parts = [first[src][:, None]]  # (B, 1, H)
+    tw = max(len(c) for c in completion_ids) - 1  # a completion's last token predicts nothing
+    if tw > 0:
+        b = len(prompt_ids)
+        cache.batch_select_indices(src)  # (U, ...) -> (B, ...) per layer
+        c_ids = torch.full((b, tw), pad_id, dtype=torch.long, device=dev)  # (B, T-1) right-padded
+        c_attn = torch.zeros_like(c_ids)
+        for i, c in enumerate(completion_ids):
+            if len(c) > 1:
+                c_ids[i, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+                c_attn[i, : len(c) - 1] = 1
+        attn = torch.cat([p_attn[src], c_attn], dim=1)  # (B, Pw + T-1): prompt padding masked out
+        positions = p_len[src][:, None] + torch.arange(tw, device=dev)[None]  # (B, T-1)
+        out = decoder(input_ids=c_ids, attention_mask=attn, position_ids=positions, use_cache=True, **{kw: cache})
+        parts.append(out.last_hidden_state)  # (B, T-1, H)
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
