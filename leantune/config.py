@@ -185,7 +185,8 @@ class TrainConfig(Section):
         description="glibc only: allocations of this many bytes or more are mmap'd and returned to the OS on free, "
         "which keeps peak RSS near the true working set (null: leave malloc alone). A memory-for-speed trade: measured "
         "on SmolLM2 LoRA SFT (seq 1024, batch 4) 3.05 GiB at 98 tokens/s with it, 5.82 GiB at 143 tokens/s with null. "
-        "RL sampling always runs with glibc's largest threshold.",
+        "RL steps (sampling and the short-sequence update) run with glibc's largest threshold and keep freed heap "
+        "pages for reuse (metering.heap_allocator), then this value is restored.",
     )
 
     @field_validator("activation_checkpointing")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -291,19 +294,50 @@ def test_ledger_records_unreadable_data_instead_of_crashing(tmp_path):
     assert "not a local path" in L.summarize_ledger(led)
 
 
-def test_sampling_allocator_restores_the_training_threshold(monkeypatch):
+def test_heap_allocator_restores_the_training_thresholds(monkeypatch):
     from leantune import metering
 
     calls = []
-    monkeypatch.setattr(metering, "set_malloc_mmap_threshold", lambda n: calls.append(n) or True)
-    with metering.sampling_allocator(131072):
-        assert calls == [metering.SAMPLING_MMAP_THRESHOLD]
-    assert calls == [metering.SAMPLING_MMAP_THRESHOLD, 131072]
+    monkeypatch.setattr(metering, "set_malloc_mmap_threshold", lambda n: calls.append(("mmap", n)) or True)
+    monkeypatch.setattr(metering, "set_malloc_trim_threshold", lambda n: calls.append(("trim", n)) or True)
+    monkeypatch.setattr(metering, "malloc_trim", lambda: calls.append(("malloc_trim",)) or True)
+    with metering.heap_allocator(131072):
+        assert calls == [("mmap", metering.HEAP_MMAP_THRESHOLD), ("trim", metering.HEAP_TRIM_THRESHOLD)]
+    assert calls[2:] == [("mmap", 131072), ("trim", metering.GLIBC_TRIM_THRESHOLD), ("malloc_trim",)]
     calls.clear()
-    with pytest.raises(RuntimeError), metering.sampling_allocator(4096):
+    with pytest.raises(RuntimeError), metering.heap_allocator(4096):
         raise RuntimeError("sampling failed")
-    assert calls[-1] == 4096  # restored on error too
+    assert calls[2:] == [("mmap", 4096), ("trim", metering.GLIBC_TRIM_THRESHOLD), ("malloc_trim",)]  # on error too
     calls.clear()
-    with metering.sampling_allocator(None):  # glibc left alone
+    with metering.heap_allocator(None):  # glibc left alone
         pass
     assert calls == []
+
+
+_REUSE_PROBE = """
+import resource, torch
+from leantune import metering
+assert metering.set_malloc_mmap_threshold(131072)
+def faults_of_reuse():
+    torch.empty(2**21).fill_(1.0)  # 8 MiB, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(2**21).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+outside = faults_of_reuse()  # each one a fresh mmap, faulted in 4 KiB page by page
+with metering.heap_allocator(131072):
+    faults_of_reuse()  # the heap grows to the working set once
+    inside = faults_of_reuse()
+print(outside, inside)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tunables")
+def test_heap_allocator_keeps_pages_for_reuse():
+    """On glibc, once the heap has grown to the working set, a freed 8 MiB buffer allocated again inside
+    ``heap_allocator`` faults (almost) no pages in. In a fresh process: glibc's choices depend on the heap's history."""
+    out = subprocess.run([sys.executable, "-c", _REUSE_PROBE], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    outside, inside = map(int, out.stdout.split())
+    assert outside > 5 * 1000 and inside < outside / 10

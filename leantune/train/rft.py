@@ -25,7 +25,7 @@ import yaml
 
 from leantune import ledger as ledger_mod
 from leantune.config import Recipe
-from leantune.metering import sampling_allocator, set_malloc_mmap_threshold
+from leantune.metering import heap_allocator, set_malloc_mmap_threshold
 from leantune.models.loading import resolve_source
 from leantune.rl.rollout import sample_groups
 from leantune.train.rl import build_rewards, load_prompt_pool
@@ -74,7 +74,7 @@ def train_rft(recipe: Recipe, *, quiet: bool = False, model=None, tokenizer=None
     for r in range(rft.rounds):
         k = rft.samples_per_prompt
         start = time.perf_counter()
-        with sampling_allocator(cfg.malloc_mmap_threshold):
+        with heap_allocator(cfg.malloc_mmap_threshold):
             ro = sample_groups(model, tokenizer, [p["prompt"] for p in pool], group_size=k,
                                max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
                                stop=rl.stop, is_complete=getattr(task, "is_complete", None), generator=generator)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm, trainable_state
 from leantune.config import Recipe, RecipeError, RLConfig
-from leantune.metering import sampling_allocator, set_malloc_mmap_threshold
+from leantune.metering import heap_allocator, set_malloc_mmap_threshold
 from leantune.models.loading import resolve_source
 from leantune.rl.advantages import ADVANTAGES
 from leantune.rl.losses import POLICY_LOSSES
@@ -452,20 +452,22 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
     row: dict = {}
     while step < cfg.steps:
         t0 = time.perf_counter()
-        with sampling_allocator(cfg.malloc_mmap_threshold):
+        # sampling and the short-sequence update reuse the same mid-size buffers: keep them on the heap
+        with heap_allocator(cfg.malloc_mmap_threshold):
             batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl, step,
                                   generator)
+            if zo:
+                upd = zeroth_order_update(model, tokenizer, optimizer, scheduler, batch, reward_fn, task, rl, generator)
+            else:
+                upd = policy_update(model, optimizer, scheduler, batch, rl, pad_id=pad_id,
+                                    micro_batch=cfg.micro_batch_size, chunk_size=recipe.loss.chunk_size,
+                                    max_grad_norm=recipe.optim.max_grad_norm)
         s = batch.stats
         if zo:
-            with sampling_allocator(cfg.malloc_mmap_threshold):
-                upd = zeroth_order_update(model, tokenizer, optimizer, scheduler, batch, reward_fn, task, rl, generator)
             for k in ("zo_rollouts", "zo_tokens_generated", "zo_prompt_tokens"):
                 totals[k] = totals.get(k, 0) + upd[k]
             totals["tokens_generated"] += upd["zo_tokens_generated"]  # real work: counted in FLOPs and tokens
             totals["prompt_tokens"] += upd["zo_prompt_tokens"]
-        else:
-            upd = policy_update(model, optimizer, scheduler, batch, rl, pad_id=pad_id, micro_batch=cfg.micro_batch_size,
-                                chunk_size=recipe.loss.chunk_size, max_grad_norm=recipe.optim.max_grad_norm)
         step += 1
         dt = time.perf_counter() - t0
         totals["elapsed_s"] += dt
