@@ -7,7 +7,7 @@ from the same SFT LoRA adapter (trainable) on the same base, with the same promp
 prompts per update, completion budget, temperature, learning rate, optimizer (AdamW, constant lr,
 grad clip 1.0), micro-batch, dtype and number of policy updates (optimizer steps). Each runner is its
 own subprocess with 1 torch thread (default), and ends with a greedy held-out accuracy
-(`leantune.eval.evaluate.task_accuracy`, the same 50 test problems) of its final policy.
+(`leantune.eval.evaluate.task_accuracy`, the same 200 test problems) of its final policy.
 
 Runners (``--only NAME[,NAME...]``):
 
@@ -185,6 +185,12 @@ def prepare(spec: dict, meter: Meter) -> dict:
                "sft_seconds": round(sft_s, 1), "accuracy": acc["accuracy"], "correct": acc["correct"],
                "problems": acc["problems"], "examples": acc["examples"]}
         cache.write_text(json.dumps(sft, indent=1))
+    if sft["problems"] != spec["eval_problems"]:  # cached adapter, measured on another number of problems
+        model, tok = load_for_eval(spec["sft_dir"])
+        acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
+        sft.update(accuracy=acc["accuracy"], correct=acc["correct"], problems=acc["problems"], examples=acc["examples"])
+        cache.write_text(json.dumps(sft, indent=1))
+        del model
     # The prompt pool leantune builds from rl.task (train split, seed 0), in the order its PromptStream
     # walks it: TRL gets exactly the prompts of leantune_plain's updates, in order, unshuffled.
     pool = get_task(TASK).generate(spec["num_prompts"], seed=0, split="train")
@@ -557,7 +563,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate (recipes/rl_smollm2_addition.yaml)")
     p.add_argument("--num-prompts", type=int, default=512, help="training prompt pool (rl.num_prompts)")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the shared starting adapter (20; quick 40)")
-    p.add_argument("--eval-problems", type=int, default=None, help="held-out problems, greedy (50; quick 20)")
+    p.add_argument("--eval-problems", type=int, default=None, help="held-out problems, greedy (200; quick 20)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
                    help="base weights dtype in both runners (auto, the recipes' choice: bfloat16 where this machine "
                    "runs it faster, else float32; quick float32)")
@@ -573,7 +579,7 @@ def parse_args(argv=None):
     args.steps = args.steps or (3 if args.quick else 8)
     args.prompts_per_step = args.prompts_per_step or (4 if args.quick else 8)
     args.sft_steps = args.sft_steps or (40 if args.quick else 20)
-    args.eval_problems = args.eval_problems or (20 if args.quick else 50)
+    args.eval_problems = args.eval_problems or (20 if args.quick else 200)
     args.dtype = args.dtype or ("float32" if args.quick else "auto")
     if (args.prompts_per_step * args.group_size) % args.micro_batch:
         p.error("--micro-batch must divide prompts-per-step x group-size (TRL's accumulation needs it)")

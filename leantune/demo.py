@@ -45,6 +45,9 @@ DEMO_RL = {
 # With --rl every accuracy (before, after SFT, after RL) is measured on more held-out problems: after SFT
 # the model already solves ~94% of 50, and one problem is 2 points, so a change of a few problems is noise.
 DEMO_RL_EVAL_PROBLEMS = 200
+# ... and the accuracy RL optimizes: sampled completions at the RL temperature (pass@1 over problems x samples).
+DEMO_RL_SAMPLED = {"num_problems": 100, "samples": 4}
+QUICK_RL_SAMPLED = {"num_problems": 4, "samples": 2}
 QUICK_RL = {"train": {"steps": 2, "micro_batch_size": 4}, "rl": {"group_size": 2, "prompts_per_step": 2,
                                                                   "max_new_tokens": 8, "max_sampling_rounds": 1}}
 
@@ -125,7 +128,7 @@ def run_demo(out: Path, quick: bool = False, rl: bool = False) -> dict:
     print(summarize_ledger(result.ledger))
     rl_summary = {}
     if rl:
-        rl_summary = _rl_phase(raw, out, quick, result, ev)
+        rl_summary = _rl_phase(raw, out, quick, result, ev, after)
     summary = {
         "model": recipe.model.path,
         "accuracy_before": before["accuracy"],
@@ -142,12 +145,13 @@ def run_demo(out: Path, quick: bool = False, rl: bool = False) -> dict:
     return summary
 
 
-def _rl_phase(raw: dict, out: Path, quick: bool, sft, ev) -> dict:
-    """DAPO on the same task, starting from the SFT adapter in memory; accuracy again at the end."""
+def _rl_phase(raw: dict, out: Path, quick: bool, sft, ev, sft_greedy: dict) -> dict:
+    """DAPO on the same task, starting from the SFT adapter in memory; accuracy again at the end, greedy
+    and sampled at the RL temperature (the policy RL trains), each before and after the RL phase."""
     import shutil
 
     from leantune.adapters.lora import save_adapter
-    from leantune.eval.evaluate import task_accuracy
+    from leantune.eval.evaluate import sampled_accuracy, task_accuracy
     from leantune.ledger import summarize_ledger
     from leantune.train.rl import train_rl
 
@@ -160,14 +164,24 @@ def _rl_phase(raw: dict, out: Path, quick: bool, sft, ev) -> dict:
         shutil.rmtree(run_dir)
     rl_raw["train"]["output_dir"] = str(run_dir)
     recipe = recipe_from_dict(rl_raw)
+    sampled_kw = dict(QUICK_RL_SAMPLED if quick else DEMO_RL_SAMPLED, temperature=recipe.rl.temperature,
+                      max_new_tokens=ev.max_new_tokens)
+    sampled_before = sampled_accuracy(sft.model, sft.tokenizer, ev.task, **sampled_kw)
+    print(f"[demo] sampled accuracy after fine-tuning (T={recipe.rl.temperature}): pass@1 "
+          f"{sampled_before['pass@1']:.1%} over {sampled_before['problems']} problems x {sampled_before['samples']}")
     print(f"[demo] RL phase: {recipe.rl.loss}, {recipe.train.steps} steps x {recipe.rl.prompts_per_step} prompts x "
           f"{recipe.rl.group_size} samples, dynamic sampling + prompt selection")
     result = train_rl(recipe, model=sft.model, tokenizer=sft.tokenizer)
     after = task_accuracy(result.model, result.tokenizer, ev.task, num_problems=ev.num_problems,
                           max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+    sampled_after = sampled_accuracy(result.model, result.tokenizer, ev.task, **sampled_kw)
     adapter_dir = save_adapter(result.model, out / "adapter-rl")
-    print(f"[demo] accuracy after RL:           {after['accuracy']:.1%} ({after['correct']}/{after['problems']})")
     print(summarize_ledger(result.ledger))
+    print(f"[demo] accuracy after RL:           {after['accuracy']:.1%} ({after['correct']}/{after['problems']}), "
+          f"greedy; was {sft_greedy['accuracy']:.1%} after fine-tuning")
+    print(f"[demo] sampled accuracy after RL (T={recipe.rl.temperature}): pass@1 {sampled_after['pass@1']:.1%}; "
+          f"was {sampled_before['pass@1']:.1%} after fine-tuning")
     roll = result.ledger["totals"]["rollouts"]
-    return {"accuracy_after_rl": after["accuracy"], "rl_wall_s": result.ledger["totals"]["wall_time_s"],
-            "rl_rollouts": roll, "adapter_rl": str(adapter_dir), "rl_run_dir": str(run_dir)}
+    return {"accuracy_after_rl": after["accuracy"], "sampled_after_sft": sampled_before, "sampled_after_rl": sampled_after,
+            "rl_wall_s": result.ledger["totals"]["wall_time_s"], "rl_rollouts": roll, "adapter_rl": str(adapter_dir),
+            "rl_run_dir": str(run_dir)}

@@ -29,6 +29,11 @@ def test_quick_demo_with_rl_phase(tmp_path, capsys):
     assert "accuracy after RL" in out
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert 0.0 <= summary["accuracy_after_rl"] <= 1.0
+    for key in ("sampled_after_sft", "sampled_after_rl"):  # the accuracy RL optimizes, before and after
+        sampled = summary[key]
+        assert (sampled["problems"], sampled["samples"]) == (4, 2)
+        assert 0.0 <= sampled["pass@1"] <= sampled["pass@2"] <= 1.0
+    assert "sampled accuracy after RL" in out
     roll = summary["rl_rollouts"]
     assert roll["rollouts_generated"] > 0 and roll["rollouts_used"] <= roll["rollouts_generated"]
     ledger = json.loads((tmp_path / "rl-run" / "ledger.json").read_text())

@@ -194,6 +194,29 @@ def test_sampling_builds_no_autograd_graph(policy):
     assert len(seen) >= 2 and not any(seen)
 
 
+def test_sampled_accuracy_counts_the_seeded_samples(policy, monkeypatch):
+    """pass@1 / pass@k equal a count over the same seeded rollouts (chunks of 2 prompts), verified by the task."""
+    from leantune.eval.evaluate import sampled_accuracy
+    from leantune.tasks import get_task
+
+    model, tok = policy
+    task = get_task("addition")
+    # a random tiny model never answers right: a stub verdict that both outcomes can reach
+    monkeypatch.setattr(task, "verify", lambda completion, answer: completion.count("1") % 2 == 0)
+    got = sampled_accuracy(model, tok, "addition", num_problems=5, samples=3, seed=3, max_new_tokens=6,
+                           prompts_per_batch=2)
+    problems = task.generate(5, seed=3, split="test")
+    g = torch.Generator().manual_seed(3)
+    ok = []
+    for i in range(0, 5, 2):
+        ro = sample_groups(model, tok, [p["prompt"] for p in problems[i : i + 2]], group_size=3, max_new_tokens=6,
+                           is_complete=getattr(task, "is_complete", None), generator=g)
+        ok += [t.count("1") % 2 == 0 for t in ro.texts]
+    assert len(ok) == 15 and 0 < sum(ok) < 15
+    assert got["pass@1"] == sum(ok) / 15
+    assert got["pass@3"] == sum(any(ok[3 * j : 3 * j + 3]) for j in range(5)) / 5
+
+
 def test_sampling_is_seeded(policy):
     model, tok = policy
     a = sample_groups(model, tok, ["x"], group_size=3, max_new_tokens=6, generator=torch.Generator().manual_seed(5))

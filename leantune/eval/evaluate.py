@@ -86,6 +86,44 @@ def task_accuracy(model, tokenizer, task: str, *, num_problems: int = 50, seed: 
     }
 
 
+def sampled_accuracy(model, tokenizer, task: str, *, num_problems: int = 100, samples: int = 4,
+                     temperature: float = 1.0, seed: int = 1234, max_new_tokens: int = 48,
+                     prompts_per_batch: int = 8) -> dict:
+    """pass@1 and pass@``samples`` of *sampled* completions on the same held-out problems as `task_accuracy`.
+
+    RL optimizes the policy it samples from (here at ``temperature``), so this is the accuracy an RL phase
+    is expected to move; greedy accuracy follows only once the sampled mode itself changes. pass@1 is the
+    fraction of all ``num_problems x samples`` completions that verify; pass@k the fraction of problems with
+    at least one. Sampling is seeded (``seed``) and stops early as in RL (`leantune.rl.rollout.sample_groups`).
+    """
+    import torch
+
+    from leantune.rl.rollout import sample_groups
+    from leantune.tasks import get_task
+
+    t = get_task(task)
+    problems = t.generate(num_problems, seed=seed, split="test")
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    correct: list[bool] = []
+    for i in range(0, len(problems), prompts_per_batch):
+        chunk = problems[i : i + prompts_per_batch]
+        ro = sample_groups(model, tokenizer, [p["prompt"] for p in chunk], group_size=samples,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           is_complete=getattr(t, "is_complete", None), generator=generator)
+        correct += [bool(t.verify(text, chunk[j // samples]["answer"])) for j, text in enumerate(ro.texts)]
+    per_problem = [any(correct[j * samples : (j + 1) * samples]) for j in range(len(problems))]
+    return {
+        "task": task,
+        "temperature": temperature,
+        "samples": samples,
+        "problems": len(problems),
+        "pass@1": sum(correct) / max(1, len(correct)),
+        f"pass@{samples}": sum(per_problem) / max(1, len(per_problem)),
+        "eval_seconds": time.perf_counter() - start,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading what a run produced
 
