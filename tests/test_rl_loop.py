@@ -302,7 +302,30 @@ def test_dropped_groups_are_billed_for_their_prompt_tokens(tiny_chat_model_dir, 
     tok = tiny_tokenizer(chat_template=True)
     want = 4 * sum(len(ids) for ids in _tokenize_prompts(tok, sampled))
     assert roll["prompt_tokens"] == want
+    assert roll["prefill_tokens"] == want // 4  # each distinct prompt prefilled once for its G=4 completions
     assert result.ledger["totals"]["tokens_processed"] == roll["tokens_generated"] + want
+
+
+def test_update_bills_each_distinct_prompt_once_per_micro_batch(policy):
+    """The ledger's update tokens are what ran: a micro-batch's distinct prompts once, plus every completion."""
+    from leantune.config import RLConfig
+    from leantune.train.rl import Batch, policy_update
+
+    model, tok = policy
+    p0, p1 = [5, 6, 7, 8, 9], [10, 11]
+    comps = [[3, 4], [5], [6, 7, 8], [9, 10]]
+    batch = Batch([p0, p0, p1, p1], comps, [1.0, 0.0, 1.0, 0.0], [True, False, True, False], [False] * 4,
+                  [""] * 4, {})
+    rl = RLConfig(group_size=2, prompts_per_step=2)
+    optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    one = policy_update(model, optimizer, scheduler, batch, rl, pad_id=tok.pad_token_id, micro_batch=4,
+                        chunk_size=8, max_grad_norm=None)
+    two = policy_update(model, optimizer, scheduler, batch, rl, pad_id=tok.pad_token_id, micro_batch=1,
+                        chunk_size=8, max_grad_norm=None)
+    assert one["tokens_trained"] == two["tokens_trained"] == 8
+    assert one["update_tokens"] == len(p0) + len(p1) + 8  # one micro-batch: each prompt once
+    assert two["update_tokens"] == 2 * len(p0) + 2 * len(p1) + 8  # a micro-batch per sequence
 
 
 def test_prompt_selection_skips_then_readmits(policy, prompts_file, tmp_path):

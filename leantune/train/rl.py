@@ -178,7 +178,7 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
     s = dict(rollouts=0, tokens_generated=0, groups=0, zero_variance_groups=0, prompts_skipped=0,
              rounds=0, rollout_seconds=0.0, entropy_sum=0.0, high_entropy=0, reward_sum=0.0,
              reward_sq=0.0, correct=0, pass_at_k_sum=0.0, truncated=0, decode_steps=0, entropy_filtered=0,
-             prompt_tokens=0)
+             prompt_tokens=0, prefill_tokens=0)
     while len(keep.rewards) < rl.prompts_per_step * g and s["rounds"] < rl.max_sampling_rounds:
         need = rl.prompts_per_step - len(keep.rewards) // g
         want = need if rl.entropy_filter is None else max(need, math.ceil(need / rl.entropy_filter))
@@ -213,7 +213,8 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
         s["rounds"] += 1
         s["rollouts"] += len(ro)
         s["tokens_generated"] += ro.tokens_generated
-        s["prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)  # prefilled for every rollout, kept or dropped
+        s["prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)  # the prompt of every rollout, kept or dropped
+        s["prefill_tokens"] += ro.extra.get("prefill_tokens", 0)  # what ran: each distinct prompt once
         s["rollout_seconds"] += ro.seconds
         s["decode_steps"] += ro.decode_steps
         s["groups"] += len(cand)
@@ -267,13 +268,14 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     # Sequences that carry gradient: non-zero advantage (or any, when the KL term is on), not masked, not empty.
     active = [i for i in range(n) if use[i] and lengths[i] > 0 and (rl.beta > 0 or adv[i] != 0)]
     params = [p for p in model.parameters() if p.requires_grad]
+    micro = [active[i : i + micro_batch] for i in range(0, len(active), micro_batch)]
+    # tokens through the decoder: a micro-batch's distinct prompts once each (completion_logprobs shares them)
+    ran = sum(len(p) for idx in micro for p in {tuple(batch.prompt_ids[i]) for i in idx}) + sum(lengths[i] for i in active)
     out = dict(loss=0.0, clip_fraction=0.0, kl=0.0, grad_norm=0.0, sequences_trained=len(active),
                tokens_trained=sum(lengths[i] for i in active) * rl.updates_per_batch,
-               update_tokens=sum(len(batch.prompt_ids[i]) + lengths[i] for i in active) * rl.updates_per_batch,
-               overlong_masked=sum(not u for u in use))
+               update_tokens=ran * rl.updates_per_batch, overlong_masked=sum(not u for u in use))
     if not active:
         return out
-    micro = [active[i : i + micro_batch] for i in range(0, len(active), micro_batch)]
     ctx = model.disable_adapter if hasattr(model, "disable_adapter") else None
 
     def logps_of(idx, grad: bool):
@@ -335,7 +337,7 @@ def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, re
     extra rounds of sampling on the kept prompts; they are counted in the ledger.
     """
     out = dict(loss=0.0, clip_fraction=0.0, kl=0.0, grad_norm=0.0, sequences_trained=0, tokens_trained=0,
-               update_tokens=0, overlong_masked=0, zo_rollouts=0, zo_tokens_generated=0, zo_prompt_tokens=0,
+               update_tokens=0, overlong_masked=0, zo_rollouts=0, zo_tokens_generated=0, zo_prompt_tokens=0, zo_prefill_tokens=0,
                zo_reward_plus=None, zo_reward_minus=None)
     if not batch.rows:
         return out
@@ -352,6 +354,7 @@ def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, re
         out["zo_rollouts"] += len(ro)
         out["zo_tokens_generated"] += ro.tokens_generated
         out["zo_prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)
+        out["zo_prefill_tokens"] += ro.extra.get("prefill_tokens", 0)
         rewards = reward_fn([p for p in prompts for _ in range(g)], ro.texts, completion_ids=ro.completion_ids, **fields)
         return -sum(float(x) for x in rewards) / len(rewards)
 
@@ -413,7 +416,7 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
     totals = {k: 0 for k in ("rollouts_generated", "rollouts_used", "tokens_generated", "tokens_trained",
                              "zero_variance_rollouts_dropped", "prompt_selection_rollouts_saved",
                              "overlong_rollouts_masked", "early_stop_tokens_saved", "entropy_filter_rollouts_saved",
-                             "prompt_tokens", "update_tokens")}
+                             "prompt_tokens", "prefill_tokens", "update_tokens")}
     totals["elapsed_s"] = 0.0
     totals["rollout_s"] = 0.0
     metrics_path = run_dir / "metrics.jsonl"
@@ -468,6 +471,7 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
                 totals[k] = totals.get(k, 0) + upd[k]
             totals["tokens_generated"] += upd["zo_tokens_generated"]  # real work: counted in FLOPs and tokens
             totals["prompt_tokens"] += upd["zo_prompt_tokens"]
+            totals["prefill_tokens"] = totals.get("prefill_tokens", 0) + upd["zo_prefill_tokens"]
         step += 1
         dt = time.perf_counter() - t0
         totals["elapsed_s"] += dt
@@ -477,7 +481,8 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         totals["tokens_generated"] += s["tokens_generated"]
         totals["tokens_trained"] += upd["tokens_trained"]
         totals["update_tokens"] += upd["update_tokens"]
-        totals["prompt_tokens"] += s["prompt_tokens"]  # of every rollout generated: the rollouts' bill
+        totals["prompt_tokens"] += s["prompt_tokens"]  # of every rollout generated
+        totals["prefill_tokens"] = totals.get("prefill_tokens", 0) + s["prefill_tokens"]  # what the prefill ran
         totals["zero_variance_rollouts_dropped"] += s["zero_variance_groups"] * g if rl.dynamic_sampling else 0
         totals["prompt_selection_rollouts_saved"] += s["prompts_skipped"] * g
         totals["entropy_filter_rollouts_saved"] += s["entropy_filtered"] * g
@@ -522,13 +527,14 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         energy_report["joules"] += prior_joules
         energy_report["note"] = "includes earlier segments of this run (resumed from a checkpoint)"
     lm = causal_lm(model)
-    # FLOPs: rollouts are one forward pass over prompt + generated tokens (the LM head only on the rows
-    # that sample); the update is forward + backward over prompt + completion of the sequences trained,
-    # the LM head on completion tokens only (LoRA-aware, as for SFT). No-grad reference/old-policy passes
-    # (rl.beta > 0, rl.updates_per_batch > 1) are not counted.
+    # FLOPs: rollouts are one forward pass over the prefilled prompts (each distinct prompt once) and the
+    # generated tokens (the LM head only on the rows that sample); the update is forward + backward over
+    # each micro-batch's distinct prompts and the completions of the sequences trained, the LM head on
+    # completion tokens only (LoRA-aware, as for SFT). No-grad reference/old-policy passes (rl.beta > 0,
+    # rl.updates_per_batch > 1) are not counted.
     seq = rl.max_new_tokens + totals["prompt_tokens"] / max(1, totals["rollouts_generated"] + totals.get("zo_rollouts", 0))
     rollout = ledger_mod.zeroth_order_flops(
-        ledger_mod.flops_from_model(model, tokens=totals["tokens_generated"] + totals["prompt_tokens"],
+        ledger_mod.flops_from_model(model, tokens=totals["tokens_generated"] + totals.get("prefill_tokens", 0),
                                     loss_tokens=totals["tokens_generated"], seq_len=round(seq)), forward_passes=1)
     update = ledger_mod.flops_from_model(model, tokens=totals["update_tokens"], loss_tokens=totals["tokens_trained"],
                                          seq_len=round(seq))
