@@ -321,12 +321,13 @@ assert metering.set_malloc_mmap_threshold(131072)
 def faults_of_reuse():
     torch.empty(2**21).fill_(1.0)  # 8 MiB, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(20):
         torch.empty(2**21).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 outside = faults_of_reuse()  # each one a fresh mmap, faulted in 4 KiB page by page
 with metering.heap_allocator(131072):
-    faults_of_reuse()  # the heap grows to the working set once
+    faults_of_reuse()  # the heap grows to the working set
+    faults_of_reuse()
     inside = faults_of_reuse()
 print(outside, inside)
 """
@@ -340,4 +341,4 @@ def test_heap_allocator_keeps_pages_for_reuse():
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     outside, inside = map(int, out.stdout.split())
-    assert outside > 5 * 1000 and inside < outside / 10
+    assert outside > 20 * 1000 and inside < outside / 5  # ~41k faults outside; inside 0 or one buffer's 2k
