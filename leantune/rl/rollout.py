@@ -279,16 +279,22 @@ def completion_logprobs(
     return logps, entropy, mask
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device):
+    """Token lists -> (ids, attention mask), each (B, longest) long, right-padded with ``pad_id``."""
+    width = max((len(x) for x in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        if len(seq):
+            ids[i, : len(seq)] = torch.tensor(list(seq), device=device)
+            attn[i, : len(seq)] = 1
+    return ids, attn
+
+
 def _joint_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> torch.Tensor:
     """One forward of prompt + completion per sequence, right-padded: hidden states (B, L, H)."""
     dev = decoder.get_input_embeddings().weight.device
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long, device=dev)  # (B, L)
-    attn = torch.zeros_like(input_ids)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        seq = list(p) + list(c)
-        input_ids[i, : len(seq)] = torch.tensor(seq, device=dev)
-        attn[i, : len(seq)] = 1
+    input_ids, attn = _right_padded([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], pad_id, dev)
     return decoder(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
 
 
@@ -307,12 +313,8 @@ def _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> t
     index: dict[tuple[int, ...], int] = {}
     src = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids], dtype=torch.long, device=dev)  # (B,)
     distinct = list(index)
-    u, pw = len(distinct), max(len(p) for p in distinct)
-    p_ids = torch.full((u, pw), pad_id, dtype=torch.long, device=dev)  # (U, Pw) right-padded
-    p_attn = torch.zeros_like(p_ids)
-    for i, p in enumerate(distinct):
-        p_ids[i, : len(p)] = torch.tensor(p, device=dev)
-        p_attn[i, : len(p)] = 1
+    p_ids, p_attn = _right_padded(distinct, pad_id, dev)  # (U, Pw)
+    u, pw = p_ids.shape
     p_len = p_attn.sum(-1)  # (U,)
     cache = DynamicCache()
     kw = _cache_kwarg(decoder)
@@ -322,14 +324,8 @@ def _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> t
     parts = [first[src][:, None]]  # (B, 1, H)
     tw = max(len(c) for c in completion_ids) - 1  # a completion's last token predicts nothing
     if tw > 0:
-        b = len(prompt_ids)
         cache.batch_select_indices(src)  # (U, ...) -> (B, ...) per layer
-        c_ids = torch.full((b, tw), pad_id, dtype=torch.long, device=dev)  # (B, T-1) right-padded
-        c_attn = torch.zeros_like(c_ids)
-        for i, c in enumerate(completion_ids):
-            if len(c) > 1:
-                c_ids[i, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-                c_attn[i, : len(c) - 1] = 1
+        c_ids, c_attn = _right_padded([c[:-1] for c in completion_ids], pad_id, dev)  # (B, T-1)
         attn = torch.cat([p_attn[src], c_attn], dim=1)  # (B, Pw + T-1): prompt padding masked out
         positions = p_len[src][:, None] + torch.arange(tw, device=dev)[None]  # (B, T-1)
         out = decoder(input_ids=c_ids, attention_mask=attn, position_ids=positions, use_cache=True, **{kw: cache})
@@ -353,12 +349,7 @@ def prompt_entropy(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for s in range(0, len(ids), batch_size):
             chunk = ids[s : s + batch_size]
-            width = max(len(x) for x in chunk)
-            x = torch.full((len(chunk), width), pad, dtype=torch.long, device=head_w.device)
-            attn = torch.zeros_like(x)
-            for i, seq in enumerate(chunk):
-                x[i, : len(seq)] = torch.tensor(seq)
-                attn[i, : len(seq)] = 1
+            x, attn = _right_padded(chunk, pad, head_w.device)
             hidden = lm.get_decoder()(input_ids=x, attention_mask=attn, use_cache=False).last_hidden_state
             for i, seq in enumerate(chunk):
                 logp = torch.log_softmax((hidden[i, : len(seq)] @ head_w.T).float(), -1)  # (P, V)
