@@ -29,12 +29,13 @@ class UserError(Exception):
 
 
 def _user_errors():
+    from leantune.allocator import AllocatorError
     from leantune.config import RecipeError
     from leantune.models.loading import ModelLoadError
     from leantune.plan.model_shape import PlanError
 
-    errors: list[type[BaseException]] = [RecipeError, ModelLoadError, PlanError, UserError, FileExistsError,
-                                         FileNotFoundError]
+    errors: list[type[BaseException]] = [RecipeError, ModelLoadError, PlanError, UserError, AllocatorError,
+                                         FileExistsError, FileNotFoundError]
     try:
         from leantune.data.records import DataError
 
@@ -287,13 +288,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _switch_allocator(args, argv: list[str]) -> None:
+    """train / rl / rft / demo: re-execute this command on the recipe's ``train.allocator`` (a caching malloc,
+    ``leantune.allocator``) before any work starts. A recipe that does not load is left to the command to
+    report."""
+    from leantune.allocator import reexec_with
+
+    if args.command in ("train", "rl", "rft"):
+        from leantune.config import load_recipe
+
+        try:
+            choice = load_recipe(args.recipe, args.overrides).train.allocator
+        except Exception:  # noqa: BLE001 -- the command itself reports a bad recipe, with file:line
+            return
+    elif args.command == "demo":
+        from leantune.config import TrainConfig
+
+        choice = TrainConfig().allocator
+    else:
+        return
+    reexec_with(choice, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Called without ``argv`` (the ``leantune`` program itself), train / rl / rft / demo
+    first switch to the recipe's malloc by re-executing; called with ``argv`` (tests, scripts), never."""
     import warnings
 
     # PEFT still calls transformers' deprecated alias; the warning says nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    program = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if program:
+            _switch_allocator(args, argv)
         return args.func(args)
     except _user_errors() as err:
         print(f"leantune: error: {err}", file=sys.stderr)

@@ -27,12 +27,13 @@ from typing import Any, Iterable
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 _CHUNK = 1 << 20  # 1 MiB reads keep hashing memory flat for multi-GB weight files
 
+from leantune.allocator import active as allocator_active
 from leantune.flops import (  # noqa: F401
-    zeroth_order_flops,
     decoder_body_params,
     estimate_train_flops,
     flops_from_model,
     model_param_counts,
+    zeroth_order_flops,
 )
 from leantune.metering import EnergyMeter, PeakMemory, hardware_info, library_versions  # noqa: F401
 
@@ -262,6 +263,7 @@ def build_ledger(
         "data_sha256": {str(p): _safe_sha(str(p)) for p in data_files if p},
         "versions": library_versions(),
         "hardware": hardware_info(),
+        "malloc": allocator_active(),
         "totals": tot,
         "per_token": per_token,
         "flops": flops,
@@ -302,7 +304,8 @@ def summarize_ledger(ledger: dict) -> str:
 
     rows = [
         ("run", f"leantune {v.get('leantune', '?')}, torch {v.get('torch', '?')}, seed {ledger.get('seed')}"
-         + (f", {ledger['compute_dtype']}" if ledger.get("compute_dtype") else "")),
+         + (f", {ledger['compute_dtype']}" if ledger.get("compute_dtype") else "")
+         + (f", malloc: {ledger['malloc']}" if ledger.get("malloc") else "")),
         ("hardware", f"{hw.get('cpu', '?')} ({hw.get('usable_cores', '?')} cores), {format_bytes(hw.get('ram_bytes'))} RAM, {gpus}"),
         ("steps", num(t.get("steps"))),
         ("tokens", f"{num(t.get('tokens_processed'))} processed, {num(t.get('trainable_tokens'))} trainable"),

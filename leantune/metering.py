@@ -116,11 +116,14 @@ def hardware_info() -> dict:
 
 
 def _glibc_function(name: str):
-    """A function of the C library when it is glibc's (Linux), else None (macOS, musl, Windows)."""
+    """A malloc-tuning function of glibc when glibc's malloc serves this process, else None: off Linux (macOS,
+    musl, Windows) and under a preloaded malloc (``leantune.allocator``), which glibc's knobs do not reach."""
     import ctypes
     import ctypes.util
 
-    if sys.platform != "linux":
+    from leantune.allocator import active
+
+    if sys.platform != "linux" or active() != "system":
         return None
     try:
         return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
