@@ -444,6 +444,9 @@ def child_main(spec_path: str) -> None:
         else:
             out.update(run_leantune(spec, meter))
         out["status"] = "ok"
+        from leantune.allocator import active
+
+        out["malloc"] = active()
     except Exception as err:  # report, do not crash the whole benchmark
         import traceback
 
@@ -469,6 +472,10 @@ def run_child(spec: dict, timeout_s: float) -> dict:
                MKL_NUM_THREADS=str(spec["threads"]), PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore")
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if spec["runner"] != "prepare":  # leantune runners on its train.allocator; TRL as its users run it
+        from leantune.allocator import preload_env
+
+        env = preload_env(spec["peer_allocator"] if spec["runner"] == "trl" else spec["allocator"], base=env)
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
                               stdout=sys.stderr, stderr=sys.stderr, env=env, timeout=timeout_s)
@@ -571,6 +578,11 @@ def parse_args(argv=None):
     p.add_argument("--only", action="append", default=[],
                    help=f"runners to run, comma-separated (default {','.join(DEFAULT_RUNNERS)}; also "
                    f"{','.join(v for v in VARIANTS if v not in DEFAULT_RUNNERS)})")
+    p.add_argument("--allocator", default="auto", choices=["auto", "system", "jemalloc", "tbbmalloc"],
+                   help="malloc of the leantune runners, as train.allocator picks it for the leantune command "
+                   "(default auto: jemalloc if installed, else tbbmalloc)")
+    p.add_argument("--peer-allocator", default="system", choices=["auto", "system", "jemalloc", "tbbmalloc"],
+                   help="malloc of the TRL runner (default: the system's, as its users run it)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per runner before it is killed")
     p.add_argument("--work-dir", default=None,
                    help="data, the cached SFT adapter and run directories (default runs/bench_rl_vs_trl[_quick])")
@@ -621,7 +633,8 @@ def main(argv=None) -> int:
             "prompts_per_step": args.prompts_per_step, "micro_batch": args.micro_batch,
             "max_new_tokens": args.max_new_tokens, "lr": args.lr, "num_prompts": args.num_prompts,
             "sft_steps": args.sft_steps, "eval_problems": args.eval_problems, "dtype": args.dtype,
-            "threads": args.threads, "tiny_dir": str(work / "tiny-model"), "sft_dir": str(work / "sft")}
+            "threads": args.threads, "tiny_dir": str(work / "tiny-model"), "sft_dir": str(work / "sft"),
+            "allocator": args.allocator, "peer_allocator": args.peer_allocator}
     t_start, load_start = time.perf_counter(), loadavg()
     log(f"work dir {work}; runners {wanted}; load {load_start}")
     prep = run_child({**base, "runner": "prepare"}, args.timeout)
@@ -639,7 +652,7 @@ def main(argv=None) -> int:
             s = r["summary"]
             log(f"{name}: {s['time_per_update_s']:.1f} s/update (rollout share {s['rollout_share']:.2f}), "
                 f"{s['rollouts_generated']} rollouts, {s['rollouts_trained']} trained, "
-                f"accuracy {s['final_accuracy']:.2f}, contention {r.get('contention')}")
+                f"accuracy {s['final_accuracy']:.2f}, malloc {r.get('malloc')}, contention {r.get('contention')}")
         else:
             log(f"{name}: {r.get('status')}: {r.get('error')}")
     result = {
@@ -648,7 +661,8 @@ def main(argv=None) -> int:
         "model": "tiny random (leantune.models.tiny, 2 layers, hidden 64)" if args.quick
         else f"{MODEL_BUILTIN} (GGUF dequantized, {args.dtype})",
         "settings": {k: base[k] for k in ("steps", "group_size", "prompts_per_step", "micro_batch", "max_new_tokens",
-                                          "lr", "num_prompts", "eval_problems", "dtype", "threads")}
+                                          "lr", "num_prompts", "eval_problems", "dtype", "threads",
+                                          "allocator", "peer_allocator")}
         | {"task": TASK, "loss": "dapo (token-level, eps 0.2/0.28, no KL)", "advantage": "group-normalized (std)",
            "temperature": 1.0, "optimizer": "AdamW(0.9, 0.999, eps 1e-8, wd 0), constant lr, clip 1.0",
            "start": "the cached SFT adapter, trainable", "sft_steps": args.sft_steps},

@@ -551,6 +551,9 @@ def child_main(spec_path: str) -> None:
         else:
             out.update(RUNNERS[spec["kind"]](spec, mon))
         out["status"] = "ok"
+        from leantune.allocator import active
+
+        out["malloc"] = active()
     except Exception as err:  # report, do not crash the whole benchmark
         import traceback
 
@@ -577,6 +580,11 @@ def run_child(spec: dict, timeout_s: float) -> dict:
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if spec.get("malloc_mmap_threshold") and spec["kind"] != "prepare":
         env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
+    if spec["kind"] != "prepare":  # leantune rows on its train.allocator; the peers as their users run them
+        from leantune.allocator import preload_env  # no torch: the parent stays small
+
+        choice = spec["allocator"] if spec["kind"] == "leantune" else spec["peer_allocator"]
+        env = preload_env(choice, base=env)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
@@ -670,6 +678,11 @@ def parse_args(argv=None):
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="set MALLOC_MMAP_THRESHOLD_ (glibc) in every run, e.g. 131072: freed large blocks go "
                    "back to the OS at once, so RSS tracks live tensors (an allocator experiment; off by default)")
+    p.add_argument("--allocator", default="auto", choices=["auto", "system", "jemalloc", "tbbmalloc"],
+                   help="malloc of the leantune rows, as train.allocator picks it for the leantune command "
+                   "(default auto: jemalloc if installed, else tbbmalloc)")
+    p.add_argument("--peer-allocator", default="system", choices=["auto", "system", "jemalloc", "tbbmalloc"],
+                   help="malloc of the Trainer / TRL rows (default: the system's, as their users run them)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per runner before it is killed")
     p.add_argument("--work-dir", default=None, help="where data and run directories go (default: a temp dir)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -727,7 +740,8 @@ def main(argv=None) -> int:
     base = {"work_dir": str(work), "quick": args.quick, "seq_len": args.seq_len, "batch": args.batch,
             "steps": args.steps, "lr": args.lr, "prompt_fraction": args.prompt_fraction, "threads": args.threads,
             "chunk_size": args.chunk_size, "tiny_dir": str(work / "tiny-model"),
-            "malloc_mmap_threshold": args.malloc_mmap_threshold}
+            "malloc_mmap_threshold": args.malloc_mmap_threshold, "allocator": args.allocator,
+            "peer_allocator": args.peer_allocator}
     log(f"work dir {work}; runners: {', '.join(r[0] for r in runners)}; load {load_start}")
 
     if args.quick:  # the tiny model is written by a subprocess too, to keep this process small
@@ -751,7 +765,7 @@ def main(argv=None) -> int:
         runs[name] = summarize(res, base)
         r = runs[name]
         if r.get("status") == "ok":
-            log(f"{name}: peak {r['peak_rss_gib']} GiB, {r['tokens_per_s']:.1f} tok/s, "
+            log(f"{name}: peak {r['peak_rss_gib']} GiB, {r['tokens_per_s']:.1f} tok/s, malloc {r.get('malloc')}, "
                 f"losses {[round(x, 4) for x in r['losses']]}, load {r.get('loadavg_after')}")
         else:
             log(f"{name}: {r.get('status')}: {r.get('error')}")
@@ -766,6 +780,7 @@ def main(argv=None) -> int:
                      "dtype": "float32", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": LORA_TARGETS},
                      "seed": 0, "threads": args.threads, "leantune_chunk_size": args.chunk_size,
                      "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default (dynamic)",
+                     "allocator_leantune": args.allocator, "allocator_peers": args.peer_allocator,
                      "loss": "mean CE over completion tokens (+eos) only"},
         "data": data,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
