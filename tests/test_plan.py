@@ -412,3 +412,12 @@ def test_rl_plan_uses_the_adapter_of_rl_init(tiny_model_dir, tmp_path):
     assert M.trainable_elements(shape, eff) == 16 * sum(
         lin.in_features + lin.out_features for lin in M.lora_targets(shape, ["q_proj", "k_proj", "v_proj", "o_proj"]))
     assert plan_memory(cont, shape, "local").peak > plan_memory(plain, shape, "local").peak
+
+
+def test_plan_says_when_the_run_will_use_another_malloc(tiny_model_dir, tmp_path):
+    shape = model_shape(_recipe(tiny_model_dir, tmp_path).model)
+    auto = plan_memory(_recipe(tiny_model_dir, tmp_path), shape, "local")
+    system = plan_memory(_recipe(tiny_model_dir, tmp_path, train={"allocator": "system"}), shape, "local")
+    assert any("calibrated on glibc" in n for n in auto.notes)
+    assert not any("calibrated on glibc" in n for n in system.notes)
+    assert auto.peak == system.peak  # a note, not a term

@@ -521,6 +521,10 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                           "so quant.bits lowers the training phases only")
     if not rl and masked:
         plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
+    if recipe.train.allocator != "system":
+        plan.notes.append(f"calibrated on glibc's malloc; with train.allocator={recipe.train.allocator} the leantune "
+                          "command runs on a caching malloc, measured +4% (tbbmalloc) to +9% (jemalloc) peak "
+                          "on SmolLM2 LoRA SFT, seq 1024")
     return plan
 
 
