@@ -70,7 +70,7 @@ class DataConfig(Section):
     format: Literal["auto", "prompt_completion", "messages"] = Field(
         default="auto", description="Record shape: {prompt, completion} or {messages: [...]}; auto detects per file."
     )
-    max_length: int = Field(default=512, gt=1, description="Maximum tokens per example (prompt + completion).")
+    max_length: int = Field(default=512, gt=1, description="Maximum tokens per example (prompt + completion). In RL, the longest rendered prompt allowed (a longer one is an error): the memory plan sizes rollouts with it.")
     overlong: Literal["truncate", "drop"] = Field(
         default="truncate", description="What to do with examples longer than max_length; counts are reported."
     )

@@ -550,3 +550,20 @@ def test_mezo_rl_rejects_gradient_only_settings(tiny_chat_model_dir, prompts_fil
     raw["optim"] = {"name": "mezo", "lr": 0.1}
     with pytest.raises(RecipeError, match="rl.beta"):
         train_rl(recipe_from_dict(raw), quiet=True)
+
+
+def test_rl_refuses_a_prompt_longer_than_data_max_length(tiny_chat_model_dir, prompts_file, tmp_path):
+    """data.max_length bounds RL prompts (the planner sizes rollouts with it): a longer one is a clear error,
+    and the longest prompt that passed goes to the ledger."""
+    from leantune.config import RecipeError
+
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "short", prompts_file)
+    raw["data"]["max_length"] = 4
+    with pytest.raises(RecipeError, match=r"prompt 1 renders to \d+ tokens, more than data.max_length=4"):
+        train_rl(recipe_from_dict(raw), quiet=True)
+    assert not (tmp_path / "short" / "adapter").exists()
+    raw = _rl_recipe(tiny_chat_model_dir, tmp_path / "ok", prompts_file)
+    raw["train"]["steps"] = 1
+    result = train_rl(recipe_from_dict(raw), quiet=True)
+    longest = result.ledger["extra"]["longest_prompt_tokens"]
+    assert 4 < longest <= recipe_from_dict(raw).data.max_length

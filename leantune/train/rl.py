@@ -86,6 +86,22 @@ def load_prompt_pool(recipe: Recipe) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "completion"} for r in rows]
 
 
+def check_prompt_lengths(pool: list[dict], tokenizer, max_length: int, where: str) -> int:
+    """The longest rendered prompt of ``pool`` in tokens; RecipeError naming the first prompt longer than
+    ``max_length`` (``data.max_length`` bounds RL prompts too: the planner sizes the rollout KV cache and the
+    update's activations with it, so a longer prompt would break the plan silently)."""
+    from leantune.rl.rollout import _tokenize_prompts
+
+    longest = 0
+    for i, row in enumerate(pool):
+        n = len(_tokenize_prompts(tokenizer, [row["prompt"]])[0])
+        if n > max_length:
+            raise RecipeError(f"{where}: prompt {i + 1} renders to {n} tokens, more than data.max_length={max_length} "
+                              "(the bound on RL prompts the memory plan uses); raise data.max_length or shorten it")
+        longest = max(longest, n)
+    return longest
+
+
 REWARD_NAMES = ("task", "length_aware", "format", "overlong", "exact_match", "math")
 
 
@@ -408,6 +424,8 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         quant, model_location = None, resolve_source(recipe.model).weight_path
     optimizer, scheduler = setup_optimizer(recipe, model, total_steps=cfg.steps * rl.updates_per_batch)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    longest_prompt = check_prompt_lengths(pool, tokenizer, recipe.data.max_length,
+                                          recipe.data.train or f"rl.task={rl.task}")
     stream = PromptStream(len(pool), seed=cfg.seed)
     selector = PromptSelector(rl.prompt_selection.window, rl.prompt_selection.cooldown_steps, rl.prompt_selection.enabled)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -550,7 +568,7 @@ def train_rl(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model
         recipe=recipe.model_dump(mode="json"), data_files=[recipe.data.train] if recipe.data.train else [],
         model_location=model_location, seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
         extra={"kind": "rl", "resumed": resume_from is not None, "final_metrics": row, "quant": quant,
-               "num_layers": lm.config.num_hidden_layers},
+               "num_layers": lm.config.num_hidden_layers, "longest_prompt_tokens": longest_prompt},
     )
     ledger_mod.write_ledger(run_dir, ledger)
     return TrainResult(ledger, model, tokenizer)
