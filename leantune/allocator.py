@@ -22,7 +22,7 @@ re-executes itself once with the library preloaded, the way torch's own CPU laun
 ``train.allocator`` picks it: ``auto`` (jemalloc if the system has it, else tbbmalloc from the ``tbb``
 wheel that leantune depends on for Linux x86-64, else the system's), ``jemalloc``, ``tbbmalloc`` or
 ``system``. The Python API (``leantune.train.sft.train``) cannot switch the running process; it runs
-on whatever malloc it has, and every ledger records which one that was (``runtime.allocator``). To run
+on whatever malloc it has, and every ledger records which one that was (``ledger["malloc"]``). To run
 a child process under a chosen malloc, pass ``preload_env(choice)`` as its environment.
 """
 

@@ -92,14 +92,12 @@ def check_prompt_lengths(pool: list[dict], tokenizer, max_length: int, where: st
     update's activations with it, so a longer prompt would break the plan silently)."""
     from leantune.rl.rollout import _tokenize_prompts
 
-    longest = 0
-    for i, row in enumerate(pool):
-        n = len(_tokenize_prompts(tokenizer, [row["prompt"]])[0])
+    lengths = [len(ids) for ids in _tokenize_prompts(tokenizer, [row["prompt"] for row in pool])]
+    for i, n in enumerate(lengths):
         if n > max_length:
             raise RecipeError(f"{where}: prompt {i + 1} renders to {n} tokens, more than data.max_length={max_length} "
                               "(the bound on RL prompts the memory plan uses); raise data.max_length or shorten it")
-        longest = max(longest, n)
-    return longest
+    return max(lengths, default=0)
 
 
 REWARD_NAMES = ("task", "length_aware", "format", "overlong", "exact_match", "math")
