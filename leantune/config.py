@@ -307,6 +307,10 @@ class RLConfig(Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0, description="Completion budget; a completion cut here is 'overlong'.")
     stop: list[str] = Field(default_factory=list, description="Stop strings; generation also stops when the task says the answer is complete.")
+    fold_adapter: bool = Field(
+        default=True,
+        description="Sample with each LoRA delta folded into a copy of its base weight (one matmul per layer, faster rollouts; the copy lives while sampling and `leantune plan` counts it). No effect on a quantized base.",
+    )
     epsilon_low: float = Field(default=0.2, ge=0, description="Lower clip of the importance ratio.")
     epsilon_high: float = Field(default=0.28, ge=0, description="Upper clip (DAPO clip-higher; set = epsilon_low for symmetric).")
     beta: float = Field(default=0.0, ge=0, description="KL-to-base coefficient (k3 estimator; reference = the base with the adapter disabled).")

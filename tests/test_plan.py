@@ -197,6 +197,12 @@ def test_mezo_full_and_rl_terms(tiny_model_dir, tmp_path):
                            "rl": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 32}})
     rollout = plan_memory(rl, shape, "local").phases["rollout"]
     assert rollout["kv_cache"][0] == 2 * 2 * 2 * 16 * (64 + 32) * 8 * 4
+    # rl.fold_adapter: one copy of each adapted layer's weight (in x out x 4 B), none when it is off
+    adapted = M.lora_targets(shape, rl.adapter.target_modules)
+    assert adapted and rollout["folded_weights"][0] == sum(t.in_features * t.out_features for t in adapted) * 4
+    unfolded = recipe_from_dict({**tiny_recipe(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run"),
+                                 "rl": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 32, "fold_adapter": False}})
+    assert "folded_weights" not in plan_memory(unfolded, shape, "local").phases["rollout"]
 
 
 # ----------------------------------------------------------------------------------------------

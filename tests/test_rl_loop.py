@@ -26,17 +26,20 @@ from leantune.train.rl import build_rewards, collect_batch, train_rl
 # Token log-probs through the LM head
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable_head", "frozen_head"])
 @pytest.mark.parametrize("k,h,v,chunk,tau", [(7, 5, 13, 3, 1.0), (1, 9, 31, 4, 0.6), (17, 6, 11, 17, 1.7)])
-def test_token_logprobs_match_autograd(k, h, v, chunk, tau):
+def test_token_logprobs_match_autograd(k, h, v, chunk, tau, frozen_head):
+    """Both backward strategies: recompute (trainable head) and the forward Jacobian (frozen head, LoRA)."""
     g = torch.Generator().manual_seed(k)
     hidden = torch.randn(k, h, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
     targets = torch.randint(0, v, (k,), generator=g)
     upstream = torch.randn(k, generator=g, dtype=torch.float64)
 
     logps, ent = linear_token_logprobs(hidden, weight, targets, chunk_size=chunk, temperature=tau)
     (logps * upstream).sum().backward()
-    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    gh = hidden.grad.clone()
+    gw = None if frozen_head else weight.grad.clone()
     hidden.grad = weight.grad = None
 
     ref_all = torch.log_softmax(hidden @ weight.T / tau, -1)
@@ -45,7 +48,27 @@ def test_token_logprobs_match_autograd(k, h, v, chunk, tau):
     torch.testing.assert_close(logps, ref)
     torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1).detach())
     torch.testing.assert_close(gh, hidden.grad)
-    torch.testing.assert_close(gw, weight.grad)
+    if not frozen_head:
+        torch.testing.assert_close(gw, weight.grad)
+    else:
+        assert weight.grad is None
+
+
+def test_token_logprobs_frozen_head_in_bf16_and_without_grad():
+    """The Jacobian path returns the hidden state's dtype; under no_grad nothing is kept for backward."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(19, 8, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 19, (5,), generator=g)
+    logps, _ = linear_token_logprobs(hidden, weight, targets, chunk_size=2, temperature=0.8)
+    logps.sum().backward()
+    h32 = hidden.detach().float().requires_grad_()
+    torch.log_softmax(h32 @ weight.float().T / 0.8, -1).gather(1, targets[:, None]).sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        lp, _ = linear_token_logprobs(hidden, weight, targets)
+    assert lp.grad_fn is None
 
 
 def test_token_logprobs_empty_and_bad_input():

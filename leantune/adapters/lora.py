@@ -6,6 +6,7 @@ The adapter is a standard PEFT ``LoraConfig``; leantune adds nothing to its file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -131,3 +132,49 @@ def merge_adapter(model):
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+def _foldable(layer) -> bool:
+    """A PEFT LoRA layer whose delta can be folded into a plain ``nn.Linear`` base weight for inference."""
+    base = layer.get_base_layer()
+    return (type(base) is torch.nn.Linear and not getattr(layer, "merged", False)
+            and not any(getattr(layer, "use_dora", {}).get(a, False) for a in layer.active_adapters))
+
+
+@contextlib.contextmanager
+def folded_adapter(model):
+    """Inside, every LoRA layer computes with one weight, W + (alpha/r) B A, and the adapter is disabled:
+    one matmul per layer instead of three plus a scale and an add. For sampling (no gradients).
+
+    The folded weights are new tensors swapped into the base layers: the original W is never written, so
+    leaving restores the model bit for bit (PEFT's ``merge_adapter``/``unmerge_adapter`` subtract the delta
+    back, which is not exact in floating point). Costs one copy of the adapted layers' weights while inside.
+    Yields whether it folded: False (and changes nothing) without LoRA layers, or when one of them cannot
+    be folded this way (a quantized or non-Linear base, DoRA, already merged).
+    """
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        yield False
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or not hasattr(model, "disable_adapter") or not all(_foldable(m) for m in layers):
+        yield False
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                w = base.weight
+                folded = w.detach().clone()
+                for name in layer.active_adapters:
+                    if name in layer.lora_A:
+                        folded += layer.get_delta_weight(name).to(folded.dtype)
+                originals.append((base, w))
+                base.weight = torch.nn.Parameter(folded, requires_grad=False)
+        with model.disable_adapter():
+            yield True
+    finally:
+        for base, w in originals:
+            base.weight = w

@@ -5,10 +5,19 @@ cross-entropy: the importance ratio and its clip act per token. `linear_token_lo
 
     logp_i = (h_i W^T / tau)[y_i] - logsumexp(h_i W^T / tau)        (nats)
 
-for K selected rows in chunks of `chunk_size`, keeping only the inputs and one logsumexp per row; backward
-recomputes each chunk's softmax. It is `linear_cross_entropy` (leantune.losses.linear_cross_entropy) with
-a per-row output: d logp_i / d logits_i = onehot(y_i) - softmax_i, scaled by the incoming gradient g_i.
-The per-token entropy of the same distribution comes out as a by-product (no gradient), for the metrics.
+for K selected rows in chunks of `chunk_size`, without [K, V] logits. It is `linear_cross_entropy`
+(leantune.losses.linear_cross_entropy) with a per-row output: d logp_i / d logits_i = onehot(y_i) - softmax_i,
+scaled by the incoming gradient g_i. The per-token entropy of the same distribution comes out as a
+by-product (no gradient), for the metrics.
+
+Two backward strategies, chosen by what needs a gradient:
+
+- frozen LM head (LoRA, the usual RL case), hidden needs a gradient: the forward also computes each row's
+  Jacobian d logp_i / d h_i = (W[y_i] - softmax_i @ W) / tau, a (K, H) tensor, and backward only scales it
+  by g_i. Two vocab-sized matmuls per chunk (h @ W^T, softmax @ W) instead of three (forward, recompute,
+  dz @ W): the update's LM head costs a third less. Exact: the same terms, in a different order.
+- trainable LM head: forward keeps one logsumexp per row; backward recomputes each chunk's softmax for
+  both d h and d W.
 
 tau is the sampling temperature: the policy that generated the tokens is softmax(logits / tau), so the
 ratio is taken under the same distribution (TRL divides the logits by the temperature too).
@@ -25,35 +34,49 @@ class LinearTokenLogprobs(torch.autograd.Function):
     """hidden (K, H), weight (V, H), targets (K,) long -> (logps (K,), entropy (K,)), fp32 (fp64 for fp64)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, temperature):
+    def forward(ctx, hidden, weight, targets, chunk_size, temperature, jacobian=False):
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)  # (V, H)
         k = hidden.shape[0]
         logps = torch.empty(k, dtype=dtype, device=hidden.device)  # (K,)
         entropy = torch.empty(k, dtype=dtype, device=hidden.device)  # (K,)
         lse = torch.empty(k, dtype=dtype, device=hidden.device)  # (K,)
+        # jacobian (frozen head, hidden needs a gradient): the Jacobian now (K x H), nothing vocab-sized later
+        jac = torch.empty((k, hidden.shape[1]), dtype=dtype, device=hidden.device) if jacobian else None  # (K, H)
         for start in range(0, k, chunk_size):
             stop = min(start + chunk_size, k)
             logits = (hidden[start:stop].to(dtype) @ w.T) / temperature  # (C, V), the only vocab-sized tensor
             lse_c = torch.logsumexp(logits, dim=-1)  # (C,)
             logp_all = logits - lse_c[:, None]  # (C, V), in place of logits
             del logits
-            logps[start:stop] = logp_all.gather(1, targets[start:stop, None]).squeeze(1)
-            entropy[start:stop] = -(logp_all.exp() * logp_all).sum(-1)
-            lse[start:stop] = lse_c
+            y = targets[start:stop]  # (C,)
+            logps[start:stop] = logp_all.gather(1, y[:, None]).squeeze(1)
+            probs = logp_all.exp()  # (C, V)
+            entropy[start:stop] = -(probs * logp_all).sum(-1)
             del logp_all
+            if jacobian:  # d logp / d h = (W[y] - softmax @ W) / tau
+                jac[start:stop] = (w[y] - probs @ w) / temperature  # (C, H)
+            del probs
+            lse[start:stop] = lse_c
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        if jacobian:
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.jacobian, ctx.hidden_dtype = jacobian, hidden.dtype
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w) or grad_logps is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
+        if ctx.jacobian:
+            (jac,) = ctx.saved_tensors  # (K, H)
+            return (grad_logps.to(jac.dtype)[:, None] * jac).to(ctx.hidden_dtype), None, None, None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
         dtype = lse.dtype
         w = weight.to(dtype)
         tau = ctx.temperature
@@ -75,7 +98,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             del dz
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_token_logprobs(
@@ -122,4 +145,6 @@ def linear_token_logprobs(
         dtype = _compute_dtype(hidden, weight)
         empty = hidden.sum(-1).to(dtype) + weight[:0].sum().to(dtype)  # (0,), still in the graph
         return empty, empty.detach().clone()
-    return LinearTokenLogprobs.apply(hidden, weight, targets.long(), chunk_size, float(temperature))
+    # under no_grad (reference / old-policy logps) neither strategy keeps anything for backward
+    jacobian = torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+    return LinearTokenLogprobs.apply(hidden, weight, targets.long(), chunk_size, float(temperature), jacobian)

@@ -17,7 +17,8 @@ on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against s
   for checkpointed layers, which are recomputed one at a time in backward;
 - loss workspace: ``linear_cross_entropy`` materializes ``chunk x V`` fp32 logits twice (logits and
   their exp) for ``chunk = min(loss.chunk_size, loss-carrying rows)``;
-- rollout KV cache (RL recipes): ``2 x L x n_kv x d x (prompt + new) x batch x dtype bytes``;
+- rollout KV cache (RL recipes): ``2 x L x n_kv x d x (prompt + new) x batch x dtype bytes``, plus, with
+  ``rl.fold_adapter``, a copy of the LoRA-adapted layers' weights (the deltas folded in);
 - runtime: python + torch + transformers + peft + the tokenizer, measured (``Calibration``).
 
 Assumptions (worst case within the recipe): every micro-batch is padded to ``data.max_length``; a
@@ -514,6 +515,11 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                                                f"{tokens} tokens x {rollouts} sequences x {e} B")),
                              "workspace": (prefill + 2 * rollouts * shape.vocab * 4,
                                            "prefill of one layer + next-token logits and probabilities")}
+        if recipe.rl.fold_adapter and recipe.adapter.method == "lora" and not recipe.quant.bits:
+            targets = lora_targets(shape, recipe.adapter.target_modules)
+            phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e,
+                                                   f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights "
+                                                   f"with the LoRA delta folded in, {e} B each")
 
     plan = MemoryPlan(phases)
     if recipe.quant.bits and plan.peak_phase == "load":

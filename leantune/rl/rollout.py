@@ -6,6 +6,10 @@ that asks the task whether the answer is already complete. Rows that finish leav
 (their KV-cache rows are dropped with `DynamicCache.batch_select_indices`), so no decode step is spent on
 a finished completion -- babbling after the answer costs nothing, and neither do pad tokens.
 
+A LoRA policy samples with its deltas folded into the base weights (`folded_adapter`): one matmul per
+adapted layer instead of the adapter's three plus a scale and an add, for one extra copy of those layers'
+weights while sampling (`rl.fold_adapter`); the base tensors are never written, so nothing drifts.
+
 Only the last position of each row goes through the LM head (prefill included): a prompt of P tokens
 costs one (1, V) logits row, not P of them.
 
@@ -22,6 +26,7 @@ prompt j // G), the layout `leantune.rl.advantages` expects.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from leantune.adapters.lora import causal_lm
+from leantune.adapters.lora import causal_lm, folded_adapter
 from leantune.eval.evaluate import render_prompt
 
 
@@ -121,14 +126,25 @@ def sample_groups(
     stop: Sequence[str] = (),
     is_complete: Callable[[str], bool] | None = None,
     generator: torch.Generator | None = None,
+    fold_adapter: bool = True,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
     A row stops at the first of: the eos token, a ``stop`` string in its text, ``is_complete(text)``
     (the task saying the answer is closed), or ``max_new_tokens`` (then it is marked truncated).
+    ``fold_adapter``: sample with each LoRA delta folded into its base weight (`folded_adapter`: the
+    same policy up to float rounding, one matmul per adapted layer; the model is restored bit for bit).
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
+    with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
+        return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
+                              generator=generator)
+
+
+def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature, top_p, stop, is_complete,
+                   generator) -> Rollouts:
     start_time = time.perf_counter()
     was_training = model.training
     model.eval()

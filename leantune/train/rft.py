@@ -77,7 +77,8 @@ def train_rft(recipe: Recipe, *, quiet: bool = False, model=None, tokenizer=None
         with heap_allocator(cfg.malloc_mmap_threshold):
             ro = sample_groups(model, tokenizer, [p["prompt"] for p in pool], group_size=k,
                                max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_p=rl.top_p,
-                               stop=rl.stop, is_complete=getattr(task, "is_complete", None), generator=generator)
+                               stop=rl.stop, is_complete=getattr(task, "is_complete", None), generator=generator,
+                               fold_adapter=rl.fold_adapter)
         fields = {key: [row.get(key) for row in pool for _ in range(k)] for key in {x for row in pool for x in row} - {"prompt"}}
         prompts = [p["prompt"] for p in pool for _ in range(k)]
         correct = [x > 0 for x in correct_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]

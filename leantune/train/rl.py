@@ -217,7 +217,7 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
         ro: Rollouts = sample_groups(
             model, tokenizer, [r["prompt"] for r in rows], group_size=g, max_new_tokens=rl.max_new_tokens,
             temperature=rl.temperature, top_p=rl.top_p, stop=rl.stop,
-            is_complete=getattr(task, "is_complete", None), generator=generator,
+            is_complete=getattr(task, "is_complete", None), generator=generator, fold_adapter=rl.fold_adapter,
         )
         prompts = [r["prompt"] for r in rows for _ in range(g)]
         fields = _fields(rows, g)
@@ -364,7 +364,8 @@ def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, re
         generator.set_state(state)
         ro = sample_groups(model, tokenizer, prompts, group_size=g, max_new_tokens=rl.max_new_tokens,
                            temperature=rl.temperature, top_p=rl.top_p, stop=rl.stop,
-                           is_complete=getattr(task, "is_complete", None), generator=generator)
+                           is_complete=getattr(task, "is_complete", None), generator=generator,
+                           fold_adapter=rl.fold_adapter)
         out["zo_rollouts"] += len(ro)
         out["zo_tokens_generated"] += ro.tokens_generated
         out["zo_prompt_tokens"] += sum(len(p) for p in ro.prompt_ids)
