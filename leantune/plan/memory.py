@@ -517,9 +517,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                                            "prefill of one layer + next-token logits and probabilities")}
         if recipe.rl.fold_adapter and recipe.adapter.method == "lora" and not recipe.quant.bits:
             targets = lora_targets(shape, recipe.adapter.target_modules)
-            phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e,
-                                                   f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights "
-                                                   f"with the LoRA delta folded in, {e} B each")
+            note = f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights with the LoRA delta folded in"
+            phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e, note)
 
     plan = MemoryPlan(phases)
     if recipe.quant.bits and plan.peak_phase == "load":
