@@ -81,3 +81,21 @@ def test_nothing_to_fold_is_a_no_op():
     with folded_adapter(model) as folded:
         assert not folded  # a quantized base is not folded (that would need a full-precision copy)
         assert all(dict(model.named_parameters())[n] is p for n, (p, _) in before.items())
+
+
+def test_nested_or_disabled_folds_add_nothing():
+    """Inside a fold (or disable_adapter) the adapter is off: a second fold must not add the delta twice."""
+    model = _lora_model()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with folded_adapter(model):
+            once = model(input_ids=ids).logits
+            with folded_adapter(model) as again:
+                assert not again
+                twice = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            with folded_adapter(model) as folded:
+                assert not folded
+                still_base = model(input_ids=ids).logits
+    assert torch.equal(once, twice) and torch.equal(base, still_base)

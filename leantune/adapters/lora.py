@@ -138,6 +138,7 @@ def _foldable(layer) -> bool:
     """A PEFT LoRA layer whose delta can be folded into a plain ``nn.Linear`` base weight for inference."""
     base = layer.get_base_layer()
     return (type(base) is torch.nn.Linear and not getattr(layer, "merged", False)
+            and not layer.disable_adapters  # already folded, or inside disable_adapter(): the base is what runs
             and not any(getattr(layer, "use_dora", {}).get(a, False) for a in layer.active_adapters))
 
 
@@ -150,7 +151,8 @@ def folded_adapter(model):
     leaving restores the model bit for bit (PEFT's ``merge_adapter``/``unmerge_adapter`` subtract the delta
     back, which is not exact in floating point). Costs one copy of the adapted layers' weights while inside.
     Yields whether it folded: False (and changes nothing) without LoRA layers, or when one of them cannot
-    be folded this way (a quantized or non-Linear base, DoRA, already merged).
+    be folded this way (a quantized or non-Linear base, DoRA, already merged), or when the adapter is
+    disabled already (inside ``disable_adapter()`` or another fold: folding again would add the delta twice).
     """
     try:
         from peft.tuners.lora import LoraLayer
