@@ -13,6 +13,11 @@ token ids and loss mask (prompt ~70% of the tokens, loss on the rest) in every r
    plainly: ``hidden @ W[S].T`` at every position, prompt included, then ``F.cross_entropy``;
 5. ``logits_masking``: + only loss-carrying positions reach the LM head (leantune's
    ``vocab_subset_cross_entropy``: masked and chunked, ``--chunk-size`` rows at a time).
+6. ``offloaded_checkpoints``: + the checkpointed layers' inputs in a memory-mapped file (leantune's
+   ``train.offload_checkpoints``, `leantune.train.offload.ActivationSpill`), paged out once read.
+
+Rows 1-5 are the issue's ladder (``overall``: first to fifth row); row 6 is the optional technique the
+issue adds (``overall_with_offload``).
 
 An aside row, ``aside_exact_masked`` (INT4 + checkpointing + masking, *exact* loss: leantune's
 ``linear_cross_entropy``), shows what rows 4-5 owe to the approximation. ``--only`` selects rows.
@@ -41,6 +46,7 @@ Do not import torch at module level: the parent must stay small.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -62,9 +68,12 @@ ROWS = {
     "checkpointing": (4, True, "full_logits"),
     "vocab_subset": (4, True, "subset_all_positions"),
     "logits_masking": (4, True, "leantune_subset_masked"),
+    "offloaded_checkpoints": (4, True, "leantune_subset_masked"),
     "aside_exact_masked": (4, True, "leantune_exact_masked"),
 }
-LADDER = ["peer_lora", "int4_base", "checkpointing", "vocab_subset", "logits_masking"]
+OFFLOADED = {"offloaded_checkpoints"}  # + the checkpointed layers' inputs in a memory-mapped file
+ISSUE_LADDER = ["peer_lora", "int4_base", "checkpointing", "vocab_subset", "logits_masking"]  # the issue's five rows
+LADDER = [*ISSUE_LADDER, "offloaded_checkpoints"]
 TARGET_REDUCTION = 10.0  # first row / last row, from the issue
 
 
@@ -162,6 +171,11 @@ def run_row(spec: dict, mon) -> dict:
         from leantune.train.sft import set_activation_checkpointing
 
         n_ckpt = set_activation_checkpointing(model, "all")
+    spill = None
+    if spec["runner"] in OFFLOADED:
+        from leantune.train.offload import ActivationSpill
+
+        spill = ActivationSpill(model, spec["work_dir"])
     model.train()
     vocab = model.get_output_embeddings().weight.shape[0]
     candidates = _candidates(spec, vocab) if "subset" in loss_name else None
@@ -174,7 +188,8 @@ def run_row(spec: dict, mon) -> dict:
     for batch in _batches(spec):
         digests.append(sm._digest_batch(batch["input_ids"], batch["labels"]))
         t0, c0 = time.perf_counter(), mon.cpu_seconds()
-        loss = loss_fn(model, batch, candidates, spec)
+        with spill.forward() if spill is not None else contextlib.nullcontext():
+            loss = loss_fn(model, batch, candidates, spec)
         mon.sample()
         loss.backward()
         mon.sample()
@@ -186,8 +201,13 @@ def run_row(spec: dict, mon) -> dict:
         step_cpu.append(mon.cpu_seconds() - c0)
         losses.append(float(loss.detach()))
     mon.set_phase("teardown")
+    offloaded = None
+    if spill is not None:
+        offloaded = {"slots_written": spill.slots_written, "bytes_written": spill.bytes_written}
+        spill.close()
     return {
         "config": {"quant_bits": bits, "activation_checkpointing_layers": n_ckpt, "loss": loss_name,
+                   "offloaded_checkpoints": offloaded,
                    "loss_doc": (LOSSES[loss_name].__doc__ or "").strip().splitlines()[0],
                    "vocab": vocab, "candidates": None if candidates is None else int(candidates.numel()),
                    "quant": quant, "attn_implementation": getattr(model.config, "_attn_implementation", None)},
@@ -294,11 +314,13 @@ def ladder_table(runs: dict) -> dict:
             prev = r
         table.append(row)
     out = {"rows": table}
-    ladder = [n for n in LADDER if n in names]
-    if len(ladder) >= 2 and ladder[0] == LADDER[0]:
+    for key, rows in (("overall", ISSUE_LADDER), ("overall_with_offload", LADDER)):
+        ladder = [n for n in rows if n in names]
+        if len(ladder) < 2 or ladder[0] != LADDER[0] or (key == "overall_with_offload" and ladder[-1] not in OFFLOADED):
+            continue
         a, b = runs[ladder[0]], runs[ladder[-1]]
         red = _ratio(a["train_peak_rss_bytes"], b["train_peak_rss_bytes"])
-        out["overall"] = {"from": ladder[0], "to": ladder[-1], "train_peak_reduction": red,
+        out[key] = {"from": ladder[0], "to": ladder[-1], "train_peak_reduction": red,
                           "process_peak_reduction": _ratio(a["process_peak_rss_bytes"], b["process_peak_rss_bytes"]),
                           "net_train_peak_reduction": _ratio(a.get("net_train_peak_rss_bytes"),
                                                              b.get("net_train_peak_rss_bytes")),
@@ -424,7 +446,9 @@ def format_table(result: dict) -> str:
     for name, r in result["runs"].items():
         if r.get("status") != "ok":
             lines.append(f"{name:20s} {r.get('status')}: {r.get('error')}")
-    lines.append(json.dumps(result["ladder"].get("overall"), indent=2))
+    for key in ("overall", "overall_with_offload"):
+        if key in result["ladder"]:
+            lines.append(f"{key}: " + json.dumps(result["ladder"][key], indent=2))
     return "\n".join(lines)
 
 

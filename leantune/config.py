@@ -173,6 +173,12 @@ class TrainConfig(Section):
         default="off",
         description="Recompute layer activations in backward: off, all, or every k-th layer (int k). Less memory, ~30% more compute.",
     )
+    offload_checkpoints: bool = Field(
+        default=False,
+        description="Keep the inputs of checkpointed layers in a memory-mapped file in the run directory instead of RAM "
+        "(paged out once read, paged back in by backward's recomputation): activations drop to about one layer's input, "
+        "for one write and one read of them per step. Needs activation_checkpointing; CPU tensors only.",
+    )
     eval_every: int = Field(default=0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
     save_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     log_every: int = Field(default=1, gt=0, description="Write a metrics line every N steps.")
@@ -204,6 +210,13 @@ class TrainConfig(Section):
         if isinstance(v, int) and v <= 0:
             raise ValueError("every-k checkpointing needs k >= 1 (or 'off' / 'all')")
         return v
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self):
+        if self.offload_checkpoints and self.activation_checkpointing == "off":
+            raise ValueError("offload_checkpoints: the inputs of checkpointed layers are what it moves to a file; "
+                             "set train.activation_checkpointing (all, or every k-th layer)")
+        return self
 
 
 class EvalConfig(Section):

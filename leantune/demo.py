@@ -36,11 +36,13 @@ QUICK_OVERRIDES = {
 }
 
 # `leantune demo --rl`: after SFT, a short DAPO phase on the same task, continuing the SFT adapter.
+# 16 steps x 8 prompts: after SFT ~86% of sampled completions are right and most groups carry no gradient;
+# 8 steps x 4 prompts (tried first) left accuracy where it was, a higher lr (3e-4, 1e-3) made it worse.
 DEMO_RL = {
     "optim": {"lr": 1e-4, "warmup_steps": 0, "scheduler": "constant"},
-    "train": {"steps": 8, "micro_batch_size": 8, "save_every": 4},
-    "rl": {"task": "addition", "num_prompts": 512, "loss": "dapo", "group_size": 8, "prompts_per_step": 4,
-           "max_new_tokens": 48, "temperature": 1.0, "max_sampling_rounds": 2},
+    "train": {"steps": 16, "micro_batch_size": 8, "save_every": 8},
+    "rl": {"task": "addition", "num_prompts": 512, "loss": "dapo", "group_size": 8, "prompts_per_step": 8,
+           "max_new_tokens": 48, "temperature": 1.0, "max_sampling_rounds": 3},
 }
 # With --rl every accuracy (before, after SFT, after RL) is measured on more held-out problems: after SFT
 # the model already solves ~94% of 50, and one problem is 2 points, so a change of a few problems is noise.

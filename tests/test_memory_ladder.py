@@ -31,7 +31,8 @@ def _run(peak_gib: float, tps: float) -> dict:
 def test_ladder_table_ratios_against_first_and_previous_row():
     ladder = _module()
     runs = {"peer_lora": _run(8.0, 100.0), "int4_base": _run(4.0, 50.0), "checkpointing": _run(2.0, 40.0),
-            "vocab_subset": _run(1.0, 40.0), "logits_masking": _run(0.5, 45.0), "aside_exact_masked": _run(0.8, 44.0)}
+            "vocab_subset": _run(1.0, 40.0), "logits_masking": _run(0.5, 45.0), "offloaded_checkpoints": _run(0.4, 40.0),
+            "aside_exact_masked": _run(0.8, 44.0)}
     table = ladder.ladder_table(runs)
     rows = {r["row"]: r for r in table["rows"]}
     assert [r["row"] for r in table["rows"]] == list(ladder.ROWS)
@@ -41,6 +42,11 @@ def test_ladder_table_ratios_against_first_and_previous_row():
     assert "train_peak_reduction_vs_previous" not in rows["aside_exact_masked"]  # not a ladder step
     assert table["overall"]["train_peak_reduction"] == 16.0 and table["overall"]["meets_target_train_peak"]
     assert table["overall"]["net_train_peak_reduction"] == 31.0  # (8 - 0.25) / (0.5 - 0.25)
+    # the five rows end at logits_masking; the optional offload row extends the ladder by one
+    assert table["overall"]["to"] == "logits_masking"
+    assert table["overall_with_offload"]["to"] == "offloaded_checkpoints"
+    assert table["overall_with_offload"]["train_peak_reduction"] == 20.0
+    assert rows["offloaded_checkpoints"]["train_peak_reduction_vs_previous"] == 1.25
     assert table["identical_batches"]
 
 
@@ -51,6 +57,7 @@ def test_failed_rows_are_left_out_of_the_table():
     table = ladder.ladder_table(runs)
     assert [r["row"] for r in table["rows"]] == ["peer_lora", "logits_masking"]
     assert table["overall"]["train_peak_reduction"] == 8.0 and not table["overall"]["meets_target_train_peak"]
+    assert "overall_with_offload" not in table  # no offload row measured
 
 
 @pytest.mark.slow

@@ -135,6 +135,12 @@ def test_breakdown_by_hand(tiny_model_dir, tmp_path):
     assert ckpt.phases["forward + loss"]["activations"][0] == 2 * N * 64 * 4 + shared + final_norm
     assert ckpt.phases["decoder backward"]["activations"][0] == 2 * N * 64 * 4 + layer1 + shared + final_norm
 
+    # ... and with offload_checkpoints those inputs live in a file: one layer input stays resident
+    off = plan_memory(recipe.model_copy(update={"train": recipe.train.model_copy(
+        update={"activation_checkpointing": "all", "offload_checkpoints": True})}), shape, "local")
+    assert off.phases["forward + loss"]["activations"][0] == N * 64 * 4 + shared + final_norm
+    assert off.phases["decoder backward"]["activations"][0] == N * 64 * 4 + layer1 + shared + final_norm
+
 
 def test_quantized_weights_by_hand(tiny_model_dir, tmp_path):
     from leantune.models.tiny import tiny_model

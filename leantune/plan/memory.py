@@ -473,11 +473,16 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         specs = layer_specs(shape, recipe)
         ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
         kept = [layer_saved_bytes(s, shape, batch, seq, e, r, dropout, masked) for s in specs]
-        stored = [n * shape.hidden * e if c else k for c, k in zip(ckpt, kept)]  # checkpoint: layer input only
-        outside = shared_saved_bytes(shape, seq, e) + final_norm_saved_bytes(shape, n, e, full) + (n * 8 if full else 0)
+        # checkpoint: the layer input only -- or nothing with offload_checkpoints (it lives in a file; one
+        # layer input is resident at a time, being written in forward or read back by the recomputation)
+        offload = recipe.train.offload_checkpoints
+        stored = [(0 if offload else n * shape.hidden * e) if c else k for c, k in zip(ckpt, kept)]
+        resident = n * shape.hidden * e if offload else 0
+        outside = (shared_saved_bytes(shape, seq, e) + final_norm_saved_bytes(shape, n, e, full) + (n * 8 if full else 0)
+                   + resident)
         saved = sum(stored) + outside
-        act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed, B={batch} x T={seq}"
-                    f"{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
+        act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed{' (inputs in a file)' if offload else ''}, "
+                    f"B={batch} x T={seq}{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
         acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
         lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
         lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e)

@@ -16,6 +16,8 @@ Run: ``leantune train recipes/sft_tiny.yaml`` (see ``leantune.cli``).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import random
@@ -93,18 +95,20 @@ def loss_weight_total(batch: dict[str, torch.Tensor]) -> float:
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], chunk_size: int,
-                         candidates: torch.Tensor | None = None) -> tuple[float, float]:
+                         candidates: torch.Tensor | None = None, spill=None) -> tuple[float, float]:
     """Backward over all micro-batches of one optimizer step; return (step loss, normalizer).
 
     Each micro-batch's loss sum is divided by the weighted count of loss-carrying tokens of the whole
     step, so the accumulated gradient equals that of one big batch (token-level mean). ``candidates``:
-    see ``lm_loss_sum``; the subset is the same for every micro-batch of the step.
+    see ``lm_loss_sum``; the subset is the same for every micro-batch of the step. ``spill``: an
+    `offload.ActivationSpill` that keeps the forward's layer inputs in a file (`train.offload_checkpoints`).
     """
     norm = sum(loss_weight_total(b) for b in batches)
     subset = step_vocab_subset(candidates, batches)
     step_loss = 0.0
     for batch in batches:
-        loss = lm_loss_sum(model, batch, chunk_size, subset) / max(norm, 1e-12)
+        with spill.forward() if spill is not None else contextlib.nullcontext():
+            loss = lm_loss_sum(model, batch, chunk_size, subset) / max(norm, 1e-12)
         loss.backward()
         step_loss += float(loss.detach())
     return step_loss, norm
@@ -384,6 +388,11 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
+    spill = None
+    if cfg.offload_checkpoints and not isinstance(optimizer, MeZO):  # MeZO keeps no activations for backward
+        from leantune.train.offload import ActivationSpill
+
+        spill = ActivationSpill(model, run_dir)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=quiet or not cfg.progress, dynamic_ncols=True)
     t_last = time.perf_counter()
     row: dict = {}  # stays empty when a finished run is resumed
@@ -403,7 +412,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         if isinstance(optimizer, MeZO):
             step_loss, norm, zo = zeroth_order_step(optimizer, model, batches, recipe.loss.chunk_size, subset)
         else:
-            step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size, subset)
+            step_loss, norm = accumulate_gradients(model, batches, recipe.loss.chunk_size, subset, spill)
         for batch in batches:
             totals["tokens"] += int(batch["attention_mask"].sum())
             totals["trainable_tokens"] += int((batch["labels"][:, 1:] != -100).sum())
@@ -443,6 +452,10 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         if (cfg.save_every and step % cfg.save_every == 0) or is_last:
             checkpoint()
     bar.close()
+    offloaded = None
+    if spill is not None:
+        offloaded = {"slots_written": spill.slots_written, "bytes_written": spill.bytes_written}
+        spill.close()
 
     save_adapter_or_model(model, tokenizer, recipe, run_dir)
     energy_report = energy.stop()
@@ -475,7 +488,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
         recipe=recipe.model_dump(mode="json"), data_files=data_files, model_location=model_location,
         seed=cfg.seed, totals=run_totals, flops=flops, energy=energy_report,
         extra={"resumed": resume_from is not None, "final_metrics": row, "quant": quant,
-               "loss": loss_note(recipe, candidates, subset_rows)},
+               "loss": loss_note(recipe, candidates, subset_rows), "offloaded_checkpoints": offloaded},
     )
     ledger_mod.write_ledger(run_dir, ledger)
     return TrainResult(ledger, model, tokenizer)
