@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="same pipeline on a tiny random model, < 1 minute")
     d.add_argument("--rl", action="store_true",
                    help="add a short RL (DAPO) phase after fine-tuning; greedy accuracy after each phase, and sampled "
-                   "pass@1 at the RL temperature before and after RL (~22 min on 2 cores)")
+                   "pass@1 at the RL temperature before and after RL (~27 min on 2 cores)")
     d.set_defaults(func=cmd_demo)
     return p
 
