@@ -10,12 +10,16 @@ moves those tensors into a memory-mapped file:
    and the RAM copy is freed;
 2. once the next layer's output arrives, the previous slot has been read: ``madvise(MADV_PAGEOUT)``
    writes it back and drops its pages, so RAM holds about one layer input at a time;
-3. backward's recomputation of a layer reads its input from the mapping: the kernel pages it back in.
+3. backward's recomputation of a layer reads its input from the mapping: the kernel pages it back in,
+   and when that layer's backward is done autograd frees the tensor, and with it the mapping (only the
+   tensors hold the older mappings), so those pages leave the process too.
 
 Cost: one write and one read of B x T x H x (layers + 1) elements per step. The hooks do nothing outside
 `ActivationSpill.forward()` (evaluation, backward's recomputation), and the file is deleted on close.
 On a kernel without ``MADV_PAGEOUT`` (before Linux 5.4) ``MADV_DONTNEED`` drops the pages from this
-process but the page cache keeps them until written back and reclaimed.
+process but the page cache keeps them until written back and reclaimed. Either way the kernel's page cache
+may keep a clean copy of the file after the pages leave the process: not this process's memory, and
+reclaimable at once under pressure.
 
 Python's ``mmap`` module names ``MADV_PAGEOUT`` from 3.13 on; its value on Linux is 21.
 """
@@ -67,7 +71,10 @@ class ActivationSpill:
             raise ValueError("offload_checkpoints: the decoder has no .layers to hook")
         self._file = tempfile.TemporaryFile(dir=directory, prefix="leantune-activations-")
         self._size = 0
-        self._maps: list[mmap.mmap] = []  # one mapping per slot of this step, in order
+        # The mappings of this forward's last two slots; older ones are referenced only by their tensors,
+        # so when backward frees a layer input its mapping goes too (pages it faulted back in included).
+        self._maps: list[mmap.mmap] = []
+        self._offset = 0  # where the next slot starts in the file
         self._active = False
         self.slots_written = 0
         self.bytes_written = 0
@@ -77,8 +84,7 @@ class ActivationSpill:
     @contextlib.contextmanager
     def forward(self):
         """A training forward: layer inputs go to the file (mappings of the last step are released)."""
-        self._maps = []
-        self._file.seek(0)
+        self._maps, self._offset = [], 0
         self._active = True
         try:
             yield self
@@ -86,6 +92,7 @@ class ActivationSpill:
             self._active = False
             if self._maps:  # the last slot feeds the final norm / loss: drop it now, it is re-read in backward
                 self._page_out(self._maps[-1])
+            self._maps = []
 
     def _hook(self, module, args, output):
         if not self._active or not torch.is_grad_enabled():
@@ -96,13 +103,15 @@ class ActivationSpill:
         spilled = _ToSlot.apply(hidden, self._slot(hidden))
         if len(self._maps) > 1:  # the previous slot has been read by the layer that just ran
             self._page_out(self._maps[-2])
+            del self._maps[:-1]
         return (spilled, *output[1:]) if isinstance(output, tuple) else spilled
 
     def _slot(self, like: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like ``like`` in a new page-aligned region of the file, mapped shared."""
         nbytes = like.numel() * like.element_size()
         length = max(PAGE, -(-nbytes // PAGE) * PAGE)
-        offset = sum(len(m) for m in self._maps)
+        offset = self._offset
+        self._offset += length
         if offset + length > self._size:
             self._size = offset + length
             os.ftruncate(self._file.fileno(), self._size)
