@@ -177,7 +177,7 @@ class TrainConfig(Section):
         default=False,
         description="Keep the inputs of checkpointed layers in a memory-mapped file in the run directory instead of RAM "
         "(paged out once read, paged back in by backward's recomputation): activations drop to about one layer's input, "
-        "for one write and one read of them per step. Needs activation_checkpointing; CPU tensors only.",
+        "for one write and one read of them per step. Needs activation_checkpointing; CPU tensors only; `leantune train` (SFT).",
     )
     eval_every: int = Field(default=0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
     save_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
