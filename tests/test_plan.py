@@ -20,7 +20,7 @@ from leantune.plan.model_shape import (
     read_gguf_header,
     shape_from_config,
 )
-from leantune.plan.search import search, step_cost
+from leantune.plan.search import COST, knob_values, search, step_cost
 
 
 def _recipe(tiny_model_dir, tmp_path, data="train.jsonl", **sections):
@@ -370,6 +370,31 @@ def test_cost_model_orders_settings(tiny_model_dir, tmp_path):
     assert cost(micro_batch_size=1, grad_accum=4) > base
     mezo = step_cost(recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"name": "mezo"})}), shape)
     assert mezo > cost(activation_checkpointing="all")
+    assert cost(activation_checkpointing="all", offload_checkpoints=True) == pytest.approx(
+        cost(activation_checkpointing="all") * COST.offload)
+
+
+def test_search_offers_offloaded_checkpoints_for_sft_only(tiny_model_dir, tmp_path):
+    """Between 'all layers checkpointed' and the same with the inputs in a file lies a budget only the
+    offloaded setting fits; `leantune rl` does not offload, so its search never proposes it."""
+    recipe = _recipe(tiny_model_dir, tmp_path, train={"micro_batch_size": 8})
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": 256})})
+    shape = model_shape(recipe.model)
+
+    def peak(**train):
+        return plan_memory(recipe.model_copy(update={"train": recipe.train.model_copy(update=train)}), shape, "local").peak
+
+    ckpt, offload = peak(activation_checkpointing="all"), peak(activation_checkpointing="all", offload_checkpoints=True)
+    assert offload < ckpt
+    fits = search(recipe, shape, (ckpt + offload) // 2, "local", mode="sft")
+    t, r = recipe.train, recipe
+    same_otherwise = [c for c in fits if c.recipe.train.activation_checkpointing == "all" and c.recipe.optim.name == "adamw"
+                      and c.recipe.train.micro_batch_size == t.micro_batch_size and c.recipe.quant.bits == r.quant.bits
+                      and c.recipe.loss.chunk_size == r.loss.chunk_size and c.recipe.adapter.r == r.adapter.r]
+    assert same_otherwise and all(c.recipe.train.offload_checkpoints for c in same_otherwise)
+    assert any("in a file" in note for c in same_otherwise for note in c.notes)
+    assert knob_values(recipe, rl=True)["train.offload_checkpoints"] == [False]
+    assert knob_values(recipe)["train.offload_checkpoints"] == [False, True]
 
 
 def test_saved_counter_sanity():

@@ -1,7 +1,7 @@
 """Settings that fit a memory budget, cheapest first, and the cost model that orders them.
 
 The search varies what changes memory without changing what is learned much: activation
-checkpointing, micro-batch size (with gradient accumulation keeping the effective batch), the loss
+checkpointing (and, for SFT, offloading the checkpointed inputs to a file), micro-batch size (with gradient accumulation keeping the effective batch), the loss
 chunk, weight quantization of the frozen base, the LoRA rank, and AdamW vs MeZO. Every combination
 is planned (pure arithmetic, no model is built), those under the budget are kept and ordered by their
 expected cost relative to the recipe as written.
@@ -12,6 +12,8 @@ SmolLM2-135M fp32, LoRA r=8 on q/k/v/o, micro-batch 4 x 256 tokens, 1 thread, on
 other jobs were loading -- indicative, not precise), each relative to the same run without the change:
 
 - checkpointing: ``1 + ckpt x (checkpointed layers / layers)``: all layers 1.35x (every 2nd: 1.26x);
+- offloaded checkpoints (``train.offload_checkpoints``, SFT only): 1.02x (``benchmarks/memory_ladder.py``,
+  SmolLM2 seq 2048, 2 threads, quiet: 61.0 -> 59.7 tokens/s);
 - quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
 - micro-batch: per-token time ``1 + micro_batch / m``: measured 0.97x for 1 x 4 vs 4 x 1 (CPU matmuls
   of 256 rows are already efficient on one thread); a small penalty is kept, assuming more threads
@@ -48,6 +50,7 @@ class CostModel:
     """Relative-cost factors; see the module docstring for how each was measured."""
 
     ckpt: float = 0.35
+    offload: float = 1.02
     int8: float = 1.07
     int4: float = 1.16
     micro_batch: float = 0.03
@@ -67,6 +70,8 @@ def step_cost(recipe: Recipe, shape: ModelShape, cost: CostModel = COST) -> floa
     else:
         ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
         t *= 1 + cost.ckpt * sum(ckpt) / shape.layers
+        if recipe.train.offload_checkpoints:
+            t *= cost.offload
     if recipe.quant.bits:
         t *= cost.int4 if recipe.quant.bits == 4 else cost.int8
     t *= 1 + cost.micro_batch / recipe.train.micro_batch_size
@@ -97,13 +102,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def knob_values(recipe: Recipe) -> dict[str, list]:
-    """The values tried per knob; the recipe's own value is always among them."""
+def knob_values(recipe: Recipe, rl: bool = False) -> dict[str, list]:
+    """The values tried per knob; the recipe's own value is always among them. ``rl``: the plan is for
+    `leantune rl`, whose update does not offload checkpoints."""
     t, a = recipe.train, recipe.adapter
     effective = t.micro_batch_size * t.grad_accum
     lora = a.method == "lora"
     return {
         "train.activation_checkpointing": list(dict.fromkeys([t.activation_checkpointing, "off", 4, 2, "all"])),
+        "train.offload_checkpoints": [t.offload_checkpoints] if rl else list(dict.fromkeys([t.offload_checkpoints, False, True])),
         "train.micro_batch_size": sorted({d for d in _divisors(effective) if d <= t.micro_batch_size} | {t.micro_batch_size}),
         "loss.chunk_size": sorted({recipe.loss.chunk_size, 1024, 256, 64}),
         "quant.bits": list(dict.fromkeys([recipe.quant.bits, None, 8, 4])) if lora else [recipe.quant.bits],
@@ -121,6 +128,9 @@ def _variant(recipe: Recipe, values: dict) -> tuple[Recipe, dict]:
     values["train.grad_accum"] = effective // values["train.micro_batch_size"]
     if values["optim.name"] == "mezo":  # no backward: checkpointing changes nothing, keep it as written
         values["train.activation_checkpointing"] = recipe.train.activation_checkpointing
+        values["train.offload_checkpoints"] = recipe.train.offload_checkpoints
+    if values["train.activation_checkpointing"] == "off":  # nothing to offload
+        values["train.offload_checkpoints"] = False
     for key, value in values.items():
         section, name = key.split(".", 1)
         if data[section][name] != value:
@@ -140,6 +150,8 @@ def _notes(recipe: Recipe, changes: dict) -> list[str]:
         notes.append(f"LoRA rank {recipe.adapter.r} -> {changes['adapter.r']}: fewer trainable parameters, may learn less")
     if changes.get("optim.name") == "mezo":
         notes.append("MeZO: no gradients; needs many more steps and a different lr (see optim.name help)")
+    if changes.get("train.offload_checkpoints"):
+        notes.append("checkpointed layer inputs in a file in the run directory (one write and one read per step)")
     if changes.get("quant.bits"):
         notes.append(f"INT{changes['quant.bits']} base: small weight error; export merges into the dequantized weights")
     return notes
@@ -149,7 +161,9 @@ def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "l
            cal: Calibration = CALIBRATION, cost: CostModel = COST, mode: str | None = None) -> list[Candidate]:
     """Every searched setting whose predicted peak is <= ``budget`` bytes, cheapest first (then fewest
     changes, then smallest peak)."""
-    knobs = knob_values(recipe)
+    from leantune.plan.memory import is_rl
+
+    knobs = knob_values(recipe, rl=is_rl(recipe) if mode is None else mode == "rl")
     base_cost = step_cost(recipe, shape, cost)
     base_speed = _speed(recipe, shape, cost)
     seen, out = set(), []
@@ -188,7 +202,9 @@ def _speed(recipe: Recipe, shape: ModelShape, cost: CostModel) -> float:
 def floor_note(recipe: Recipe, shape: ModelShape, source_kind: str, cal: Calibration = CALIBRATION,
                mode: str | None = None) -> str:
     """Why nothing fits: the smallest plan the search can reach, and its largest terms."""
-    knobs = knob_values(recipe)
+    from leantune.plan.memory import is_rl
+
+    knobs = knob_values(recipe, rl=is_rl(recipe) if mode is None else mode == "rl")
     best = min((plan_memory(_variant(recipe, dict(zip(knobs, c)))[0], shape, source_kind, cal, mode)
                 for c in itertools.product(*knobs.values())), key=lambda p: p.peak)
     terms = sorted(best.terms.items(), key=lambda kv: -kv[1][0])[:3]
