@@ -26,6 +26,13 @@ def _snapshot(model):
     return {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
 
 
+def _assert_restored(model, before):
+    """The same Parameter objects as in ``before``, with bit-identical values."""
+    now = dict(model.named_parameters())
+    for name, (param, value) in before.items():
+        assert now[name] is param and torch.equal(now[name], value), name
+
+
 def test_folded_forward_matches_the_adapter_and_restores_exactly():
     model = _lora_model()
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(2))
@@ -39,9 +46,7 @@ def test_folded_forward_matches_the_adapter_and_restores_exactly():
             got = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    for name, (param, value) in before.items():  # the same Parameter objects, bit-identical values
-        now = dict(model.named_parameters())[name]
-        assert now is param and torch.equal(now, value), name
+    _assert_restored(model, before)
     assert torch.equal(after, ref)  # adapter back on, unfolded
 
 
@@ -62,9 +67,7 @@ def test_an_error_inside_restores_the_weights():
     before = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom"), folded_adapter(model):
         raise RuntimeError("boom")
-    for name, (param, value) in before.items():
-        now = dict(model.named_parameters())[name]
-        assert now is param and torch.equal(now, value), name
+    _assert_restored(model, before)
     assert all(not m.disable_adapters for m in model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "lora_A"))
 
 
