@@ -143,6 +143,10 @@ class QuantConfig(Section):
         description="Store the base's linear layers (not lm_head) as INT4/INT8, dequantized on the fly; null: full precision. INT4: ~0.16x their fp32 bytes, slower matmuls.",
     )
     group_size: int = Field(default=64, gt=0, description="Input columns per scale/offset pair. Smaller: more accurate, more scale bytes.")
+    embedding_bits: Literal[4, 8] | None = Field(
+        default=None,
+        description="Store the input embedding and the LM head (once when tied) as INT8/INT4 too; null: full precision. SmolLM2-135M's tied table: 113 MB fp32 -> 32 MB INT8 / 18 MB INT4; measured loss cost on the demo task's base model +0.007 nats (INT8) vs +0.13 (INT4). Lookups and the vocabulary-subset loss dequantize only the rows they read, the exact loss 16 MiB of rows at a time; RL sampling, RL log-probs and evaluation use a transient full-precision copy of the head.",
+    )
 
 
 class OptimConfig(Section):
@@ -177,7 +181,7 @@ class TrainConfig(Section):
         default=False,
         description="Keep the inputs of checkpointed layers in a memory-mapped file in the run directory instead of RAM "
         "(paged out once read, paged back in by backward's recomputation): activations drop to about one layer's input, "
-        "for one write and one read of them per step. Needs activation_checkpointing; CPU tensors only; `leantune train` (SFT).",
+        "for one write and one read of them per step. Needs activation_checkpointing; CPU training only (a model on another device is refused); `leantune train` (SFT).",
     )
     eval_every: int = Field(default=0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
     save_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
@@ -364,7 +368,9 @@ class Recipe(Section):
     def _quant_needs_lora(self):
         if self.quant.bits and self.adapter.method != "lora":
             raise ValueError("quant.bits: a quantized base is frozen; use adapter.method: lora (or quant.bits: null)")
-        if self.quant.bits == 4 and self.quant.group_size % 2:
+        if self.quant.embedding_bits and self.adapter.method != "lora":
+            raise ValueError("quant.embedding_bits: a quantized embedding is frozen; use adapter.method: lora (or quant.embedding_bits: null)")
+        if 4 in (self.quant.bits, self.quant.embedding_bits) and self.quant.group_size % 2:
             raise ValueError(f"quant.group_size: 4-bit codes are packed two per byte, use an even size (got {self.quant.group_size})")
         return self
 

@@ -150,10 +150,11 @@ def load_for_eval(target: str, dtype: str | None = None):
         model, tok, _ = load_model_and_tokenizer(cfg.model_copy(update={"path": str(path / "model"), "gguf_file": None}))
         return model, tok
     model, tok, _ = load_model_and_tokenizer(cfg)
-    if recipe.quant.bits:  # the adapter was trained on W_hat = dequantize(quantize(W)): evaluate/merge on it
+    if recipe.quant.bits or recipe.quant.embedding_bits:  # the adapter was trained on W_hat = dequantize(quantize(W))
         from leantune.quant import fake_quantize_model
 
-        fake_quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"])
+        fake_quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"],
+                            embedding_bits=recipe.quant.embedding_bits)
     if (path / "adapter").is_dir():
         from peft import PeftModel
 

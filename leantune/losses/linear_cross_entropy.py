@@ -16,15 +16,20 @@ This is the plain-PyTorch version: it runs on CPU and any GPU, and is tested aga
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from leantune.quant.weight_only import QuantizedWeight
 
 _REDUCTIONS = ("mean", "sum")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def _compute_dtype(*tensors) -> torch.dtype:
     # fp32 for fp32/bf16/fp16 inputs (the logits of a bf16 model need fp32 for a stable logsumexp);
-    # fp64 only when an input is already fp64 (gradcheck, references).
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    # fp64 only when an input is already fp64 (gradcheck, references). A quantized weight is fp32 math.
+    return torch.float64 if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # A weight stored narrower than the compute dtype (a bf16 lm_head, fp32 math) is converted this many
@@ -33,42 +38,50 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 _CAST_BLOCK_BYTES = 16 << 20
 
 
-def _cast_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
-    """Rows of ``weight`` (V, H) converted to ``dtype`` at a time: all V when no conversion is needed."""
-    if weight.dtype == dtype:
+def _cast_rows(weight, dtype: torch.dtype) -> int:
+    """Rows of ``weight`` (V, H) converted to ``dtype`` at a time: all V when no conversion is needed.
+    A quantized weight (``leantune.quant.QuantizedWeight``) is always dequantized a block at a time."""
+    if isinstance(weight, torch.Tensor) and weight.dtype == dtype:
         return weight.shape[0]
     return max(1, _CAST_BLOCK_BYTES // (weight.shape[1] * torch.finfo(dtype).bits // 8))
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _block(weight, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``start:stop`` of ``weight`` in ``dtype``: a slice converted, or dequantized from a quantized head."""
+    if isinstance(weight, torch.Tensor):
+        return weight[start:stop].to(dtype)
+    return weight.row_slice(start, stop, dtype)
+
+
+def _logits(h: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
     """``h @ weight.T`` in ``dtype``: h (C, H) already in ``dtype``, weight (V, H) -> (C, V)."""
-    rows = _cast_rows(weight, dtype)
-    if rows >= weight.shape[0]:
-        return h @ weight.to(dtype).T
-    out = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
-    for v in range(0, weight.shape[0], rows):
-        out[:, v : v + rows] = h @ weight[v : v + rows].to(dtype).T
+    rows, vocab = _cast_rows(weight, dtype), weight.shape[0]
+    if rows >= vocab:
+        return h @ _block(weight, 0, vocab, dtype).T
+    out = torch.empty(h.shape[0], vocab, dtype=dtype, device=h.device)
+    for v in range(0, vocab, rows):
+        out[:, v : v + rows] = h @ _block(weight, v, v + rows, dtype).T
     return out
 
 
-def _times_weight(d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _times_weight(d: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
     """``d @ weight`` in ``dtype``: d (C, V) in ``dtype``, weight (V, H) -> (C, H)."""
-    rows = _cast_rows(weight, dtype)
-    if rows >= weight.shape[0]:
-        return d @ weight.to(dtype)
+    rows, vocab = _cast_rows(weight, dtype), weight.shape[0]
+    if rows >= vocab:
+        return d @ _block(weight, 0, vocab, dtype)
     out = torch.zeros(d.shape[0], weight.shape[1], dtype=dtype, device=d.device)
-    for v in range(0, weight.shape[0], rows):
-        out.addmm_(d[:, v : v + rows], weight[v : v + rows].to(dtype))
+    for v in range(0, vocab, rows):
+        out.addmm_(d[:, v : v + rows], _block(weight, v, v + rows, dtype))
     return out
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd function behind `linear_cross_entropy`; works on the rows `idx` of a 2-D `hidden`.
 
-    Inputs: hidden (N, H), weight (V, H), idx (K,) long row indices kept, labels (K,) long in [0, V),
-    weights (K,) float or None, chunk_size int, reduction "mean" | "sum". Returns a 0-d loss in the
-    compute dtype (fp32, or fp64 for fp64 inputs). Saved for backward: hidden, weight, idx, labels,
-    weights and the per-row logsumexp (K floats) -- never logits.
+    Inputs: hidden (N, H), weight (V, H) tensor or frozen ``QuantizedWeight``, idx (K,) long row
+    indices kept, labels (K,) long in [0, V), weights (K,) float or None, chunk_size int, reduction
+    "mean" | "sum". Returns a 0-d loss in the compute dtype (fp32, or fp64 for fp64 inputs). Saved for
+    backward: hidden, weight, idx, labels, weights and the per-row logsumexp (K floats) -- never logits.
     """
 
     @staticmethod
@@ -94,13 +107,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             norm = torch.ones((), dtype=dtype, device=hidden.device)
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(hidden, weight, idx, labels, weights, lse, norm)
+        dense = isinstance(weight, torch.Tensor)
+        ctx.quantized = None if dense else weight  # frozen buffers, no autograd state to save
+        ctx.save_for_backward(hidden, weight if dense else None, idx, labels, weights, lse, norm)
         return total / norm
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, idx, labels, weights, lse, norm = ctx.saved_tensors
+        weight = ctx.quantized if ctx.quantized is not None else weight
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
             return None, None, None, None, None, None, None
@@ -130,7 +146,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     labels: torch.Tensor,
     *,
     chunk_size: int = 1024,
@@ -152,7 +168,9 @@ def linear_cross_entropy(
 
     Args:
         hidden: (..., H) float (fp32/bf16/fp16/fp64), the final hidden states, any leading dims.
-        weight: (V, H) the LM-head weight (no bias).
+        weight: (V, H) the LM-head weight (no bias), or a frozen quantized head
+            (``leantune.quant.QuantizedWeight``, ``quant.embedding_bits``): dequantized 16 MiB of fp32
+            rows at a time, like a narrow weight, so no full-precision copy of the head exists.
         labels: (...) integer, already aligned with `hidden` (the caller did the causal shift).
         chunk_size: rows of logits materialised at once; peak extra memory is about twice
             chunk_size x V x 4 bytes (the logits of one chunk and logsumexp's workspace, or the
@@ -191,7 +209,8 @@ def linear_cross_entropy(
             f"linear_cross_entropy: hidden must be a float tensor of shape (..., H), got "
             f"{hidden.dtype} of shape {tuple(hidden.shape)}"
         )
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+    dense = isinstance(weight, torch.Tensor)
+    if (dense and weight.dim() != 2) or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"linear_cross_entropy: weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
             f"got weight of shape {tuple(weight.shape)} (pass lm_head.weight, not its transpose)"
@@ -219,7 +238,7 @@ def linear_cross_entropy(
     idx = keep.nonzero().squeeze(1)  # (K,) logits masking: only these rows reach the LM head
     if idx.numel() == 0:
         # Empty sums (not `x * 0`) so that inf/NaN in unused rows cannot leak into the loss.
-        return hidden_2d[:0].sum().to(dtype) + weight[:0].sum().to(dtype)
+        return hidden_2d[:0].sum().to(dtype) + (weight[:0].sum().to(dtype) if dense else 0)
 
     kept_labels = labels_1d.index_select(0, idx)  # (K,)
     vocab = weight.shape[0]

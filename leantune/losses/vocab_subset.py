@@ -41,11 +41,15 @@ recomputing backward are the exact loss's own; the largest vocabulary-sized tens
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from leantune.losses.linear_cross_entropy import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from leantune.quant.weight_only import QuantizedWeight
 
 CANDIDATE_SOURCES = ("probability", "frequency", "embedding")
 
@@ -125,7 +129,7 @@ def embedding_neighbour_candidates(weight: torch.Tensor, seeds: torch.Tensor, k:
     return order[: min(k, vocab)].sort().values
 
 
-def build_candidates(source: str, k: int, *, weight: torch.Tensor, all_counts: torch.Tensor,
+def build_candidates(source: str, k: int, *, weight: torch.Tensor | None, all_counts: torch.Tensor,
                      target_counts: torch.Tensor, probability_mass: torch.Tensor | None = None) -> torch.Tensor:
     """The candidate set of ``source``, sorted int64 ids, at most k of them:
 
@@ -145,6 +149,8 @@ def build_candidates(source: str, k: int, *, weight: torch.Tensor, all_counts: t
         seen = int((target_counts > 0).sum())
         if seen == 0:
             raise ValueError("build_candidates: no loss-carrying token in the training data to seed 'embedding'")
+        if weight is None:
+            raise ValueError("build_candidates: source 'embedding' needs the LM-head weight")
         seeds = top_token_candidates(target_counts, min(k, seen))
         return embedding_neighbour_candidates(weight, seeds, k)
     raise ValueError(f"build_candidates: source must be one of {CANDIDATE_SOURCES}, got {source!r}")
@@ -169,7 +175,7 @@ def vocab_subset(candidates: torch.Tensor, labels: torch.Tensor | Sequence[torch
 
 def vocab_subset_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
     labels: torch.Tensor,
     candidates: torch.Tensor,
     *,
@@ -185,7 +191,9 @@ def vocab_subset_cross_entropy(
     ``weights``, ``reduction`` and the returned dtype are those of ``linear_cross_entropy``.
 
     Args:
-        hidden: (..., H) float final hidden states; weight: (V, H) LM-head weight;
+        hidden: (..., H) float final hidden states; weight: (V, H) LM-head weight, or a frozen quantized
+            head (``leantune.quant.QuantizedWeight``, ``quant.embedding_bits``): then only the subset's rows
+            are dequantized, to ``hidden``'s dtype, and no gradient reaches the head;
         labels: (...) integer targets, already shifted; candidates: (C,) int64 token ids in [0, V)
             (any order, duplicates allowed; empty = the batch's targets only).
         chunk_size, ignore_index (must be negative), weights, reduction: as in ``linear_cross_entropy``.
@@ -212,6 +220,7 @@ def vocab_subset_cross_entropy(
         raise ValueError(
             f"vocab_subset_cross_entropy: weights shape {tuple(weights.shape)} must equal labels shape {tuple(labels.shape)}"
         )
+    quantized = not isinstance(weight, torch.Tensor)
     vocab = weight.shape[0]
     labels_1d = labels.reshape(-1).long()  # (N,)
     keep = labels_1d != ignore_index
@@ -224,7 +233,9 @@ def vocab_subset_cross_entropy(
             raise ValueError(f"vocab_subset_cross_entropy: {name} {bad} is outside [0, {vocab})")
 
     subset = vocab_subset(candidates, kept)  # (S,) sorted
-    if subset.numel() == vocab:
+    if quantized:  # (S, H): only the subset's codes are read
+        head = weight.rows(subset, hidden.dtype)
+    elif subset.numel() == vocab:
         head = weight  # the whole vocabulary: exactly linear_cross_entropy, no copy
     else:
         head = weight.index_select(0, subset)  # (S, H); gradients flow back to the selected rows

@@ -29,6 +29,12 @@ the quantized buffers for backward and dequantizes again there to get ``grad_x =
 dequantized (out, in) matrix lives between forward and backward, and the layer input is not saved
 (there is no weight gradient to compute). Cost: one extra dequantization per layer per backward.
 
+Embedding and LM head (``quant.embedding_bits``): ``quantize_embeddings`` stores the input embedding as a
+``QuantEmbedding`` (a lookup dequantizes only the rows it reads, ``dequantize_rows``) and the LM head as
+a ``QuantLinear``; a tied head holds the embedding's own buffers, so the table is stored once. The
+vocabulary-subset loss reads only the subset's rows of a quantized head (``head_weight``); the exact
+loss, RL sampling and log-probs use a transient dequantized copy (``dense_head_weight``).
+
 LoRA: PEFT wraps ``QuantLinear`` through its custom-module API (``register_quant_lora``), with a
 LoRA layer (``QuantLoraLinear``) that refuses to merge into quantized codes. Export goes through
 ``dequantize_model`` (back to ``nn.Linear`` holding ``W_hat``) and then PEFT's ordinary merge, so the
@@ -90,9 +96,25 @@ class QuantizedWeight:
         return self.scale.shape[1]
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in): the shape of the matrix it encodes."""
+        return self.out_features, self.in_features
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by the codes, scales and offsets."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset))
+
+    def row_slice(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start:stop`` of ``w_hat``, a (stop - start, in) matrix in ``dtype``: only those rows'
+        codes are read. The losses take a quantized LM head through this (and ``rows``) without
+        importing this module."""
+        return _dequantize_parts(self.qweight[start:stop], self.scale[start:stop], self.offset[start:stop],
+                                 self.bits, self.group_size, self.in_features, dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``index`` of ``w_hat``: ``dequantize_rows(self, index, dtype)``."""
+        return dequantize_rows(self, index, dtype)
 
 
 def _round_toward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -171,23 +193,53 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return _dequantize_parts(qw.qweight, qw.scale, qw.offset, qw.bits, qw.group_size, qw.in_features, dtype)
 
 
+def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows ``rows`` (R,) of ``w_hat``, an (R, in) matrix in ``dtype``: only those rows' codes are read.
+
+    Equal to ``dequantize(qw, dtype)[rows]`` without building the whole matrix. An embedding lookup
+    (``QuantEmbedding``) and the vocabulary-subset loss over a quantized LM head use it.
+    """
+    rows = rows.reshape(-1).long()
+    return _dequantize_parts(qw.qweight.index_select(0, rows), qw.scale.index_select(0, rows),
+                             qw.offset.index_select(0, rows), qw.bits, qw.group_size, qw.in_features, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # The frozen quantized linear layer
+
+
+# A weight larger than this (in fp32) is dequantized a block of output rows at a time in forward and
+# backward: a quantized LM head (V x H; SmolLM2: 113 MB fp32) then never exists in full precision.
+_BLOCK_BYTES = 16 << 20
+
+
+def _row_blocks(out_features: int, in_features: int) -> int:
+    """Output rows dequantized at a time: all of them unless the fp32 matrix exceeds ``_BLOCK_BYTES``."""
+    return max(1, _BLOCK_BYTES // (4 * in_features))
 
 
 class _DequantLinearFn(torch.autograd.Function):
     """y = x @ W_hat^T + b with W_hat dequantized in forward and again in backward.
 
     Saved for backward: the uint8 codes and the (out, G) scale/offset buffers only. Gradients: x (and
-    b if it requires grad); none for the codes.
+    b if it requires grad); none for the codes. A large weight (an LM head) is dequantized in blocks of
+    output rows (``_row_blocks``), so its full-precision matrix never exists.
     """
 
     @staticmethod
     def forward(ctx, x, qweight, scale, offset, bias, bits, group_size, in_features):
-        w = _dequantize_parts(qweight, scale, offset, bits, group_size, in_features, x.dtype)  # (out, in)
         ctx.save_for_backward(qweight, scale, offset)
         ctx.meta = (bits, group_size, in_features)
-        return F.linear(x, w, bias)  # (..., out)
+        out_features, rows = qweight.shape[0], _row_blocks(qweight.shape[0], in_features)
+        if rows >= out_features:
+            w = _dequantize_parts(qweight, scale, offset, bits, group_size, in_features, x.dtype)  # (out, in)
+            return F.linear(x, w, bias)  # (..., out)
+        y = x.new_empty(*x.shape[:-1], out_features)  # (..., out)
+        for r in range(0, out_features, rows):
+            w = _dequantize_parts(qweight[r : r + rows], scale[r : r + rows], offset[r : r + rows], bits, group_size,
+                                  in_features, x.dtype)  # (rows, in)
+            y[..., r : r + rows] = F.linear(x, w, None if bias is None else bias[r : r + rows])
+        return y
 
     @staticmethod
     @once_differentiable
@@ -195,8 +247,12 @@ class _DequantLinearFn(torch.autograd.Function):
         qweight, scale, offset = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize_parts(qweight, scale, offset, *ctx.meta, grad_out.dtype)
-            grad_x = grad_out @ w  # (..., in)
+            out_features, rows = qweight.shape[0], _row_blocks(qweight.shape[0], ctx.meta[2])
+            for r in range(0, out_features, rows):
+                w = _dequantize_parts(qweight[r : r + rows], scale[r : r + rows], offset[r : r + rows], *ctx.meta,
+                                      grad_out.dtype)  # (rows, in)
+                part = grad_out[..., r : r + rows] @ w  # (..., in)
+                grad_x = part if grad_x is None else grad_x.add_(part)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, None, None, grad_bias, None, None, None
@@ -226,7 +282,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 64,
-                    scale_dtype: torch.dtype = torch.float32) -> "QuantLinear":
+                    scale_dtype: torch.dtype = torch.float32) -> QuantLinear:
         qw = quantize_groupwise(linear.weight, bits, group_size, scale_dtype)
         return cls(qw, linear.bias, weight_dtype=linear.weight.dtype)
 
@@ -246,6 +302,65 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table (V, H) stored as group-wise INT4/INT8: a lookup dequantizes only the rows
+    it reads (``dequantize_rows``). Buffers ``qweight``, ``scale``, ``offset`` as in ``QuantLinear``; the
+    output is in ``weight_dtype`` (the dtype of the table it replaced). There is no gradient to the table.
+
+    A tied LM head (``lm_head.weight is embed_tokens.weight``) becomes a ``QuantLinear`` holding the
+    *same* buffers (``quantize_embeddings``), so the table is stored once, as before.
+    """
+
+    def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None,
+                 weight_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings = qw.out_features
+        self.embedding_dim = qw.in_features
+        self.padding_idx = padding_idx
+        self.bits = qw.bits
+        self.group_size = qw.group_size
+        self.weight_dtype = weight_dtype
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scale", qw.scale)
+        self.register_buffer("offset", qw.offset)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int = 64,
+                       scale_dtype: torch.dtype = torch.float32) -> QuantEmbedding:
+        qw = quantize_groupwise(emb.weight, bits, group_size, scale_dtype)
+        return cls(qw, emb.padding_idx, weight_dtype=emb.weight.dtype)
+
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size, self.embedding_dim)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_hat (V, H) in ``dtype`` (default: the dtype of the table this layer replaced)."""
+        return dequantize(self.quantized(), dtype or self.weight_dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (...) int -> (..., H)
+        rows = dequantize_rows(self.quantized(), input_ids, self.weight_dtype)  # (N, H)
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+def head_weight(head: nn.Module) -> torch.Tensor | QuantizedWeight:
+    """The LM head's weight as the losses take it: the (V, H) tensor of an ``nn.Linear``, or the
+    ``QuantizedWeight`` of a ``QuantLinear`` head (``vocab_subset_cross_entropy`` then dequantizes only
+    the subset's rows; see ``dense_head_weight`` for the whole matrix)."""
+    return head.quantized() if isinstance(head, QuantLinear) else head.weight
+
+
+def dense_head_weight(head: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The LM head's (V, H) weight as a tensor: the Parameter itself for an ``nn.Linear``, a fresh
+    dequantized copy (in ``dtype``, default the replaced weight's) for a ``QuantLinear``: a transient
+    V x H buffer, as large as the full-precision head."""
+    if isinstance(head, QuantLinear):
+        return head.dequantized_weight(dtype)
+    return head.weight
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole models
 
@@ -262,6 +377,10 @@ class QuantStats:
     @property
     def ratio(self) -> float:
         return self.bytes_after / max(1, self.bytes_before)
+
+    def __add__(self, other: QuantStats) -> QuantStats:
+        return QuantStats(self.layers + other.layers, self.bytes_before + other.bytes_before,
+                          self.bytes_after + other.bytes_after)
 
     def as_dict(self) -> dict:
         return {"layers": self.layers, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
@@ -317,38 +436,97 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip: Iter
 
 
 @torch.no_grad()
+def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 64,
+                        scale_dtype: torch.dtype = torch.float32) -> QuantStats:
+    """Replace, in place, the input embedding of a transformers model (``get_input_embeddings``) by a
+    ``QuantEmbedding``, and its LM head (``get_output_embeddings``) by a ``QuantLinear``: for a tied head
+    one holding the embedding's own buffers (stored once), else its own codes. Returns the bytes before
+    and after. Call it on the base model, before the adapter (as ``quantize_model``).
+
+    On SmolLM2-135M the tied (49152, 576) table is 113 MB in fp32, 32 MB in INT8 and 18 MB in INT4 (group
+    64). What the model then computes with it: a lookup dequantizes the looked-up rows; the
+    vocabulary-subset loss the subset's rows (``head_weight``); the exact loss 16 MiB of rows at a time;
+    RL sampling and ``model(...).logits`` a transient full-precision copy (``dense_head_weight`` /
+    ``QuantLinear.forward``).
+
+    Shared buffers are not re-tied by ``model.to(...)``: quantize on the device the model trains on.
+    """
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        raise ValueError("the model already carries LoRA layers: quantize the base model before apply_adapter")
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(emb) is not nn.Embedding:
+        raise ValueError(f"quantize_embeddings: the input embedding is a {type(emb).__name__}, not an nn.Embedding")
+    tied = head is not None and getattr(head, "weight", None) is emb.weight
+    before = _nbytes(emb.weight)
+    qemb = QuantEmbedding.from_embedding(emb, bits, group_size, scale_dtype)
+    model.set_input_embeddings(qemb)
+    stats = QuantStats(1, before, _nbytes(qemb.qweight, qemb.scale, qemb.offset))
+    if type(head) is nn.Linear:
+        if tied:  # the same buffers: the table is stored once, as the tied Parameter was
+            qhead = QuantLinear(qemb.quantized(), head.bias, weight_dtype=head.weight.dtype)
+            stats += QuantStats(1, _nbytes(head.bias), _nbytes(qhead.bias))
+        else:
+            qhead = QuantLinear.from_linear(head, bits, group_size, scale_dtype)
+            stats += QuantStats(1, _nbytes(head.weight, head.bias),
+                                _nbytes(qhead.qweight, qhead.scale, qhead.offset, qhead.bias))
+        model.set_output_embeddings(qhead)
+    del emb, head  # the last references: the full-precision table is freed here
+    return stats
+
+
+@torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Replace, in place, every ``QuantLinear`` of ``model`` (also under PEFT LoRA layers) by a frozen
-    ``nn.Linear`` holding ``W_hat`` in ``dtype`` (default: each layer's original dtype). Returns how
-    many layers. Used before merging an adapter: PEFT then merges into ``W_hat``.
+    ``nn.Linear`` holding ``W_hat`` in ``dtype`` (default: each layer's original dtype), and every
+    ``QuantEmbedding`` by an ``nn.Embedding``; a head that shared an embedding's buffers shares its
+    Parameter again (tied). Returns how many modules. Used before merging an adapter: PEFT then merges
+    into ``W_hat``.
     """
+    tables: dict[int, nn.Parameter] = {}  # id(qweight) -> the dequantized embedding Parameter
+    emb_names = [n for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
+    for name in emb_names:
+        parent, attr = _parent_and_attr(model, name)
+        quant = getattr(parent, attr)
+        weight = nn.Parameter(quant.dequantized_weight(dtype), requires_grad=False)
+        emb = nn.Embedding(quant.num_embeddings, quant.embedding_dim, padding_idx=quant.padding_idx, device="meta")
+        emb.weight = weight
+        tables[id(quant.qweight)] = weight
+        setattr(parent, attr, emb)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
         parent, attr = _parent_and_attr(model, name)
         quant = getattr(parent, attr)
-        weight = quant.dequantized_weight(dtype)
+        tied = tables.get(id(quant.qweight))
+        weight = tied if tied is not None else quant.dequantized_weight(dtype)
         linear = nn.Linear(quant.in_features, quant.out_features, bias=quant.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.weight = weight if tied is not None else nn.Parameter(weight, requires_grad=False)
         if quant.bias is not None:
             linear.bias = nn.Parameter(quant.bias.to(weight.dtype), requires_grad=False)
         setattr(parent, attr, linear)
-    return len(names)
+    return len(emb_names) + len(names)
 
 
 @torch.no_grad()
-def fake_quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip: Iterable[str] = ("lm_head",),
-                        scale_dtype: torch.dtype = torch.float32) -> int:
-    """Overwrite, in place, the weight of each layer ``quantize_model`` would replace by its round
-    trip ``W_hat = dequantize(quantize(W))``, keeping plain ``nn.Linear`` modules. Returns how many.
+def fake_quantize_model(model: nn.Module, bits: int | None, group_size: int = 64, skip: Iterable[str] = ("lm_head",),
+                        scale_dtype: torch.dtype = torch.float32, embedding_bits: int | None = None) -> int:
+    """Overwrite, in place, the weight of each layer ``quantize_model`` would replace (``bits``; None:
+    none) by its round trip ``W_hat = dequantize(quantize(W))``, keeping plain ``nn.Linear`` modules;
+    with ``embedding_bits`` also the input embedding and the LM head (once when tied), as
+    ``quantize_embeddings``. Returns how many weights.
 
     For export and evaluation of a quantized run from a freshly loaded base: the adapter is loaded and
-    merged onto the weights it was trained against. Equal to ``dequantize_model(quantize_model(m))``.
+    merged onto the weights it was trained against. Equal to ``dequantize_model(quantize_model(m))``
+    (and ``quantize_embeddings``).
     """
-    names = _quantizable_linears(model, skip)
-    for name in names:
-        w = model.get_submodule(name).weight
-        w.copy_(dequantize(quantize_groupwise(w, bits, group_size, scale_dtype), w.dtype))
-    return len(names)
+    jobs = [(model.get_submodule(name).weight, bits) for name in _quantizable_linears(model, skip)] if bits else []
+    if embedding_bits:
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        jobs.append((emb.weight, embedding_bits))
+        if type(head) is nn.Linear and head.weight is not emb.weight:
+            jobs.append((head.weight, embedding_bits))
+    for w, b in jobs:
+        w.copy_(dequantize(quantize_groupwise(w, b, group_size, scale_dtype), w.dtype))
+    return len(jobs)
 
 
 # ----------------------------------------------------------------------------------------------

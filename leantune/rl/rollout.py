@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from leantune.adapters.lora import causal_lm, folded_adapter
 from leantune.eval.evaluate import render_prompt
+from leantune.quant.weight_only import dense_head_weight
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
     model.eval()
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    head_w = lm.get_output_embeddings().weight  # (V, H)
+    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H); quantized: a transient copy
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     dev = head_w.device
@@ -271,7 +272,7 @@ def completion_logprobs(
 
     lm = causal_lm(model)
     decoder = lm.get_decoder()
-    head_w = lm.get_output_embeddings().weight
+    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H); quantized: a transient copy
     dev = head_w.device
     b = len(prompt_ids)
     t_max = max((len(c) for c in completion_ids), default=0)
@@ -295,6 +296,13 @@ def completion_logprobs(
     return logps, entropy, mask
 
 
+def _device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: its first parameter's or (a quantized embedding holds only buffers) buffer's device."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    raise ValueError(f"{type(module).__name__} holds no tensors: cannot tell its device")
+
+
 def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device):
     """Token lists -> (ids, attention mask), each (B, longest) long, right-padded with ``pad_id``."""
     width = max((len(x) for x in seqs), default=0)
@@ -309,7 +317,7 @@ def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device):
 
 def _joint_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> torch.Tensor:
     """One forward of prompt + completion per sequence, right-padded: hidden states (B, L, H)."""
-    dev = decoder.get_input_embeddings().weight.device
+    dev = _device(decoder.get_input_embeddings())
     input_ids, attn = _right_padded([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], pad_id, dev)
     return decoder(input_ids=input_ids, attention_mask=attn, use_cache=False).last_hidden_state
 
@@ -325,7 +333,7 @@ def _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id: int) -> t
        attending to their prompt's real positions only (the prompt's padding is masked), at positions
        len(prompt) + j.
     """
-    dev = decoder.get_input_embeddings().weight.device
+    dev = _device(decoder.get_input_embeddings())
     index: dict[tuple[int, ...], int] = {}
     src = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids], dtype=torch.long, device=dev)  # (B,)
     distinct = list(index)
@@ -356,7 +364,7 @@ def prompt_entropy(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
     One no-grad forward per batch; the LM head sees one row per prompt token, in chunks of one sequence.
     """
     lm = causal_lm(model)
-    head_w = lm.get_output_embeddings().weight
+    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H); quantized: a transient copy
     was_training = model.training
     model.eval()
     out: list[float] = []

@@ -17,7 +17,6 @@ Run: ``leantune train recipes/sft_tiny.yaml`` (see ``leantune.cli``).
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import random
@@ -37,8 +36,16 @@ from leantune.adapters.lora import (
     save_adapter,
     trainable_state,
 )
+from leantune.allocator import release_free_memory
 from leantune.config import Recipe, RecipeError, SpanWeights
-from leantune.data.sft import SPAN_PROMPT, DataStats, Example, batch_at, collate, load_sft_examples
+from leantune.data.sft import (
+    SPAN_PROMPT,
+    DataStats,
+    Example,
+    batch_at,
+    collate,
+    load_sft_examples,
+)
 from leantune.losses import (
     build_candidates,
     linear_cross_entropy,
@@ -50,6 +57,7 @@ from leantune.losses import (
 from leantune.metering import set_malloc_mmap_threshold
 from leantune.models.loading import load_model_and_tokenizer, resolve_source
 from leantune.optim import MeZO
+from leantune.quant.weight_only import dense_head_weight, head_weight
 from leantune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -72,7 +80,9 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
     lm = causal_lm(model)
     out = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     hidden = out.last_hidden_state  # (B, T, H)
-    weight = lm.get_output_embeddings().weight  # (V, H)
+    # (V, H): the Parameter, or a quantized head (quant.embedding_bits), which the exact loss dequantizes
+    # 16 MiB of rows at a time and the subset loss only in the subset's rows
+    weight = head_weight(lm.get_output_embeddings())
     args = (hidden[:, :-1], weight, batch["labels"][:, 1:])  # position t predicts token t+1
     kwargs = {"weights": batch["loss_weights"][:, 1:], "chunk_size": chunk_size, "reduction": "sum"}
     if candidates is None:
@@ -198,10 +208,15 @@ def setup_model(recipe: Recipe, init: str | None = None):
     fresh adapter -- or, with ``init`` (a finished LoRA run directory), that run's adapter, trainable."""
     model, tokenizer, source = load_model_and_tokenizer(recipe.model)
     quant = None
-    if recipe.quant.bits:  # before the adapter: LoRA wraps the QuantLinear layers
-        from leantune.quant import quantize_model
+    if recipe.quant.bits or recipe.quant.embedding_bits:  # before the adapter: LoRA wraps the QuantLinear layers
+        from leantune.quant import QuantStats, quantize_embeddings, quantize_model
 
-        quant = quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"]).as_dict()
+        stats = QuantStats(0, 0, 0)
+        if recipe.quant.bits:
+            stats += quantize_model(model, recipe.quant.bits, recipe.quant.group_size, skip=["lm_head"])
+        if recipe.quant.embedding_bits:
+            stats += quantize_embeddings(model, recipe.quant.embedding_bits, recipe.quant.group_size)
+        quant = stats.as_dict()
     if init:
         adapter_dir = Path(init) / "adapter"
         if not adapter_dir.is_dir():
@@ -213,6 +228,7 @@ def setup_model(recipe: Recipe, init: str | None = None):
         model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
     n_ckpt = set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     model.train()
+    release_free_memory()  # what loading and quantizing freed: a caching malloc would keep it all run long
     return model, tokenizer, source, n_ckpt, quant
 
 
@@ -234,8 +250,9 @@ def _setup_loss(recipe: Recipe, model, train_examples: list[Example], pad_id: in
     k = recipe.loss.vocab_subset
     if k is None:
         return None
-    weight = causal_lm(model).get_output_embeddings().weight  # (V, H)
-    vocab = weight.shape[0]
+    head = causal_lm(model).get_output_embeddings()
+    vocab = head.out_features
+    weight = dense_head_weight(head) if recipe.loss.vocab_subset_source == "embedding" else None  # (V, H)
     all_counts = token_counts((e.input_ids for e in train_examples), vocab)
     target_counts = token_counts(
         ([t for t, s in zip(e.input_ids, e.spans) if s != SPAN_PROMPT] for e in train_examples), vocab
@@ -257,7 +274,7 @@ def calibration_softmax_mass(model, examples: list[Example], pad_id: int, weight
     was_training = model.training
     model.eval()
     lm = causal_lm(model)
-    weight = lm.get_output_embeddings().weight  # (V, H)
+    weight = dense_head_weight(lm.get_output_embeddings())  # (V, H); a quantized head: a transient copy
     mass = torch.zeros(weight.shape[0], dtype=torch.float64)
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, weights)
