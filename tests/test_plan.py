@@ -458,3 +458,86 @@ def test_plan_says_when_the_run_will_use_another_malloc(tiny_model_dir, tmp_path
     assert any("calibrated on glibc" in n for n in auto.notes)
     assert not any("calibrated on glibc" in n for n in system.notes)
     assert auto.peak == system.peak  # a note, not a term
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_quantized_embeddings_weights_equal_the_real_buffers(tmp_path, tie):
+    """quant.embedding_bits: the planner's weight bytes are the bytes quantize_model + quantize_embeddings
+    really leave (a tied head shares the embedding's codes)."""
+    from leantune.models.tiny import save_tiny_model, tiny_model
+    from leantune.quant import quantize_embeddings, quantize_model
+
+    model_dir = save_tiny_model(tmp_path / "m", seed=0, tie=tie)
+    recipe = _recipe(model_dir, tmp_path, quant={"bits": 4, "group_size": 32, "embedding_bits": 8})
+    shape = model_shape(recipe.model)
+    assert shape.tied == tie
+    model = tiny_model(vocab_size=shape.vocab, tie=tie)
+    quantize_model(model, 4, 32)
+    quantize_embeddings(model, 8, 32)
+    from leantune.quant import QuantEmbedding, QuantLinear
+
+    codes = {id(t): t for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding)) for t in m.buffers()}
+    real = sum(t.numel() * t.element_size() for t in (*model.parameters(), *codes.values()))  # shared codes once
+    assert M.weight_bytes(shape, 4, 4, 32, embedding_bits=8) == real
+    assert M.resident_weight_bytes(shape, "float32", 4, 32, "gguf", embedding_bits=8) == real
+    # a GGUF-sourced run frees the fp32 table: V x H x 4 bytes (x 2 untied) -> its INT8 / INT4 codes
+    table = shape.vocab * 64
+    for emb_bits in (8, 4):
+        q_table = table * emb_bits // 8 + 2 * shape.vocab * 2 * 4  # codes + fp32 scale/offset for 64 / 32 = 2 groups
+        saved = (table * 4 - q_table) * (1 if tie else 2)
+        assert M.weight_bytes(shape, 4, 4, 32) - M.weight_bytes(shape, 4, 4, 32, embedding_bits=emb_bits) == saved
+    assert M.weight_bytes(shape, 4, None, 32, embedding_bits=8) == shape.params * 4 - (table * 4 - (table + 4 * shape.vocab * 4)) * (1 if tie else 2)
+
+
+def test_vocab_subset_and_quantized_head_loss_terms_by_hand(tiny_model_dir, tmp_path):
+    """loss.vocab_subset: the loss workspace is S = k + the rows' targets wide, plus the S x H head rows;
+    a quantized head under the exact loss adds its dequantized V x H copy (also to RL rollouts)."""
+    recipe = _recipe(tiny_model_dir, tmp_path)
+    shape = model_shape(recipe.model)
+    V, B, T, H = shape.vocab, 4, 64, 64
+    N, rows = B * T, B * (T - 1)
+    loss_saved = B * (T - 1) * H * 4 + 24 * rows
+
+    def loss_term(**sections):
+        r = _recipe(tiny_model_dir, tmp_path, **sections)
+        return plan_memory(r, shape, "local").phases["forward + loss"]["loss"]
+
+    exact = loss_term()
+    assert exact[0] == N * H * 4 + loss_saved + 2 * 16 * V * 4 + 16 * H * 4
+    S = min(V, 10 + rows)
+    subset = loss_term(loss={"vocab_subset": 10})
+    assert S < V and subset[0] == N * H * 4 + loss_saved + 2 * 16 * S * 4 + 16 * H * 4 + S * H * 4
+    assert f"S={S} (vocab subset)" in subset[1]
+    quant_exact = loss_term(quant={"embedding_bits": 8, "group_size": 32})
+    assert quant_exact[0] == exact[0] + V * H * 4 and "dequantized lm_head" in quant_exact[1]  # one block: all V rows
+    # a SmolLM2-sized head is dequantized 16 MiB of fp32 rows at a time by the exact loss, whole for RL
+    import dataclasses
+
+    big = dataclasses.replace(shape, vocab=49152, hidden=576)
+    q = _recipe(tiny_model_dir, tmp_path, quant={"embedding_bits": 8})
+    assert M.head_copy_bytes(big, q, 49152, 4) == (16 * 2**20 // (576 * 4)) * 576 * 4
+    assert M.head_copy_bytes(big, q, 49152, 4, rl=True) == 49152 * 576 * 4
+    assert M.head_copy_bytes(big, _recipe(tiny_model_dir, tmp_path), 49152, 4) == 0  # the Parameter itself
+    assert loss_term(quant={"embedding_bits": 8, "group_size": 32}, loss={"vocab_subset": 10})[0] == subset[0]
+
+    rl = {"rewards": {"rl_helpers:has_digit": 1.0}, "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 8}
+    roll = [plan_memory(_recipe(tiny_model_dir, tmp_path, rl=rl, quant={"bits": 4, "group_size": 32, "embedding_bits": e}),
+                        shape, "local", mode="rl").phases["rollout"]["workspace"][0] for e in (None, 8)]
+    assert roll[1] - roll[0] == V * H * 4
+
+
+def test_search_offers_a_quantized_embedding_when_only_that_fits(tiny_model_dir, tmp_path):
+    """From a GGUF file (dequantized into RAM, so quantizing frees it) there is a budget between the
+    leanest AdamW setting and the same with an INT8 embedding/lm_head: every AdamW fit then quantizes it."""
+    recipe = _recipe(tiny_model_dir, tmp_path)
+    assert knob_values(recipe)["quant.embedding_bits"] == [None, 8]
+    shape = model_shape(recipe.model)
+    lean = {"train": {"activation_checkpointing": "all", "offload_checkpoints": True, "micro_batch_size": 1, "grad_accum": 4},
+            "loss": {"chunk_size": 64}}
+    without = plan_memory(_recipe(tiny_model_dir, tmp_path, quant={"bits": 4}, **lean), shape, "gguf").peak
+    with_emb = plan_memory(_recipe(tiny_model_dir, tmp_path, quant={"bits": 4, "embedding_bits": 8}, **lean), shape, "gguf").peak
+    assert with_emb < without
+    fits = search(recipe, shape, (with_emb + without) // 2, "gguf", mode="sft")
+    adamw = [c for c in fits if c.recipe.optim.name == "adamw"]
+    assert adamw and all(c.recipe.quant.embedding_bits == 8 for c in adamw)
+    assert all(any("INT8 embedding/lm_head" in n for n in c.notes) for c in adamw)

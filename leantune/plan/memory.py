@@ -7,8 +7,8 @@ passes, or an RL rollout) -- and the peak is the largest phase. What is counted 
 on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against such a trace):
 
 - weights: every distinct parameter in ``model.dtype``; with ``quant.bits`` every ``nn.Linear`` but
-  ``lm_head`` as codes + fp32 scale/offset per group (``leantune.quant.weight_only``); embeddings,
-  norms and the lm_head stay full precision;
+  ``lm_head`` as codes + fp32 scale/offset per group (``leantune.quant.weight_only``); with
+  ``quant.embedding_bits`` also the embedding and the lm_head (once when tied); norms stay full precision;
 - adapter: LoRA's A (r x in) and B (out x r) per targeted linear, fp32 (PEFT keeps adapters in fp32
   over a bf16 base); ``adapter.method: full`` trains every weight in ``model.dtype``;
 - gradients: one per trainable element, same dtype; optimizer: AdamW 2 states per trainable element
@@ -16,7 +16,10 @@ on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against s
 - activations: what autograd saves per decoder layer (``layer_saved_bytes``), or only the layer input
   for checkpointed layers, which are recomputed one at a time in backward;
 - loss workspace: ``linear_cross_entropy`` materializes ``chunk x V`` fp32 logits twice (logits and
-  their exp) for ``chunk = min(loss.chunk_size, loss-carrying rows)``;
+  their exp) for ``chunk = min(loss.chunk_size, loss-carrying rows)``; with ``loss.vocab_subset`` V
+  becomes S = at most k candidates + the loss rows' targets, plus the (S x H) rows it gathers; a
+  quantized head (``quant.embedding_bits``) adds a 16 MiB block of dequantized rows (its whole
+  dequantized V x H copy in RL's log-probs and rollouts);
 - rollout KV cache (RL recipes): ``2 x L x n_kv x d x (prompt + new) x batch x dtype bytes``, plus, with
   ``rl.fold_adapter``, a copy of the LoRA-adapted layers' weights (the deltas folded in);
 - runtime: python + torch + transformers + peft + the tokenizer, measured (``Calibration``).
@@ -99,30 +102,47 @@ def quantized_linears(shape: ModelShape) -> list[LinearSpec]:
     return [lin for lin in shape.linears if lin.short != "lm_head"]
 
 
-def weight_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+def quantized_tables(shape: ModelShape) -> list[LinearSpec]:
+    """The matrices ``quantize_embeddings`` replaces: the (V x H) embedding, and the lm_head unless tied
+    (a tied head shares the embedding's codes)."""
+    table = [LinearSpec("embed_tokens", shape.hidden, shape.vocab, False, None)]
+    return table + [lin for lin in shape.linears if lin.short == "lm_head" and not shape.tied]
+
+
+def _quantized(shape: ModelShape, bits: int | None, embedding_bits: int | None) -> list[tuple[LinearSpec, int]]:
+    """(matrix, bits) of everything ``setup_model`` quantizes: the linears but lm_head at ``bits``, the
+    embedding (and an untied lm_head) at ``embedding_bits``."""
+    return ([(lin, bits) for lin in quantized_linears(shape)] if bits else []) + (
+        [(t, embedding_bits) for t in quantized_tables(shape)] if embedding_bits else [])
+
+
+def weight_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None = None, group_size: int = 64,
+                 embedding_bits: int | None = None) -> int:
     """Frozen (or full-FT) weights in memory: every distinct parameter in ``dtype_bytes``; with ``bits``
-    the linears but ``lm_head`` as ``QuantLinear`` buffers instead."""
-    if not bits:
-        return shape.params * dtype_bytes
-    quantized = quantized_linears(shape)
-    replaced = sum(lin.in_features * lin.out_features + lin.bias * lin.out_features for lin in quantized)
+    the linears but ``lm_head`` as ``QuantLinear`` buffers instead; with ``embedding_bits`` the
+    embedding and an untied lm_head as well."""
+    quantized = _quantized(shape, bits, embedding_bits)
+    replaced = sum(lin.in_features * lin.out_features + lin.bias * lin.out_features for lin, _ in quantized)
     return (shape.params - replaced) * dtype_bytes + sum(
-        quantized_linear_bytes(lin, bits, group_size, dtype_bytes) for lin in quantized)
+        quantized_linear_bytes(lin, b, group_size, dtype_bytes) for lin, b in quantized)
 
 
-def resident_weight_bytes(shape: ModelShape, dtype: str, bits: int | None, group_size: int, source_kind: str) -> int:
+def resident_weight_bytes(shape: ModelShape, dtype: str, bits: int | None, group_size: int, source_kind: str,
+                          embedding_bits: int | None = None) -> int:
     """Weight bytes counted in RSS while training.
 
     A safetensors file already in ``model.dtype`` is memory-mapped, not copied: its pages count once
     touched. Quantizing reads every linear's pages, and they stay resident afterwards, because the
-    embedding (not quantized) keeps the file mapping alive: then RSS holds the whole file *plus* the
-    quantized buffers. GGUF weights are dequantized into ordinary memory, which quantization frees.
+    parameters left full precision (the embedding, or at least the norms) keep the file mapping alive:
+    then RSS holds the whole file *plus* the quantized buffers. GGUF weights are dequantized into
+    ordinary memory, which quantization frees.
     """
     e = DTYPE_BYTES[dtype]
     mapped = source_kind != "gguf" and shape.file_dtype in (None, dtype)
-    if bits and mapped and shape.file_bytes:
-        return shape.file_bytes + sum(quantized_linear_bytes(lin, bits, group_size, e) for lin in quantized_linears(shape))
-    return weight_bytes(shape, e, bits, group_size)
+    quantized = _quantized(shape, bits, embedding_bits)
+    if quantized and mapped and shape.file_bytes:
+        return shape.file_bytes + sum(quantized_linear_bytes(lin, b, group_size, e) for lin, b in quantized)
+    return weight_bytes(shape, e, bits, group_size, embedding_bits)
 
 
 def load_extra_bytes(shape: ModelShape, dtype: str, source_kind: str, cal: Calibration) -> int:
@@ -319,13 +339,39 @@ def loss_saved_bytes(shape: ModelShape, batch: int, seq: int, rows: int, dtype_b
     return copy + 24 * rows
 
 
-def loss_workspace_bytes(shape: ModelShape, rows: int, chunk_size: int, dtype_bytes: int = 4) -> int:
-    """Peak extra bytes inside ``linear_cross_entropy``: two (C x V) fp32 buffers at once (the logits and
+def loss_workspace_bytes(shape: ModelShape, rows: int, chunk_size: int, dtype_bytes: int = 4,
+                         cols: int | None = None) -> int:
+    """Peak extra bytes inside ``linear_cross_entropy``: two (C x S) fp32 buffers at once (the logits and
     logsumexp's / softmax's exp), + the (C x H) fp32 gathered hidden rows, C = min(chunk_size, K); for a
-    non-fp32 model also the fp32 copy of the (V x H) lm_head weight it computes with."""
-    c = min(chunk_size, rows)
-    weight_copy = shape.vocab * shape.hidden * 4 if dtype_bytes != 4 else 0
-    return 2 * c * shape.vocab * 4 + c * shape.hidden * 4 + weight_copy
+    non-fp32 model also the fp32 copy of the (S x H) lm_head weight it computes with. S = ``cols``: the
+    softmax's columns, V (default) or a vocabulary subset's size (``loss_cols``)."""
+    c, cols = min(chunk_size, rows), shape.vocab if cols is None else cols
+    weight_copy = cols * shape.hidden * 4 if dtype_bytes != 4 else 0
+    return 2 * c * cols * 4 + c * shape.hidden * 4 + weight_copy
+
+
+def loss_cols(shape: ModelShape, recipe: Recipe, rows: int) -> int:
+    """S, the columns the loss's softmax runs over: V, or with ``loss.vocab_subset`` k at most k candidates
+    + the K loss rows' targets (all distinct, the worst case), capped at V."""
+    k = recipe.loss.vocab_subset
+    return shape.vocab if k is None else min(shape.vocab, k + rows)
+
+
+CAST_BLOCK_BYTES = 16 * MiB  # leantune.losses.linear_cross_entropy._CAST_BLOCK_BYTES
+
+
+def head_copy_bytes(shape: ModelShape, recipe: Recipe, cols: int, dtype_bytes: int, rl: bool = False) -> int:
+    """The LM-head matrix the loss computes with when it is not the weight itself: the subset's (S x H)
+    rows (gathered, or dequantized from a quantized head; kept for backward); for a quantized head
+    (``quant.embedding_bits``) and the exact loss, one 16 MiB block of fp32 rows at a time -- or, for
+    ``leantune rl``'s log-probs and rollouts, its whole dequantized (V x H) copy."""
+    if cols < shape.vocab:
+        return cols * shape.hidden * dtype_bytes
+    if not recipe.quant.embedding_bits:
+        return 0
+    if rl:
+        return shape.vocab * shape.hidden * dtype_bytes
+    return min(shape.vocab, max(1, CAST_BLOCK_BYTES // (shape.hidden * 4))) * shape.hidden * 4
 
 
 def backward_workspace_bytes(shape: ModelShape, n: int, dtype_bytes: int, cal: Calibration) -> int:
@@ -425,7 +471,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     mezo = recipe.optim.name == "mezo"
     runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
                + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))
-    weights = resident_weight_bytes(shape, recipe.model.compute_dtype, recipe.quant.bits, recipe.quant.group_size, source_kind)
+    weights = resident_weight_bytes(shape, recipe.model.compute_dtype, recipe.quant.bits, recipe.quant.group_size,
+                                    source_kind, recipe.quant.embedding_bits)
     adapter = trainable_bytes(shape, recipe)
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
@@ -439,6 +486,10 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     n = batch * seq
     masked = batch > 1
     rows = loss_rows(batch, seq, loss_fraction)
+    cols = shape.vocab if rl else loss_cols(shape, recipe, rows)  # RL's log-probs run over the whole vocabulary
+    head = head_copy_bytes(shape, recipe, cols, e, rl)
+    lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e, cols) + head
+    loss_note = _loss_note(rows, recipe.loss.chunk_size, shape, e, cols, head)
     r, dropout = recipe.adapter.r, recipe.adapter.dropout > 0
 
     base = {"runtime": (runtime, "python + torch + transformers + peft + tokenizer (measured)"),
@@ -467,8 +518,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         phases["forward (no grad)"] = {**base, **trainables, "activations": (
             fwd + n * shape.hidden * e, f"one layer's no-grad forward, B={batch} x T={seq}, + the residual stream")}
         phases["loss (no grad)"] = {**base, **trainables, "loss": (
-            n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e),
-            _loss_note(rows, recipe.loss.chunk_size, shape, e))}
+            n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + lws, loss_note)}
     else:
         specs = layer_specs(shape, recipe)
         ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
@@ -485,15 +535,14 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                     f"B={batch} x T={seq}{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
         acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
         lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
-        lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e)
         head_grad = shape.vocab * shape.hidden * 4 if full else 0  # fp32 (V, H) buffer in backward
         phases["forward + loss"] = {**base, **trainables, **acc_grads,
                                     "activations": (saved, act_note),
-                                    "loss": (n * shape.hidden * e + lsaved + lws, _loss_note(rows, recipe.loss.chunk_size, shape, e))}
+                                    "loss": (n * shape.hidden * e + lsaved + lws, loss_note)}
         phases["loss backward"] = {**base, **trainables, **acc_grads,
                                    "activations": (saved, act_note),
                                    "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
-                                            _loss_note(rows, recipe.loss.chunk_size, shape, e) + " + grad of hidden")}
+                                            loss_note + " + grad of hidden")}
         # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
         # checkpointed one is recomputed first), gradients exist for what lies above i.
         bwd = backward_workspace_bytes(shape, n, e, cal)
@@ -518,36 +567,46 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         phases["rollout"] = {**base, **trainables,
                              "kv_cache": (kv, (f"2 x {shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim} x "
                                                f"{tokens} tokens x {rollouts} sequences x {e} B")),
-                             "workspace": (prefill + 2 * rollouts * shape.vocab * 4,
-                                           "prefill of one layer + next-token logits and probabilities")}
+                             "workspace": (prefill + 2 * rollouts * shape.vocab * 4 + head,
+                                           "prefill of one layer + next-token logits and probabilities"
+                                           + (" + the dequantized lm_head" if head else ""))}
         if recipe.rl.fold_adapter and recipe.adapter.method == "lora" and not recipe.quant.bits:
             targets = lora_targets(shape, recipe.adapter.target_modules)
             note = f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights with the LoRA delta folded in"
             phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e, note)
 
     plan = MemoryPlan(phases)
-    if recipe.quant.bits and plan.peak_phase == "load":
+    if (recipe.quant.bits or recipe.quant.embedding_bits) and plan.peak_phase == "load":
         plan.notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
-                          "so quant.bits lowers the training phases only")
+                          "so quantization lowers the training phases only")
     if not rl and masked:
         plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
     if recipe.train.allocator != "system":
         plan.notes.append(f"calibrated on glibc's malloc; with train.allocator={recipe.train.allocator} the leantune "
-                          "command runs on a caching malloc: measured +4% (tbbmalloc) and +9% (jemalloc) peak on "
-                          "SmolLM2 LoRA SFT at seq 1024, +4% (jemalloc) and +37% (tbbmalloc) on the demo's short "
-                          "sequences; train.allocator=system keeps glibc")
+                          "command runs on a caching malloc, which keeps the step's freed buffers: measured +4% "
+                          "(tbbmalloc) and +9% (jemalloc) peak on SmolLM2 LoRA SFT at seq 1024, but on the demo "
+                          "recipe's short sequences a training-phase RSS of 1.93 GiB (jemalloc) and 1.74 GiB "
+                          "(tbbmalloc) vs 1.02 GiB on glibc; train.allocator=system keeps glibc")
     return plan
 
 
 def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -> str:
-    if not recipe.quant.bits:
+    q = "; ".join(part for part in (
+        f"linears (not lm_head) INT{recipe.quant.bits}" if recipe.quant.bits else "",
+        f"embedding/lm_head INT{recipe.quant.embedding_bits}" if recipe.quant.embedding_bits else "") if part)
+    if not q:
         return f"{shape.params:,} params x {e} B ({recipe.model.compute_dtype})"
-    q = f"linears (not lm_head) INT{recipe.quant.bits} g={recipe.quant.group_size}"
+    q += f", g={recipe.quant.group_size}"
     if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.compute_dtype) and shape.file_bytes:
         return f"the mapped {shape.file_dtype} file (pages read to quantize stay resident) + {q}"
     return f"{shape.params:,} params; {q}, the rest {recipe.model.compute_dtype}"
 
 
-def _loss_note(rows: int, chunk: int, shape: ModelShape, e: int) -> str:
+def _loss_note(rows: int, chunk: int, shape: ModelShape, e: int, cols: int | None = None, head: int = 0) -> str:
+    cols = shape.vocab if cols is None else cols
+    width = f"V={shape.vocab}" if cols == shape.vocab else f"S={cols} (vocab subset)"
     copy = " + fp32 lm_head copy" if e != 4 else ""
-    return f"chunk {min(chunk, rows)} of {rows} loss rows x V={shape.vocab} x 4 B x 2{copy}"
+    if head:
+        copy += (" + the subset's lm_head rows" if cols < shape.vocab else " + the dequantized lm_head"
+                 if head >= shape.vocab * shape.hidden else " + a block of dequantized lm_head rows")
+    return f"chunk {min(chunk, rows)} of {rows} loss rows x {width} x 4 B x 2{copy}"

@@ -1,10 +1,11 @@
 """Settings that fit a memory budget, cheapest first, and the cost model that orders them.
 
 The search varies what changes memory without changing what is learned much: activation
-checkpointing (and, for SFT, offloading the checkpointed inputs to a file), micro-batch size (with gradient accumulation keeping the effective batch), the loss
-chunk, weight quantization of the frozen base, the LoRA rank, and AdamW vs MeZO. Every combination
-is planned (pure arithmetic, no model is built), those under the budget are kept and ordered by their
-expected cost relative to the recipe as written.
+checkpointing (and, for SFT, offloading the checkpointed inputs to a file), micro-batch size (with
+gradient accumulation keeping the effective batch), the loss chunk, weight quantization of the frozen
+base (and of its embedding / lm_head), the LoRA rank, and AdamW vs MeZO. Every combination is planned
+(pure arithmetic, no model is built), those under the budget are kept and ordered by their expected
+cost relative to the recipe as written.
 
 Cost model (``COST``), time to the same training progress relative to the recipe. Factors measured
 with ``benchmarks/plan_accuracy.py`` (process CPU seconds per optimizer step after the first,
@@ -15,6 +16,9 @@ other jobs were loading -- indicative, not precise), each relative to the same r
 - offloaded checkpoints (``train.offload_checkpoints``, SFT only): 1.02x (``benchmarks/memory_ladder.py``,
   SmolLM2 seq 2048, 2 threads, quiet: 61.0 -> 59.7 tokens/s);
 - quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
+- INT8 embedding / lm_head (``quant.embedding_bits``): 1.03x (``benchmarks/memory_ladder.py``, SmolLM2
+  seq 2048, subset loss, 2 threads, quiet: 61.8 -> 60.0 tokens/s; the INT4 table measured 61.8 -> 65.0
+  in another run: within the noise);
 - micro-batch: per-token time ``1 + micro_batch / m``: measured 0.97x for 1 x 4 vs 4 x 1 (CPU matmuls
   of 256 rows are already efficient on one thread); a small penalty is kept, assuming more threads
   parallelize small matmuls worse;
@@ -53,6 +57,7 @@ class CostModel:
     offload: float = 1.02
     int8: float = 1.07
     int4: float = 1.16
+    embeddings: float = 1.03
     micro_batch: float = 0.03
     chunk: float = 2.0
     mezo_step: float = 0.91
@@ -74,6 +79,8 @@ def step_cost(recipe: Recipe, shape: ModelShape, cost: CostModel = COST) -> floa
             t *= cost.offload
     if recipe.quant.bits:
         t *= cost.int4 if recipe.quant.bits == 4 else cost.int8
+    if recipe.quant.embedding_bits:
+        t *= cost.embeddings
     t *= 1 + cost.micro_batch / recipe.train.micro_batch_size
     t *= 1 + cost.chunk / recipe.loss.chunk_size
     return t
@@ -114,6 +121,7 @@ def knob_values(recipe: Recipe, rl: bool = False) -> dict[str, list]:
         "train.micro_batch_size": sorted({d for d in _divisors(effective) if d <= t.micro_batch_size} | {t.micro_batch_size}),
         "loss.chunk_size": sorted({recipe.loss.chunk_size, 1024, 256, 64}),
         "quant.bits": list(dict.fromkeys([recipe.quant.bits, None, 8, 4])) if lora else [recipe.quant.bits],
+        "quant.embedding_bits": list(dict.fromkeys([recipe.quant.embedding_bits, None, 8])) if lora else [recipe.quant.embedding_bits],
         "adapter.r": sorted({a.r, max(1, a.r // 2), max(1, a.r // 4)}, reverse=True) if lora else [a.r],
         "optim.name": list(dict.fromkeys([recipe.optim.name, "adamw", "mezo"])),
     }
@@ -154,6 +162,9 @@ def _notes(recipe: Recipe, changes: dict) -> list[str]:
         notes.append("checkpointed layer inputs in a file in the run directory (one write and one read per step)")
     if changes.get("quant.bits"):
         notes.append(f"INT{changes['quant.bits']} base: small weight error; export merges into the dequantized weights")
+    if changes.get("quant.embedding_bits"):
+        notes.append(f"INT{changes['quant.embedding_bits']} embedding/lm_head: small error in every logit; "
+                     "the exact loss dequantizes the head block by block in every chunk")
     return notes
 
 
