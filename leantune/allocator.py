@@ -158,3 +158,36 @@ def reexec_with(choice: str, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "leantune", *argv], env)
+
+
+JEMALLOC_ARENAS_ALL = 4096  # MALLCTL_ARENAS_ALL (jemalloc >= 4.5): every arena at once
+TBBMALLOC_CLEAN_ALL_BUFFERS = 0  # scalable_allocation_command's "give everything cached back"
+
+
+def release_free_memory() -> str | None:
+    """Hand the memory this process has freed but its malloc still holds back to the OS, now; returns what
+    was asked (``"jemalloc purge"``, ``"tbbmalloc clean"``, ``"glibc trim"``) or None when nothing could be.
+
+    Why. Loading a model frees a lot at once: a GGUF file is dequantized through temporaries, and a
+    quantized base frees every full-precision weight it replaced. jemalloc as leantune runs it keeps freed
+    pages for reuse forever (``JEMALLOC_CONF``: no decay), so without this the whole load stayed resident
+    through training: measured on the demo recipe with an INT4 base, 1.52 GiB per step under jemalloc vs
+    0.71 GiB under glibc. The training loop's own buffers are still reused (they are allocated after this).
+    """
+    import ctypes
+
+    kind = active()
+    try:
+        lib = ctypes.CDLL(None)  # the preloaded malloc's symbols are global
+        if kind == "jemalloc":
+            flush = lib.mallctl("thread.tcache.flush".encode(), None, None, None, ctypes.c_size_t(0))
+            purge = lib.mallctl(f"arena.{JEMALLOC_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+            return "jemalloc purge" if flush == 0 and purge == 0 else None
+        if kind == "tbbmalloc":
+            done = lib.scalable_allocation_command(ctypes.c_int(TBBMALLOC_CLEAN_ALL_BUFFERS), None)
+            return "tbbmalloc clean" if done == 0 else None
+    except (OSError, AttributeError):
+        return None
+    from leantune.metering import malloc_trim
+
+    return "glibc trim" if malloc_trim() or kind == "system" else None

@@ -98,3 +98,34 @@ def test_cli_reexecutes_on_the_recipe_allocator(tiny_model_dir, sft_data, tmp_pa
     ledger = json.loads((out / "ledger.json").read_text())
     assert ledger["malloc"] == "tbbmalloc"
     assert "malloc: tbbmalloc" in proc.stdout
+
+
+RELEASE_CODE = """
+import torch
+from leantune.allocator import active, release_free_memory
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) * 1024
+xs = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, then freed: a caching malloc keeps them
+alive = rss()
+del xs
+what = release_free_memory()
+print(active(), what, alive - rss())
+"""
+
+
+@pytest.mark.parametrize("choice", ["system", "jemalloc", "tbbmalloc"])
+def test_release_free_memory_hands_freed_memory_back(choice):
+    """After a load frees a lot, each malloc is asked to return it (jemalloc runs with no decay and would
+    otherwise keep it all run long): by then at least half of 256 MiB freed has left the process."""
+    if not {"system": True, "jemalloc": allocator.find_jemalloc(), "tbbmalloc": allocator.find_tbbmalloc()}[choice]:
+        pytest.skip(f"{choice} is not installed here")
+    env = preload_env(choice) if choice != "system" else {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(64 << 20)  # glibc: keep the 4 MiB buffers in its heap, as a cache would
+    out = subprocess.run([sys.executable, "-c", RELEASE_CODE], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    kind, what, released = out[0], " ".join(out[1:-1]), int(out[-1])
+    assert kind == choice
+    assert what == {"system": "glibc trim", "jemalloc": "jemalloc purge", "tbbmalloc": "tbbmalloc clean"}[choice]
+    assert released > 128 << 20, released
