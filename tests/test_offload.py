@@ -125,3 +125,10 @@ def test_offload_needs_checkpointing(tiny_model_dir, tmp_path):
         recipe_from_dict(raw)
     raw["train"]["activation_checkpointing"] = "all"
     assert recipe_from_dict(raw).train.offload_checkpoints
+
+
+def test_offload_refuses_a_model_that_is_not_on_the_cpu(tmp_path):
+    model = tiny_model().to("meta")  # stands in for a GPU: any device but the CPU
+    with pytest.raises(ValueError, match="model is on meta"):
+        ActivationSpill(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before creating its file

@@ -66,6 +66,12 @@ class ActivationSpill:
         from leantune.adapters.lora import causal_lm
 
         decoder = causal_lm(model).get_decoder()
+        device = next(iter((*model.parameters(), *model.buffers())), torch.empty(0)).device
+        if device.type != "cpu":
+            raise ValueError(
+                f"train.offload_checkpoints: the model is on {device}; offloading to a memory-mapped file is for "
+                "CPU training (on a GPU the checkpointed inputs would go to host memory, which leantune does not do)"
+            )
         layers = getattr(decoder, "layers", None)
         if layers is None:
             raise ValueError("offload_checkpoints: the decoder has no .layers to hook")
