@@ -4,12 +4,14 @@
 Issue 4, item 1: "Report the accuracy and loss effect on the demo task, INT4 vs full precision". Every
 arm trains the demo recipe (``recipes/sft_smollm2_addition.yaml``: SmolLM2-135M-Instruct, bf16,
 LoRA r=16 on q/k/v/o, lr 3e-3, batch 8) with the same data, seed and steps through the real CLI,
-each in its own process, and differs only in ``quant.bits``:
+each in its own process, and differs only in ``quant.bits`` / ``quant.embedding_bits``:
 
 - ``fp``: the base as loaded (``model.dtype``, bf16 in the recipe);
 - ``int4``: ``quant.bits=4`` (group size 64): every linear layer but the lm_head stored as INT4 codes,
   dequantized on the fly; LoRA trains on top;
-- ``int8``: ``quant.bits=8`` (``--arms fp,int4,int8``).
+- ``int8``: ``quant.bits=8`` (``--arms fp,int4,int8``);
+- ``int4_emb8`` / ``int4_emb4``: ``int4`` + ``quant.embedding_bits=8`` / ``4``: the tied embedding / lm_head
+  stored as INT8 / INT4 too.
 
 Per arm: ``leantune train RECIPE key=value...`` then ``leantune eval RUN --task addition`` (50 held-out
 problems, greedy; a quantized run is evaluated on the grid it was trained on, ``W_hat``). Reported:
@@ -45,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]  # children import leantune from this checkout
 RECIPE = REPO / "recipes" / "sft_smollm2_addition.yaml"
-ARMS = {"fp": None, "int4": 4, "int8": 8}
+ARMS = {"fp": (None, None), "int4": (4, None), "int8": (8, None), "int4_emb8": (4, 8), "int4_emb4": (4, 4)}  # name -> (bits, embedding bits)
 EVAL = {"num_problems": 50, "max_new_tokens": 48, "batch_size": 25}  # the demo recipe's eval section
 
 
@@ -152,13 +154,16 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: str | None) -> dict:
+def train_arm(name: str, quant: tuple[int | None, int | None], args, work: Path, data: dict, model: str | None) -> dict:
+    bits, embedding_bits = quant
     run_dir = work / f"run-{name}"
     overrides = [f"data.train={data['train']}", f"data.eval={data['valid']}", f"train.output_dir={run_dir}",
                  f"train.steps={args.steps}", f"train.seed={args.seed}", "train.progress=false",
                  f"train.threads={args.threads}", f"train.save_every={args.save_every}", "train.eval_every=0"]
     if bits:
         overrides += [f"quant.bits={bits}", f"quant.group_size={args.group_size}"]
+    if embedding_bits:
+        overrides += [f"quant.embedding_bits={embedding_bits}", f"quant.group_size={args.group_size}"]
     if model:
         overrides.append(f"model.path={model}")
     if args.dtype:
@@ -184,6 +189,7 @@ def train_arm(name: str, bits: int | None, args, work: Path, data: dict, model: 
     return {
         "status": "ok" if ev["returncode"] == 0 else "eval failed",
         "quant_bits": bits,
+        "quant_embedding_bits": embedding_bits,
         "final_train_loss": losses[-1] if losses else None,
         "mean_train_loss_last_10_steps": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "train_losses": losses,
@@ -208,19 +214,22 @@ import json, sys
 from leantune.config import ModelConfig
 from leantune.eval.evaluate import task_accuracy
 from leantune.models.loading import load_model_and_tokenizer
-path, dtype, bits, group, n, new, bs = sys.argv[1:8]
+path, dtype, bits, emb_bits, group, n, new, bs = sys.argv[1:9]
 model, tok, _ = load_model_and_tokenizer(ModelConfig(path=path, dtype=dtype))
-if bits != "none":
+if bits != "none" or emb_bits != "none":
     from leantune.quant import fake_quantize_model
-    fake_quantize_model(model, int(bits), int(group), skip=["lm_head"])
+    fake_quantize_model(model, None if bits == "none" else int(bits), int(group), skip=["lm_head"],
+                        embedding_bits=None if emb_bits == "none" else int(emb_bits))
 print(json.dumps(task_accuracy(model, tok, "addition", num_problems=int(n), max_new_tokens=int(new), batch_size=int(bs))))
 """
 
 
-def baseline_arm(name: str, bits: int | None, args, work: Path, model: str, dtype: str) -> dict:
+def baseline_arm(name: str, quant: tuple[int | None, int | None], args, work: Path, model: str, dtype: str) -> dict:
+    bits, embedding_bits = quant
     log(f"--- {name}: untrained base accuracy")
     out = work / f"baseline-{name}.json"
-    res = run_measured([sys.executable, "-c", BASELINE_CODE, model, dtype, str(bits or "none"), str(args.group_size),
+    res = run_measured([sys.executable, "-c", BASELINE_CODE, model, dtype, str(bits or "none"),
+                        str(embedding_bits or "none"), str(args.group_size),
                         str(EVAL["num_problems"]), str(EVAL["max_new_tokens"]), str(EVAL["batch_size"])],
                        args.threads, args.timeout, stdout_path=out)
     if res["returncode"] != 0:
@@ -243,7 +252,7 @@ def _recipe_value(text: str, section: str, key: str) -> str | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", default="fp,int4", help="comma-separated: fp, int4, int8 (default fp,int4)")
+    p.add_argument("--arms", default="fp,int4", help="comma-separated: fp, int4, int8, int4_emb8, int4_emb4 (default fp,int4)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per arm (default 60, the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=64, help="quant.group_size of the quantized arms")

@@ -15,9 +15,12 @@ token ids and loss mask (prompt ~70% of the tokens, loss on the rest) in every r
    ``vocab_subset_cross_entropy``: masked and chunked, ``--chunk-size`` rows at a time).
 6. ``offloaded_checkpoints``: + the checkpointed layers' inputs in a memory-mapped file (leantune's
    ``train.offload_checkpoints``, `leantune.train.offload.ActivationSpill`), paged out once read.
+7. ``quantized_embeddings``: + the tied embedding / LM head quantized too, to ``--embedding-bits`` (8;
+   leantune's ``quant.embedding_bits``, `leantune.quant.quantize_embeddings`): lookups and the subset
+   loss dequantize only the rows they read.
 
 Rows 1-5 are the issue's ladder (``overall``: first to fifth row); row 6 is the optional technique the
-issue adds (``overall_with_offload``).
+issue adds (``overall_with_offload``); row 7 is everything leantune has (``overall_all``).
 
 An aside row, ``aside_exact_masked`` (INT4 + checkpointing + masking, *exact* loss: leantune's
 ``linear_cross_entropy``), shows what rows 4-5 owe to the approximation. ``--only`` selects rows.
@@ -69,11 +72,14 @@ ROWS = {
     "vocab_subset": (4, True, "subset_all_positions"),
     "logits_masking": (4, True, "leantune_subset_masked"),
     "offloaded_checkpoints": (4, True, "leantune_subset_masked"),
+    "quantized_embeddings": (4, True, "leantune_subset_masked"),
     "aside_exact_masked": (4, True, "leantune_exact_masked"),
 }
-OFFLOADED = {"offloaded_checkpoints"}  # + the checkpointed layers' inputs in a memory-mapped file
+OFFLOADED = {"offloaded_checkpoints", "quantized_embeddings"}  # + the checkpointed layers' inputs in a memory-mapped file
+QUANT_EMBEDDINGS = {"quantized_embeddings"}  # + the embedding / LM head in --embedding-bits
 ISSUE_LADDER = ["peer_lora", "int4_base", "checkpointing", "vocab_subset", "logits_masking"]  # the issue's five rows
-LADDER = [*ISSUE_LADDER, "offloaded_checkpoints"]
+LADDER = [*ISSUE_LADDER, "offloaded_checkpoints", "quantized_embeddings"]
+SUMMARIES = {"overall": "logits_masking", "overall_with_offload": "offloaded_checkpoints", "overall_all": "quantized_embeddings"}
 TARGET_REDUCTION = 10.0  # first row / last row, from the issue
 
 
@@ -157,7 +163,12 @@ def run_row(spec: dict, mon) -> dict:
     if bits:
         from leantune.quant import quantize_model
 
-        quant = quantize_model(model, bits, spec["group_size"], skip=["lm_head"]).as_dict()
+        stats = quantize_model(model, bits, spec["group_size"], skip=["lm_head"])
+        if spec["runner"] in QUANT_EMBEDDINGS:
+            from leantune.quant import quantize_embeddings
+
+            stats += quantize_embeddings(model, spec["embedding_bits"], spec["group_size"])
+        quant = stats.as_dict()
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0, target_modules=LORA_TARGETS,
                       bias="none", task_type="CAUSAL_LM")
     if bits:
@@ -177,7 +188,7 @@ def run_row(spec: dict, mon) -> dict:
 
         spill = ActivationSpill(model, spec["work_dir"])
     model.train()
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     candidates = _candidates(spec, vocab) if "subset" in loss_name else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -206,7 +217,9 @@ def run_row(spec: dict, mon) -> dict:
         offloaded = {"slots_written": spill.slots_written, "bytes_written": spill.bytes_written}
         spill.close()
     return {
-        "config": {"quant_bits": bits, "activation_checkpointing_layers": n_ckpt, "loss": loss_name,
+        "config": {"quant_bits": bits,
+                   "quant_embedding_bits": spec["embedding_bits"] if spec["runner"] in QUANT_EMBEDDINGS else None,
+                   "activation_checkpointing_layers": n_ckpt, "loss": loss_name,
                    "offloaded_checkpoints": offloaded,
                    "loss_doc": (LOSSES[loss_name].__doc__ or "").strip().splitlines()[0],
                    "vocab": vocab, "candidates": None if candidates is None else int(candidates.numel()),
@@ -314,9 +327,9 @@ def ladder_table(runs: dict) -> dict:
             prev = r
         table.append(row)
     out = {"rows": table}
-    for key, rows in (("overall", ISSUE_LADDER), ("overall_with_offload", LADDER)):
-        ladder = [n for n in rows if n in names]
-        if len(ladder) < 2 or ladder[0] != LADDER[0] or (key == "overall_with_offload" and ladder[-1] not in OFFLOADED):
+    for key, last in SUMMARIES.items():
+        ladder = [n for n in LADDER[: LADDER.index(last) + 1] if n in names]
+        if len(ladder) < 2 or ladder[0] != LADDER[0] or ladder[-1] != last:
             continue
         a, b = runs[ladder[0]], runs[ladder[-1]]
         red = _ratio(a["train_peak_rss_bytes"], b["train_peak_rss_bytes"])
@@ -343,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     p.add_argument("--group-size", type=int, default=64, help="INT4 group size")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=8,
+                   help="bits of the embedding / LM head in the quantized_embeddings row")
     p.add_argument("--subset", type=int, default=None, help="vocabulary candidates (default 1024; 64 with --quick)")
     p.add_argument("--chunk-size", type=int, default=1024, help="leantune loss.chunk_size (rows 5 and aside)")
     p.add_argument("--prompt-fraction", type=float, default=0.7, help="share of each example that is prompt")
@@ -376,7 +391,7 @@ def main(argv=None) -> int:
     base = {"work_dir": str(work), "quick": args.quick, "seq_len": args.seq_len, "batch": args.batch,
             "steps": args.steps, "lr": args.lr, "prompt_fraction": args.prompt_fraction, "threads": args.threads,
             "chunk_size": args.chunk_size, "subset": args.subset, "lora_r": args.lora_r,
-            "group_size": args.group_size, "tiny_dir": str(work / "tiny-model"),
+            "group_size": args.group_size, "embedding_bits": args.embedding_bits, "tiny_dir": str(work / "tiny-model"),
             "malloc_mmap_threshold": args.malloc_mmap_threshold}
     log(f"work dir {work}; rows: {', '.join(rows)}; load {load_start}")
     if args.quick:
@@ -410,14 +425,17 @@ def main(argv=None) -> int:
                      "warmup_steps_excluded_from_tokens_per_s": 1, "lr": args.lr, "dtype": "float32",
                      "optimizer": "AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0), grad clip 1.0",
                      "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "targets": LORA_TARGETS},
-                     "int4_group_size": args.group_size, "vocab_subset_candidates": args.subset,
+                     "int4_group_size": args.group_size, "embedding_bits": args.embedding_bits,
+                     "vocab_subset_candidates": args.subset,
                      "vocab_subset_source": "frequency (the data's most frequent tokens) + each step's targets",
                      "leantune_chunk_size": args.chunk_size, "threads": args.threads,
                      "malloc": (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} in every row"
                                 if args.malloc_mmap_threshold else "glibc default (dynamic threshold) in every row"),
                      "loss": "mean CE over completion tokens (+eos) only; rows vocab_subset and logits_masking "
                              "are APPROXIMATE (softmax over the subset)"},
-        "rows_doc": {n: {"quant_bits": b, "checkpointing": c, "loss": lo} for n, (b, c, lo) in ROWS.items()},
+        "rows_doc": {n: {"quant_bits": b, "quant_embedding_bits": args.embedding_bits if n in QUANT_EMBEDDINGS else None,
+                         "checkpointing": c,
+                         "offloaded_checkpoints": n in OFFLOADED, "loss": lo} for n, (b, c, lo) in ROWS.items()},
         "data": data,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_start": load_start, "loadavg_end": sm.loadavg(),
@@ -446,7 +464,7 @@ def format_table(result: dict) -> str:
     for name, r in result["runs"].items():
         if r.get("status") != "ok":
             lines.append(f"{name:20s} {r.get('status')}: {r.get('error')}")
-    for key in ("overall", "overall_with_offload"):
+    for key in SUMMARIES:
         if key in result["ladder"]:
             lines.append(f"{key}: " + json.dumps(result["ladder"][key], indent=2))
     return "\n".join(lines)

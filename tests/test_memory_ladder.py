@@ -32,7 +32,7 @@ def test_ladder_table_ratios_against_first_and_previous_row():
     ladder = _module()
     runs = {"peer_lora": _run(8.0, 100.0), "int4_base": _run(4.0, 50.0), "checkpointing": _run(2.0, 40.0),
             "vocab_subset": _run(1.0, 40.0), "logits_masking": _run(0.5, 45.0), "offloaded_checkpoints": _run(0.4, 40.0),
-            "aside_exact_masked": _run(0.8, 44.0)}
+            "quantized_embeddings": _run(0.32, 39.0), "aside_exact_masked": _run(0.8, 44.0)}
     table = ladder.ladder_table(runs)
     rows = {r["row"]: r for r in table["rows"]}
     assert [r["row"] for r in table["rows"]] == list(ladder.ROWS)
@@ -47,6 +47,9 @@ def test_ladder_table_ratios_against_first_and_previous_row():
     assert table["overall_with_offload"]["to"] == "offloaded_checkpoints"
     assert table["overall_with_offload"]["train_peak_reduction"] == 20.0
     assert rows["offloaded_checkpoints"]["train_peak_reduction_vs_previous"] == 1.25
+    # and the INT4 embedding row on top of that: everything leantune has
+    assert table["overall_all"]["to"] == "quantized_embeddings" and table["overall_all"]["train_peak_reduction"] == 25.0
+    assert rows["quantized_embeddings"]["train_peak_reduction_vs_previous"] == 1.25
     assert table["identical_batches"]
 
 
@@ -57,7 +60,7 @@ def test_failed_rows_are_left_out_of_the_table():
     table = ladder.ladder_table(runs)
     assert [r["row"] for r in table["rows"]] == ["peer_lora", "logits_masking"]
     assert table["overall"]["train_peak_reduction"] == 8.0 and not table["overall"]["meets_target_train_peak"]
-    assert "overall_with_offload" not in table  # no offload row measured
+    assert "overall_with_offload" not in table and "overall_all" not in table  # those rows were not measured
 
 
 @pytest.mark.slow
