@@ -83,6 +83,14 @@ CONFIGS = [
                                                       "train.micro_batch_size": 2, "data.max_length": 512}, False, None),
     ("heldout_smol_mezo_bf16_int4_b8_t256", SMOL, {"optim.name": "mezo", "model.dtype": "bfloat16", "quant.bits": 4,
                                                    "train.micro_batch_size": 8}, False, None),
+    # held out, 2026-12-01: the quantized embedding / lm_head and the vocabulary-subset loss
+    ("heldout_smol_int4_emb8_b4_t256", SMOL, {"quant.bits": 4, "quant.embedding_bits": 8}, False, None),
+    ("heldout_smol_int4_emb8_subset_ckpt_all_b1_t1024", SMOL, {"quant.bits": 4, "quant.embedding_bits": 8,
+                                                               "loss.vocab_subset": 512,
+                                                               "loss.vocab_subset_source": "frequency",
+                                                               "train.activation_checkpointing": "all",
+                                                               "train.micro_batch_size": 1,
+                                                               "data.max_length": 1024}, False, None),
 ]
 
 
