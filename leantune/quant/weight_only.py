@@ -258,7 +258,29 @@ class _DequantLinearFn(torch.autograd.Function):
         return grad_x, None, None, None, grad_bias, None, None, None
 
 
-class QuantLinear(nn.Module):
+class _QuantizedMatrix(nn.Module):
+    """The buffers of one ``QuantizedWeight`` (``qweight``, ``scale``, ``offset``), shared by ``QuantLinear``
+    and ``QuantEmbedding``; ``weight_dtype`` is the dtype of the matrix it replaced."""
+
+    def __init__(self, qw: QuantizedWeight, weight_dtype: torch.dtype):
+        super().__init__()
+        self.bits = qw.bits
+        self.group_size = qw.group_size
+        self.weight_dtype = weight_dtype
+        self._columns = qw.in_features
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scale", qw.scale)
+        self.register_buffer("offset", qw.offset)
+
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size, self._columns)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_hat in ``dtype`` (default: the dtype of the matrix this module replaced)."""
+        return dequantize(self.quantized(), dtype or self.weight_dtype)
+
+
+class QuantLinear(_QuantizedMatrix):
     """A frozen linear layer stored as group-wise INT4/INT8 (see ``QuantizedWeight``).
 
     Buffers (no Parameters; nothing to train): ``qweight`` uint8 codes, ``scale`` and ``offset``
@@ -269,15 +291,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                  weight_dtype: torch.dtype = torch.float32):
-        super().__init__()
+        super().__init__(qw, weight_dtype)
         self.in_features = qw.in_features
         self.out_features = qw.out_features
-        self.bits = qw.bits
-        self.group_size = qw.group_size
-        self.weight_dtype = weight_dtype
-        self.register_buffer("qweight", qw.qweight)
-        self.register_buffer("scale", qw.scale)
-        self.register_buffer("offset", qw.offset)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -285,13 +301,6 @@ class QuantLinear(nn.Module):
                     scale_dtype: torch.dtype = torch.float32) -> QuantLinear:
         qw = quantize_groupwise(linear.weight, bits, group_size, scale_dtype)
         return cls(qw, linear.bias, weight_dtype=linear.weight.dtype)
-
-    def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size, self.in_features)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W_hat (out, in) in ``dtype`` (default: the dtype of the weight this layer replaced)."""
-        return dequantize(self.quantized(), dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantLinearFn.apply(x, self.qweight, self.scale, self.offset, self.bias,
@@ -302,7 +311,7 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_QuantizedMatrix):
     """A frozen embedding table (V, H) stored as group-wise INT4/INT8: a lookup dequantizes only the rows
     it reads (``dequantize_rows``). Buffers ``qweight``, ``scale``, ``offset`` as in ``QuantLinear``; the
     output is in ``weight_dtype`` (the dtype of the table it replaced). There is no gradient to the table.
@@ -313,29 +322,16 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None,
                  weight_dtype: torch.dtype = torch.float32):
-        super().__init__()
+        super().__init__(qw, weight_dtype)
         self.num_embeddings = qw.out_features
         self.embedding_dim = qw.in_features
         self.padding_idx = padding_idx
-        self.bits = qw.bits
-        self.group_size = qw.group_size
-        self.weight_dtype = weight_dtype
-        self.register_buffer("qweight", qw.qweight)
-        self.register_buffer("scale", qw.scale)
-        self.register_buffer("offset", qw.offset)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int = 64,
                        scale_dtype: torch.dtype = torch.float32) -> QuantEmbedding:
         qw = quantize_groupwise(emb.weight, bits, group_size, scale_dtype)
         return cls(qw, emb.padding_idx, weight_dtype=emb.weight.dtype)
-
-    def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scale, self.offset, self.bits, self.group_size, self.embedding_dim)
-
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W_hat (V, H) in ``dtype`` (default: the dtype of the table this layer replaced)."""
-        return dequantize(self.quantized(), dtype or self.weight_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (...) int -> (..., H)
         rows = dequantize_rows(self.quantized(), input_ids, self.weight_dtype)  # (N, H)
