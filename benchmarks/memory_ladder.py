@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The edge-LoRA memory ladder (MISSION A1, arXiv 2606.19528): one technique added per row.
+"""The edge-LoRA memory ladder (arXiv 2606.19528): one technique added per row.
 
 SmolLM2-135M-Instruct, sequence 2048, batch 1, fp32 compute, LoRA r=16 on q/k/v/o, AdamW, the same
 token ids and loss mask (prompt ~70% of the tokens, loss on the rest) in every row:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How approximate is the vocabulary-subset loss (MISSION A1c, arXiv 2606.19528), and does it train as well?
+"""How approximate is the vocabulary-subset loss (arXiv 2606.19528), and does it train as well?
 
 Two measurements on the demo task (2-digit addition, SmolLM2-135M-Instruct, offline):
 

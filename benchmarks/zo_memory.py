@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and time of one MeZO step vs an inference forward vs an AdamW step, full parameters.
 
-MeZO (arXiv 2305.17333, MISSION C1) claims training at the memory of inference. This benchmark puts
+MeZO (arXiv 2305.17333) claims training at the memory of inference. This benchmark puts
 one number on that claim for leantune: the same model, dtype, batch and allocator setting, each
 runner in its *own* subprocess, and the peak resident memory (RSS) of the steps measured by the
 kernel. Runners (``--only NAME[,NAME...]``):
@@ -20,7 +20,7 @@ kernel. Runners (``--only NAME[,NAME...]``):
 Models and optimizers are built by leantune's own set-up functions (``setup_model``,
 ``setup_optimizer``) from a recipe made in code, so the rows measure the code users run.
 
-Memory. In every child the first thing done is ``leantune.metering.set_malloc_mmap_threshold``
+Memory. In every child the first thing done is ``leantune.allocator.set_malloc_mmap_threshold``
 (``--malloc-mmap-threshold``, default 131072 bytes, the trainer's ``train.malloc_mmap_threshold``
 default; ``--malloc-mmap-threshold 0`` leaves glibc alone in *all* rows). After the model, optimizer
 and batch are set up, the kernel's high-water mark is reset (``/proc/self/clear_refs`` = 5) and
@@ -291,7 +291,7 @@ def child_main(spec_path: str) -> None:
 
         out["leantune_path"] = str(Path(leantune.__file__).parent)
         if spec["runner"] != "prepare" and spec["malloc_mmap_threshold"]:
-            from leantune.metering import set_malloc_mmap_threshold
+            from leantune.allocator import set_malloc_mmap_threshold
 
             out["malloc_mmap_threshold_applied"] = set_malloc_mmap_threshold(spec["malloc_mmap_threshold"])
         out.update(prepare(spec) if spec["runner"] == "prepare" else run_runner(spec))
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
         "settings": {"dtype": args.dtype, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
                      "chunk_size": args.chunk_size, "threads": args.threads,
                      "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default (dynamic)",
-                     "malloc_note": "set with leantune.metering.set_malloc_mmap_threshold at the start of every "
+                     "malloc_note": "set with leantune.allocator.set_malloc_mmap_threshold at the start of every "
                                     "runner's process (all rows alike)",
                      "trainable": "every parameter (adapter.method: full) for mezo and adamw",
                      "mezo": {"lr": 1e-6, "zo_eps": 1e-3, "zo_samples": 1},

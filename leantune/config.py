@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -47,18 +48,19 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(default=None, description="Tokenizer location if different from `path`.")
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
         default="float32",
-        description="Compute dtype of the frozen base. bfloat16: half the memory, ~3x faster matmuls on CPUs with AVX512-BF16/AMX, but ~90x slower on AVX2-only CPUs; less precise. auto: whichever a one-off matmul probe finds faster here (the ledger records the choice).",
+        description="Compute dtype of the frozen base. bfloat16: half the memory, ~3x faster matmuls on CPUs with AVX512-BF16/AMX, but ~90x slower on AVX2-only CPUs; less precise. auto: for the training device (train.device): on the CPU whichever a one-off matmul probe finds faster (even when a GPU is visible), on a GPU bfloat16 where it supports it (the ledger records the choice).",
     )
     trust_remote_code: bool = Field(
         default=False, description="Allow code shipped with the model to run. Off unless you trust the source."
     )
+    _device_type: str | None = PrivateAttr(default=None)  # the training device's type, set by Recipe
 
     @property
     def compute_dtype(self) -> str:
-        """``dtype`` with ``auto`` resolved for this machine (``float32`` or ``bfloat16``)."""
+        """``dtype`` with ``auto`` resolved for the training device (``float32`` or ``bfloat16``)."""
         from leantune.models.precision import resolve_dtype
 
-        return resolve_dtype(self.dtype)
+        return resolve_dtype(self.dtype, self._device_type)
 
 
 class DataConfig(Section):
@@ -88,7 +90,7 @@ class SpanWeights(Section):
 
 
 class LossStage(Section):
-    """One stage of a span-weight schedule (MISSION B3, SFTKey: all tokens first, then answer only)."""
+    """One stage of a span-weight schedule (SFTKey: all tokens first, then answer only)."""
 
     until_step: int | None = Field(default=None, description="Last optimizer step (exclusive) of this stage; None = to the end.")
     weights: SpanWeights = Field(default_factory=SpanWeights)
@@ -136,7 +138,7 @@ class AdapterConfig(Section):
 
 
 class QuantConfig(Section):
-    """Weight-only quantization of the frozen base (MISSION A1(a), QLoRA-style: arXiv 2305.14314)."""
+    """Weight-only quantization of the frozen base (QLoRA-style: arXiv 2305.14314)."""
 
     bits: Literal[4, 8] | None = Field(
         default=None,
@@ -175,7 +177,7 @@ class TrainConfig(Section):
     seed: int = Field(default=0, description="Seeds data order, adapter init and dropout.")
     activation_checkpointing: Literal["off", "all"] | int = Field(
         default="off",
-        description="Recompute layer activations in backward: off, all, or every k-th layer (int k). Less memory, ~30% more compute.",
+        description="Recompute layer activations in backward: off, all, or every k-th layer (int k). Less memory, ~30% more compute. YAML's unquoted off/false/no mean off, on/true/yes mean all.",
     )
     offload_checkpoints: bool = Field(
         default=False,
@@ -205,8 +207,38 @@ class TrainConfig(Section):
         "which keeps peak RSS near the true working set (null: leave malloc alone). A memory-for-speed trade: measured "
         "on SmolLM2 LoRA SFT (seq 1024, batch 4) 3.05 GiB at 98 tokens/s with it, 5.82 GiB at 143 tokens/s with null. "
         "RL steps (sampling and the short-sequence update) run with glibc's largest threshold and keep freed heap "
-        "pages for reuse (metering.heap_allocator), then this value is restored.",
+        "pages for reuse (allocator.heap_allocator), then this value is restored.",
     )
+
+    device: str = Field(
+        default="auto",
+        description="Where training runs: auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps. Under torchrun each process takes cuda:LOCAL_RANK.",
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="With several processes (torchrun): ddp replicates the model and all-reduces the (small) adapter gradients; fsdp shards parameters, gradients and optimizer state with FSDP2 (full fine-tuning, or a base too large for one device). gloo on the CPU, nccl on GPUs.",
+    )
+    dist_timeout_s: int = Field(
+        default=300, gt=0,
+        description="Seconds a process waits on its peers (a collective) before the job stops with an error naming the lost rank.",
+    )
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        # YAML 1.1 reads unquoted off/no/false as False and on/yes/true as True
+        if v is False:
+            return "off"
+        if v is True:
+            return "all"
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @field_validator("activation_checkpointing")
     @classmethod
@@ -266,7 +298,7 @@ def parse_size(value: str | float) -> int:
 
 
 class MemoryConfig(Section):
-    """Memory planning (`leantune plan`, MISSION A2): a budget the run must fit, checked before anything loads."""
+    """Memory planning (`leantune plan`): a budget the run must fit, checked before anything loads."""
 
     budget: str | int | None = Field(
         default=None,
@@ -292,7 +324,7 @@ class MemoryConfig(Section):
 
 
 class PromptSelectionConfig(Section):
-    """Skip prompts that teach nothing right now (MISSION D2): recent pass rate exactly 0 or 1."""
+    """Skip prompts that teach nothing right now: recent pass rate exactly 0 or 1."""
 
     enabled: bool = Field(default=True, description="Skip prompts whose last `window` observed pass rates were all 0 or all 1.")
     window: int = Field(default=1, gt=0, description="How many recent rollout groups of a prompt must agree before it is skipped.")
@@ -316,7 +348,7 @@ class RLConfig(Section):
     num_prompts: int = Field(default=512, gt=0, description="Training prompts generated from `rl.task` when data.train is unset.")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"task": 1.0},
-        description="Reward terms and weights: task (the verifier), length_aware (Kimi k1.5, replaces task), format, overlong (DAPO soft penalty).",
+        description="Reward terms and their weights, summed: task (the task's verifier), length_aware (Kimi k1.5, arXiv 2501.12599: a term added to the others, lam if correct else min(0, lam)), format, overlong (DAPO's soft penalty), exact_match, math (verifiers on the rows' `answer`), or 'package.module:function' for your own.",
     )
     group_size: int = Field(default=8, gt=1, description="Completions sampled per prompt (G).")
     prompts_per_step: int = Field(default=8, gt=0, description="Prompt groups in each policy update's batch.")
@@ -340,10 +372,43 @@ class RLConfig(Section):
     entropy_filter: float | None = Field(
         default=None, ge=0, le=1, description="Optional: keep only this fraction of candidate prompts with the highest policy prompt entropy."
     )
+    rollout_workers: int = Field(
+        default=0, ge=0,
+        description="Ray actors that sample rollouts (each holds the frozen base once and receives only the adapter's weights each step); 0 samples in-process. Needs `pip install 'leantune[ray]'`.",
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (`ray start --head` on the head node); null starts a local Ray.",
+    )
+    async_rollouts: bool = Field(
+        default=False,
+        description="Sample step t+1's rollouts while step t updates (one step off-policy; the importance ratio uses the sampling policy's log-probs). Needs rollout_workers >= 1.",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v):
+        if v is not None:
+            from leantune.tasks import UnknownTaskError, get_task
+
+            try:
+                get_task(v)
+            except UnknownTaskError as err:
+                raise ValueError(str(err)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _rewards_buildable(self):
+        from leantune.rl.rewards import check_reward_names
+
+        if self.task is not None or self.rewards != {"task": 1.0}:  # the defaults are for recipes that set rl.task
+            check_reward_names(self.rewards, self.task)
+        if self.async_rollouts and self.rollout_workers < 1:
+            raise ValueError("rl.async_rollouts overlaps sampling with the update in Ray workers; set rl.rollout_workers >= 1")
+        return self
 
 
 class RFTConfig(Section):
-    """Expert iteration (`leantune rft`, MISSION D5): sample, keep verified, fine-tune on all accepted, repeat."""
+    """Expert iteration (`leantune rft`, arXiv 2512.24940): sample, keep verified, fine-tune on all accepted, repeat."""
 
     rounds: int = Field(default=3, gt=0)
     samples_per_prompt: int = Field(default=4, gt=0, description="k completions sampled per prompt each round.")
@@ -373,6 +438,39 @@ class Recipe(Section):
         if 4 in (self.quant.bits, self.quant.embedding_bits) and self.quant.group_size % 2:
             raise ValueError(f"quant.group_size: 4-bit codes are packed two per byte, use an even size (got {self.quant.group_size})")
         return self
+
+    @model_validator(mode="after")
+    def _device_for_dtype(self):
+        from leantune.models.precision import device_type
+
+        self.model._device_type = device_type(self.train.device)
+        return self
+
+    @model_validator(mode="after")
+    def _mezo_rules(self):
+        if self.optim.name == "mezo" and self.rl.beta > 0:
+            raise ValueError("rl.beta: the KL term needs gradients; with optim.name: mezo set rl.beta: 0")
+        if self.optim.name == "mezo" and self.rl.updates_per_batch != 1:
+            raise ValueError("rl.updates_per_batch: optim.name: mezo takes one step per batch; set it to 1")
+        if self.rl.beta > 0 and self.adapter.method != "lora":
+            raise ValueError("rl.beta > 0 needs a LoRA adapter (the KL reference is the base with the adapter disabled)")
+        if self.train.parallel == "fsdp" and self.quant.bits:
+            raise ValueError("train.parallel: fsdp shards full-precision weights; a quantized base (quant.bits) runs with ddp")
+        return self
+
+    def require_for(self, command: str) -> None:
+        """RecipeError unless the recipe has what ``command`` (train, rl, rft, dpo) needs beyond its own checks."""
+        if command == "train" and self.data.train is None:
+            raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
+        if command in ("rl", "rft"):
+            if self.data.train is None and self.rl.task is None:
+                raise RecipeError("rl: set data.train (prompt rows) or rl.task (a bundled task generates them)")
+            from leantune.rl.rewards import check_reward_names
+
+            try:
+                check_reward_names(self.rl.rewards, self.rl.task)
+            except ValueError as err:
+                raise RecipeError(f"rl.rewards: {err}") from None
 
     @model_validator(mode="after")
     def _stages_ordered(self):

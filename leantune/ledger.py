@@ -1,7 +1,7 @@
 """The run ledger: what a run used (model, data, code, hardware, seed) and what it cost (tokens, FLOPs,
 time, memory, energy), written atomically as ``RUN_DIR/ledger.json`` next to ``metrics.jsonl``.
 
-MISSION G1 (arXiv 2512.11588: a score without metadata is quicksand) and G2 (arXiv 2602.05712:
+arXiv 2512.11588: a score without metadata is quicksand) and G2 (arXiv 2602.05712:
 report energy per token). Every measured number says how it was measured; every estimated number says
 that it is an estimate and what it assumed.
 
@@ -18,9 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +26,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 _CHUNK = 1 << 20  # 1 MiB reads keep hashing memory flat for multi-GB weight files
 
 from leantune.allocator import active as allocator_active
+from leantune.atomic import atomic_write_json, atomic_write_text, json_default  # noqa: F401
 from leantune.flops import (  # noqa: F401
     decoder_body_params,
     estimate_train_flops,
@@ -90,59 +89,6 @@ def model_weights_hash(location: str | Path) -> dict:
 # Files: atomic writes and the metrics log
 
 
-@contextmanager
-def _atomic_open(path: str | Path):
-    """A text file handle whose contents replace ``path`` only if the block finishes: temp file in
-    the same directory (same filesystem, so os.replace is atomic), fsync, replace, fsync the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some filesystems (and Windows) cannot fsync a directory
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so readers see the old file or the new one, never half of either."""
-    with _atomic_open(path) as f:
-        f.write(text)
-    return Path(path)
-
-
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "model_dump"):  # pydantic
-        return obj.model_dump()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """``atomic_write_text`` for JSON (indent 2; Paths, sets, tensor scalars and pydantic models converted)."""
-    with _atomic_open(path) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    return Path(path)
-
-
 class MetricsLog:
     """Append-only JSON lines: one ``log(dict)`` = one line, flushed, so a killed run keeps every
     finished line. Reopening drops a torn last line left by a crash before appending."""
@@ -154,7 +100,7 @@ class MetricsLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
-        self._f.write(json.dumps(record, default=_json_default) + "\n")
+        self._f.write(json.dumps(record, default=json_default) + "\n")
         self._f.flush()
 
     def close(self) -> None:

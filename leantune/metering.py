@@ -6,8 +6,6 @@ Energy comes from RAPL counters where readable, NVML on GPU, otherwise a labelle
 
 from __future__ import annotations
 
-import contextlib
-
 import importlib.metadata
 import importlib.util
 import os
@@ -113,103 +111,6 @@ def hardware_info() -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Peak memory
-
-
-def _glibc_function(name: str):
-    """A malloc-tuning function of glibc when glibc's malloc serves this process, else None: off Linux (macOS,
-    musl, Windows) and under a preloaded malloc (``leantune.allocator``), which glibc's knobs do not reach."""
-    import ctypes
-    import ctypes.util
-
-    from leantune.allocator import active
-
-    if sys.platform != "linux" or active() != "system":
-        return None
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def _mallopt(param: int, value: int) -> bool:
-    """glibc's ``mallopt(param, value)``; False, and nothing changed, off glibc."""
-    import ctypes
-
-    mallopt = _glibc_function("mallopt")
-    return bool(mallopt(ctypes.c_int(param), ctypes.c_int(int(value)))) if mallopt else False
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def set_malloc_mmap_threshold(nbytes: int) -> bool:
-    """Ask glibc to serve allocations of ``nbytes`` or more with mmap, returned to the OS on free.
-
-    glibc's default threshold adapts upward as large blocks are freed, so activation-sized buffers end up
-    on the heap, where freed memory stays mapped: peak RSS grows with every step's high-water mark.
-    Measured on benchmarks/sft_memory.py (fp32, seq 1024): 131072 bytes cut leantune's peak 2.7x.
-    Returns False, and changes nothing, off glibc (macOS, musl, Windows).
-
-    >>> isinstance(set_malloc_mmap_threshold(131072), bool)
-    True
-    """
-    return _mallopt(M_MMAP_THRESHOLD, nbytes)
-
-
-def set_malloc_trim_threshold(nbytes: int) -> bool:
-    """Let up to ``nbytes`` of free memory stay at the top of glibc's heap before it is handed back.
-
-    Once the mmap threshold is set, glibc's trim threshold stays at its 128 KiB default: every free that
-    leaves more than that at the top of the heap returns it to the OS, and the next allocation faults the
-    same pages back in, zero-filled.
-    """
-    return _mallopt(M_TRIM_THRESHOLD, nbytes)
-
-
-HEAP_MMAP_THRESHOLD = 32 * 2**20
-"""glibc's own upper bound for its adaptive mmap threshold (64-bit): what ``heap_allocator`` sets."""
-HEAP_TRIM_THRESHOLD = 1 << 30
-"""Free heap ``heap_allocator`` keeps for reuse (1 GiB, a cap: the heap holds only what the phase used)."""
-GLIBC_TRIM_THRESHOLD = 128 * 1024
-"""glibc's default trim threshold, restored after ``heap_allocator``."""
-
-
-@contextlib.contextmanager
-def heap_allocator(training_threshold: int | None):
-    """Serve mid-size buffers from a heap that keeps its pages, then restore ``training_threshold``.
-
-    For phases that allocate the same few-MB buffers over and over: decoding (``(rows, vocab)``
-    probabilities, KV-cache growth, every token) and RL's policy update on short sequences. With a low
-    mmap threshold each buffer is a fresh mmap, zero-filled page by page; with glibc's default trim
-    threshold the heap hands its top back after every free and faults it in again. Measured on 32
-    SmolLM2 rollouts (2-core CPU): the mmap threshold alone took 20.7 s to 13.0 s, keeping the heap's
-    pages took ~11.9 s to ~9.5 s (page faults per rollout ~140k to ~0), RSS +0.07 GiB there; a whole
-    RL run's peak grew more (benchmarks/rl_vs_trl.py, 4 x 8 rollouts per update: 1.89 to 2.17 GiB for
-    the process), as glibc's heap keeps holes. SFT on long sequences keeps its low threshold: there the
-    activation buffers are large and short-lived, and the heap would fragment (measured 5.8 vs 3.05 GiB).
-
-    On exit the training mmap threshold and glibc's default trim threshold come back and the free heap is
-    handed back (``malloc_trim``). No-op when ``training_threshold`` is None (glibc left alone) or off glibc.
-    """
-    if training_threshold is None:
-        yield
-        return
-    set_malloc_mmap_threshold(HEAP_MMAP_THRESHOLD)
-    set_malloc_trim_threshold(HEAP_TRIM_THRESHOLD)
-    try:
-        yield
-    finally:
-        set_malloc_mmap_threshold(training_threshold)
-        set_malloc_trim_threshold(GLIBC_TRIM_THRESHOLD)
-        malloc_trim()
-
-
-def malloc_trim() -> bool:
-    """Hand glibc's free heap memory back to the OS now (``malloc_trim(0)``); False off glibc."""
-    import ctypes
-
-    trim = _glibc_function("malloc_trim")
-    return bool(trim(ctypes.c_size_t(0))) if trim else False
 
 
 def _ru_maxrss_bytes() -> int:

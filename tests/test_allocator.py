@@ -76,7 +76,7 @@ def test_reexec_happens_once_and_only_when_needed(tmp_path, monkeypatch):
 
 
 def test_glibc_knobs_are_left_alone_under_a_preloaded_malloc(monkeypatch):
-    from leantune import metering
+    from leantune import allocator as metering
 
     monkeypatch.setattr(allocator, "active", lambda: "tbbmalloc")
     assert metering.set_malloc_mmap_threshold(131072) is False

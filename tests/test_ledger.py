@@ -295,7 +295,7 @@ def test_ledger_records_unreadable_data_instead_of_crashing(tmp_path):
 
 
 def test_heap_allocator_restores_the_training_thresholds(monkeypatch):
-    from leantune import metering
+    from leantune import allocator as metering
 
     calls = []
     monkeypatch.setattr(metering, "set_malloc_mmap_threshold", lambda n: calls.append(("mmap", n)) or True)
@@ -316,7 +316,7 @@ def test_heap_allocator_restores_the_training_thresholds(monkeypatch):
 
 _REUSE_PROBE = """
 import resource, torch
-from leantune import metering
+from leantune import allocator as metering
 assert metering.set_malloc_mmap_threshold(131072)
 def faults_of_reuse():
     torch.empty(2**21).fill_(1.0)  # 8 MiB, then freed

@@ -11,7 +11,7 @@ from leantune.adapters.lora import apply_adapter
 from leantune.config import AdapterConfig, RecipeError, recipe_from_dict
 from leantune.models.tiny import tiny_model
 from leantune.train.offload import ActivationSpill
-from leantune.train.sft import set_activation_checkpointing
+from leantune.train.session import set_activation_checkpointing
 
 
 def _model(policy="all"):

@@ -321,7 +321,7 @@ def test_export_path_fresh_base_fake_quantized_plus_saved_adapter(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from leantune.train.sft import set_activation_checkpointing
+    from leantune.train.session import set_activation_checkpointing
 
     ids = _batch()
     grads = []

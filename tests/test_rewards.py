@@ -7,11 +7,11 @@ from fractions import Fraction
 
 import pytest
 
+from leantune.tasks.countdown import countdown_problems
 from leantune.rl.rewards import (
     combine_rewards,
     countdown_check,
     countdown_check_value,
-    countdown_problems,
     countdown_reward,
     countdown_variants,
     evaluate_expression,

@@ -131,7 +131,7 @@ def test_prompt_shared_forward_equals_one_forward_per_sequence(policy, checkpoin
     """Each distinct prompt runs once and its KV cache is shared by its completions: same logprobs, entropy,
     mask and parameter gradients as a joint prompt + completion forward per sequence. Odd shapes: prompts
     of different lengths repeated 1-3 times, not contiguous, completions of length 0, 1 and more."""
-    from leantune.train.sft import set_activation_checkpointing
+    from leantune.train.session import set_activation_checkpointing
 
     model, tok = policy
     g = torch.Generator().manual_seed(7)
@@ -293,17 +293,17 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(policy, prompt
     for i in range(0, len(batch.rewards), g):
         assert len(set(batch.rewards[i : i + g])) > 1, "a zero-variance group was kept"
     s = batch.stats
-    assert s["rollouts"] == s["groups"] * g and s["groups"] == 3 + s["zero_variance_groups"]
+    assert s.rollouts == s.groups * g and s.groups == 3 + s.zero_variance_groups
 
 
 def test_dynamic_sampling_stops_at_the_cap(policy, prompts_file, tmp_path):
     raw = _rl_recipe(tmp_path, tmp_path / "r", prompts_file, max_sampling_rounds=2)
     raw["rl"]["rewards"] = {"rl_helpers:constant": 1.0}
     batch = _collect(policy, recipe_from_dict(raw))
-    assert batch.rewards == [] and batch.stats["rounds"] == 2 and batch.stats["zero_variance_groups"] == 4
+    assert batch.rewards == [] and batch.stats.rounds == 2 and batch.stats.zero_variance_groups == 4
     raw["rl"]["dynamic_sampling"] = False  # off: one round, every group kept (and trained on at zero advantage)
     batch = _collect(policy, recipe_from_dict(raw))
-    assert len(batch.rewards) == 8 and batch.stats["rounds"] == 1
+    assert len(batch.rewards) == 8 and batch.stats.rounds == 1
 
 
 def test_dropped_groups_are_billed_for_their_prompt_tokens(tiny_chat_model_dir, prompts_file, tmp_path):
@@ -338,7 +338,7 @@ def test_update_bills_each_distinct_prompt_once_per_micro_batch(policy):
     p0, p1 = [5, 6, 7, 8, 9], [10, 11]
     comps = [[3, 4], [5], [6, 7, 8], [9, 10]]
     batch = Batch([p0, p0, p1, p1], comps, [1.0, 0.0, 1.0, 0.0], [True, False, True, False], [False] * 4,
-                  [""] * 4, {})
+                  [""] * 4)
     rl = RLConfig(group_size=2, prompts_per_step=2)
     optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -346,9 +346,9 @@ def test_update_bills_each_distinct_prompt_once_per_micro_batch(policy):
                         chunk_size=8, max_grad_norm=None)
     two = policy_update(model, optimizer, scheduler, batch, rl, pad_id=tok.pad_token_id, micro_batch=1,
                         chunk_size=8, max_grad_norm=None)
-    assert one["tokens_trained"] == two["tokens_trained"] == 8
-    assert one["update_tokens"] == len(p0) + len(p1) + 8  # one micro-batch: each prompt once
-    assert two["update_tokens"] == 2 * len(p0) + 2 * len(p1) + 8  # a micro-batch per sequence
+    assert one.tokens_trained == two.tokens_trained == 8
+    assert one.update_tokens == len(p0) + len(p1) + 8  # one micro-batch: each prompt once
+    assert two.update_tokens == 2 * len(p0) + 2 * len(p1) + 8  # a micro-batch per sequence
 
 
 def test_prompt_selection_skips_then_readmits(policy, prompts_file, tmp_path):
@@ -357,11 +357,11 @@ def test_prompt_selection_skips_then_readmits(policy, prompts_file, tmp_path):
     recipe = recipe_from_dict(raw)
     selector, stream = PromptSelector(window=1, cooldown_steps=2), PromptStream(12, seed=0)
     first = _collect(policy, recipe, step=0, selector=selector, stream=stream)
-    assert first.stats["groups"] == 12 and selector.skipping(1) == 12
+    assert first.stats.groups == 12 and selector.skipping(1) == 12
     second = _collect(policy, recipe, step=1, selector=selector, stream=stream)
-    assert second.stats["groups"] == 0 and second.stats["prompts_skipped"] == 12  # nothing sampled
+    assert second.stats.groups == 0 and second.stats.prompts_skipped == 12  # nothing sampled
     third = _collect(policy, recipe, step=3, selector=selector, stream=stream)  # cooldown over
-    assert third.stats["groups"] == 12 and third.stats["prompts_skipped"] == 0
+    assert third.stats.groups == 12 and third.stats.prompts_skipped == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def _trainable(model):
 def test_rl_run_changes_every_trainable_parameter_and_logs_metrics(tiny_chat_model_dir, prompts_file, tmp_path, loss):
     recipe = recipe_from_dict(_rl_recipe(tiny_chat_model_dir, tmp_path / loss, prompts_file, loss=loss,
                                          max_sampling_rounds=4))
-    from leantune.train.sft import setup_model
+    from leantune.train.session import setup_model
 
     init, _, _, _, _ = setup_model(recipe)
     before = _trainable(init)
@@ -495,7 +495,7 @@ def test_entropy_filter_samples_only_the_highest_entropy_prompts(policy, prompts
                      entropy_filter=0.5, dynamic_sampling=False)
     batch = _collect(policy, recipe_from_dict(raw))
     # 3 prompts wanted -> 6 candidates scored by prompt entropy -> the 3 highest are rolled out
-    assert batch.stats["entropy_filtered"] == 3 and batch.stats["groups"] == 3
+    assert batch.stats.entropy_filtered == 3 and batch.stats.groups == 3
     model, tok = policy
     from leantune.data.records import read_prompt_rows
 
@@ -529,7 +529,7 @@ def test_mezo_rl_raises_the_reward_itself_without_gradients(tiny_chat_model_dir,
                      rewards={"rl_helpers:digit_share": 1.0})
     raw["optim"] = {"name": "mezo", "lr": 0.5, "zo_eps": 0.5, "scheduler": "constant"}
     recipe = recipe_from_dict(raw)
-    from leantune.train.sft import setup_model
+    from leantune.train.session import setup_model
 
     init, _, _, _, _ = setup_model(recipe)
     before = _trainable(init)
@@ -555,7 +555,7 @@ def test_mezo_rl_replays_the_same_samples_at_both_perturbations(tiny_chat_model_
     raw["optim"] = {"name": "mezo", "lr": 0.5, "zo_eps": 1e-9, "scheduler": "constant"}
     raw["train"]["steps"] = 2
     recipe = recipe_from_dict(raw)
-    from leantune.train.sft import setup_model
+    from leantune.train.session import setup_model
 
     init, _, _, _, _ = setup_model(recipe)
     before = _trainable(init)

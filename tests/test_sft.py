@@ -15,7 +15,8 @@ from leantune.config import AdapterConfig, DataConfig, SpanWeights
 from leantune.data.sft import collate, load_sft_examples
 from leantune.models.loading import load_model_and_tokenizer
 from leantune.config import ModelConfig
-from leantune.train.sft import accumulate_gradients, lm_loss_sum, loss_weight_total, set_activation_checkpointing
+from leantune.train.session import set_activation_checkpointing
+from leantune.train.sft import SFTLoss, accumulate_gradients, lm_loss_sum, loss_weight_total
 
 
 def _lora_model(model_dir, seed=0, dropout=0.0):
@@ -40,10 +41,10 @@ def test_accumulation_8x1_equals_1x8(tiny_model_dir, sft_data):
     examples = examples[:8]
     w = SpanWeights(think=0.5, answer=2.0)
     model.train()
-    accumulate_gradients(model, [collate(examples, tok.pad_token_id, w)], chunk_size=7)
+    accumulate_gradients(SFTLoss(model), [collate(examples, tok.pad_token_id, w)], chunk_size=7)
     big = _grads(model)
     model.zero_grad()
-    loss_small, _ = accumulate_gradients(model, [collate([e], tok.pad_token_id, w) for e in examples], chunk_size=7)
+    loss_small, _ = accumulate_gradients(SFTLoss(model), [collate([e], tok.pad_token_id, w) for e in examples], chunk_size=7)
     small = _grads(model)
     for n in big:
         torch.testing.assert_close(small[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -70,12 +71,12 @@ def test_activation_checkpointing_same_gradients(tiny_model_dir, sft_data, polic
     examples, _ = load_sft_examples(sft_data, tok, DataConfig(train=str(sft_data), max_length=64))
     batch = collate(examples[:4], tok.pad_token_id, SpanWeights())
     model.train()
-    accumulate_gradients(model, [batch], 16)
+    accumulate_gradients(SFTLoss(model), [batch], 16)
     ref = _grads(model)
     model.zero_grad()
     n = set_activation_checkpointing(model, policy)
     assert n == (2 if policy == "all" else 1)
-    accumulate_gradients(model, [batch], 16)
+    accumulate_gradients(SFTLoss(model), [batch], 16)
     for k, g in _grads(model).items():
         torch.testing.assert_close(g, ref[k], rtol=1e-5, atol=1e-7)
 

@@ -31,7 +31,7 @@ from leantune.losses import (
     vocab_subset,
     vocab_subset_cross_entropy,
 )
-from leantune.train.sft import accumulate_gradients, lm_loss_sum, step_vocab_subset
+from leantune.train.sft import SFTLoss, accumulate_gradients, lm_loss_sum, step_vocab_subset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -286,10 +286,10 @@ def test_accumulation_8x1_equals_1x8_with_subset(tiny_model_dir, sft_data):
     w = SpanWeights(think=0.5, answer=2.0)
     cands = torch.arange(20)
     model.train()
-    accumulate_gradients(model, [collate(examples, tok.pad_token_id, w)], 7, cands)
+    accumulate_gradients(SFTLoss(model), [collate(examples, tok.pad_token_id, w)], 7, cands)
     big = _grads(model)
     model.zero_grad()
-    accumulate_gradients(model, [collate([e], tok.pad_token_id, w) for e in examples], 7, cands)
+    accumulate_gradients(SFTLoss(model), [collate([e], tok.pad_token_id, w) for e in examples], 7, cands)
     for n, g in _grads(model).items():
         torch.testing.assert_close(g, big[n], rtol=1e-4, atol=1e-6, msg=n)
 

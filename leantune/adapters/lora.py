@@ -7,25 +7,23 @@ The adapter is a standard PEFT ``LoraConfig``; leantune adds nothing to its file
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from leantune.atomic import atomic_dir
 from leantune.config import AdapterConfig, RecipeError
 
 
 def apply_adapter(model, cfg: AdapterConfig, seed: int = 0):
-    """Wrap ``model`` with LoRA adapters (PEFT), or mark every weight trainable for ``method: full``.
+    """``cfg.method``'s adapter on ``model`` (see ``leantune.adapters.ADAPTERS``): the model to train."""
+    from leantune.adapters import apply_adapter as apply
 
-    Returns the model to train. The adapter init is seeded so runs are reproducible.
-    """
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+    return apply(model, cfg, seed)
+
+
+def apply_lora(model, cfg: AdapterConfig, seed: int = 0):
+    """Wrap ``model`` with LoRA adapters (PEFT). The adapter init is seeded so runs are reproducible."""
     from peft import LoraConfig, get_peft_model
 
     from leantune.quant import QuantLinear, register_quant_lora
@@ -77,48 +75,38 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def _atomic_dir(out_dir: Path):
-    """A temp dir beside ``out_dir``; the caller fills it, then ``_publish`` renames it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_adapter(model, out_dir: str | Path) -> Path:
     """Write the PEFT adapter (adapter_config.json + adapter_model.safetensors) atomically."""
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, out_dir)
-    return out_dir
+    return Path(out_dir)
+
+
+def save_run_adapter(model, tokenizer, run_dir: Path) -> Path:
+    """A LoRA run's final export: RUN/adapter, a standard PEFT adapter."""
+    return save_adapter(model, Path(run_dir) / "adapter")
+
+
+def planned_elements(shape, recipe) -> int:
+    """r x (in + out) per targeted linear (A is r x in, B is out x r)."""
+    from leantune.plan.memory import lora_targets
+
+    return sum(recipe.adapter.r * (lin.in_features + lin.out_features)
+               for lin in lora_targets(shape, recipe.adapter.target_modules))
+
+
+def planned_bytes(shape, recipe) -> int:
+    """LoRA weights train in fp32 (4 bytes), whatever the base's dtype."""
+    return planned_elements(shape, recipe) * 4
 
 
 def save_full_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Write a transformers model directory (safetensors) atomically; used for merged exports."""
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish(tmp, out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def merge_adapter(model):

@@ -112,6 +112,18 @@ def fallback_chat_prompt(messages: list[dict]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
+def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
+    """(text the model sees before its answer, add_special_tokens) for a single user turn.
+
+    Rendered exactly as a ``messages`` training record's prompt: a chat template already writes its special
+    tokens; without one, the documented fallback.
+    """
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    return fallback_chat_prompt(messages), True
+
+
 def _prompt_and_completion(record: Record, tokenizer) -> tuple[str, bool, str, str]:
     """(prompt text, add_special_tokens for the prompt, completion text, completion field name)."""
     if record.kind == "prompt_completion":

@@ -14,19 +14,7 @@ import torch
 import yaml
 
 from leantune.config import ModelConfig, Recipe, SpanWeights
-
-
-def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
-    """(text the model sees before its answer, add_special_tokens) for a single user turn.
-
-    Mirrors ``leantune.data.sft``: a chat template already writes its special tokens.
-    """
-    from leantune.data.sft import fallback_chat_prompt
-
-    messages = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
-    return fallback_chat_prompt(messages), True
+from leantune.data.sft import render_prompt
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Vocabulary-subset cross-entropy: an APPROXIMATE loss whose softmax runs over a subset of the vocabulary.
 
-MISSION A1(c), from "Peak-memory reduction for LoRA on edge devices" (arXiv 2606.19528): instead of
+From "Peak-memory reduction for LoRA on edge devices" (arXiv 2606.19528): instead of
 normalizing over all V tokens, the softmax runs over S = (a fixed candidate set) ∪ (the batch's target
 tokens). The LM-head work and memory per loss-carrying token drop from V to |S| columns (the paper uses
 |S| ≈ 1000; SmolLM2 has V = 49152), and for a bf16 LM head only an (|S|, H) fp32 copy is made instead

@@ -8,7 +8,8 @@ bfloat16 halves weight and activation memory, but whether it is *faster* depends
   was measured ~90x *slower* than fp32 (0.9 vs 85 GFLOP/s on a 2-core Zen 3 VM).
 
 So ``auto`` does not guess from flags: it times one small matmul in each dtype, once per process, and
-takes bf16 only when it is at least as fast as fp32. On CUDA it takes bf16 where the device supports it.
+takes bf16 only when it is at least as fast as fp32 -- for a CPU run even when a GPU is visible. On CUDA it
+takes bf16 where the device supports it.
 
 >>> resolve_dtype("float32")
 'float32'
@@ -45,12 +46,45 @@ def cpu_bf16_speedup() -> float:
     return _matmul_seconds(torch.float32) / max(_matmul_seconds(torch.bfloat16), 1e-9)
 
 
-def resolve_dtype(name: str) -> str:
-    """``float32`` / ``bfloat16`` unchanged; ``auto`` -> the faster of the two on this machine."""
+def resolve_dtype(name: str, device: str | None = None) -> str:
+    """``float32`` / ``bfloat16`` unchanged; ``auto`` -> the faster of the two on the training device:
+    ``device`` = "cpu" runs the probe (even when a GPU is visible), "cuda" takes bf16 where supported, None
+    means the device ``train.device: auto`` would pick."""
     if name in DTYPE_NAMES:
         return name
     if name != "auto":
         raise ValueError(f"model.dtype: expected one of {('auto', *DTYPE_NAMES)}, got {name!r}")
-    if torch.cuda.is_available():
+    device = device or device_type("auto")
+    if device == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device == "mps":
+        return "float32"
     return "bfloat16" if cpu_bf16_speedup() >= 1.0 else "float32"
+
+
+def device_type(spec: str) -> str:
+    """The device type ``train.device`` trains on: ``auto`` is ``cuda`` when CUDA is available, else ``cpu``.
+
+    >>> device_type("cuda:1"), device_type("cpu")
+    ('cuda', 'cpu')
+    """
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.split(":", 1)[0]
+
+
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
+    """The ``torch.device`` for ``train.device``; under torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK``.
+    A device that is not there is a clear error, not a crash deep inside the first forward."""
+    kind = device_type(spec)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device: {spec!r}, but torch sees no CUDA device (torch {torch.__version__}, "
+                             f"built with CUDA {torch.version.cuda}); use train.device=cpu or auto")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else (local_rank or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"train.device: cuda:{index}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("train.device: mps, but this torch has no MPS device; use train.device=cpu or auto")
+    return torch.device(kind)

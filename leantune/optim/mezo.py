@@ -1,6 +1,6 @@
 """MeZO: zeroth-order SGD in place, with perturbations that are undone bit for bit (arXiv 2305.17333).
 
-One step with ``n`` samples (MISSION C1), for each sample ``k`` with its own direction ``z_k ~ N(0, I)``::
+One step with ``n`` samples, for each sample ``k`` with its own direction ``z_k ~ N(0, I)``::
 
     L+ = f(θ + ε z_k)        L- = f(θ - ε z_k)        g_k = (L+ - L-) / 2ε      # the projected gradient
     θ  ←  θ - η (λ θ + 1/n Σ_k g_k z_k)

@@ -1,4 +1,4 @@
-"""Memory planner (MISSION A2): predict a run's peak memory from the model config and the recipe,
+"""Memory planner: predict a run's peak memory from the model config and the recipe,
 without loading weights, and search for settings that fit a budget.
 
     leantune plan RECIPE.yaml                   # predicted peak, broken down by term

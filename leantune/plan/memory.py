@@ -1,4 +1,4 @@
-"""Peak memory of a leantune run, predicted from the model's shape and the recipe (MISSION A2).
+"""Peak memory of a leantune run, predicted from the model's shape and the recipe.
 
 Every term is a small pure function of shapes and byte sizes. ``plan_memory`` adds them up phase by
 phase -- loading, forward + loss, loss backward, decoder backward, optimizer step (or MeZO's forward
@@ -173,22 +173,32 @@ def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> list[Lin
 
 
 def trainable_elements(shape: ModelShape, recipe: Recipe) -> int:
-    """LoRA: r x (in + out) per targeted linear (A is r x in, B is out x r). Full: every parameter."""
-    if recipe.adapter.method == "full":
-        return shape.params
-    return sum(recipe.adapter.r * (lin.in_features + lin.out_features)
-               for lin in lora_targets(shape, recipe.adapter.target_modules))
+    """Trainable parameters, as the adapter method counts them (``leantune.adapters.ADAPTERS``)."""
+    from leantune.adapters import ADAPTERS
+
+    return ADAPTERS[recipe.adapter.method].trainable_elements(shape, recipe)
 
 
 def trainable_bytes(shape: ModelShape, recipe: Recipe) -> int:
-    """Trainable parameters: LoRA adapters in fp32 (4 bytes), full fine-tuning in ``model.dtype``."""
-    per = DTYPE_BYTES[recipe.model.compute_dtype] if recipe.adapter.method == "full" else 4
-    return trainable_elements(shape, recipe) * per
+    """Trainable parameter bytes (LoRA: fp32 adapters; full fine-tuning: ``model.dtype``)."""
+    from leantune.adapters import ADAPTERS
+
+    return ADAPTERS[recipe.adapter.method].trainable_bytes(shape, recipe)
+
+
+def trains_base(recipe: Recipe) -> bool:
+    """Whether every base weight trains (gradients and activations for all of them)."""
+    from leantune.adapters import ADAPTERS
+
+    return ADAPTERS[recipe.adapter.method].trains_base
 
 
 def optimizer_state_bytes(trainable: int, optimizer: str) -> int:
-    """AdamW: exp_avg + exp_avg_sq, each like the parameter. MeZO: none (z is regenerated from a seed)."""
-    return 2 * trainable if optimizer == "adamw" else 0
+    """Optimizer state: ``OPTIMIZERS[name].state_copies`` x the trainable bytes (AdamW: exp_avg + exp_avg_sq;
+    MeZO: none, z is regenerated from a seed)."""
+    from leantune.optim import OPTIMIZERS
+
+    return OPTIMIZERS[optimizer].state_copies * trainable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,7 +282,7 @@ def layer_saved_bytes(spec: LayerSpec, shape: ModelShape, batch: int, seq: int, 
 
 def layer_specs(shape: ModelShape, recipe: Recipe) -> list[LayerSpec]:
     """Per decoder layer: which linears carry LoRA and whether its input already requires grad."""
-    full = recipe.adapter.method == "full"
+    full = trains_base(recipe)
     targets = [] if full else lora_targets(shape, recipe.adapter.target_modules)
     adapted = [frozenset(lin.short for lin in targets if lin.layer == i) for i in range(shape.layers)]
     specs, below = [], full
@@ -287,7 +297,7 @@ def layer_trainable_bytes(shape: ModelShape, recipe: Recipe) -> tuple[list[int],
     which backward produces first. LoRA: r x (in + out) x 4 per adapted linear; full: the layer's
     weights (+ 2 norms) in ``model.dtype``."""
     e = DTYPE_BYTES[recipe.model.compute_dtype]
-    if recipe.adapter.method == "full":
+    if trains_base(recipe):
         per = [0] * shape.layers
         for lin in shape.linears:
             if lin.layer is not None:
@@ -467,7 +477,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     """
     recipe = with_init_adapter(recipe)
     e = DTYPE_BYTES[recipe.model.compute_dtype]
-    full = recipe.adapter.method == "full"
+    full = trains_base(recipe)
     mezo = recipe.optim.name == "mezo"
     runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
                + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))

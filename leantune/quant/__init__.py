@@ -1,4 +1,4 @@
-"""Weight-only quantization of the frozen base (MISSION A1(a); QLoRA-style, arXiv 2305.14314)."""
+"""Weight-only quantization of the frozen base (QLoRA-style, arXiv 2305.14314)."""
 
 from leantune.quant.weight_only import (
     QuantEmbedding,

@@ -1,6 +1,6 @@
 """Weight-only INT8 / INT4 quantization of a frozen base, dequantized on the fly; LoRA trains on top.
 
-MISSION A1(a): the frozen base weights of a LoRA run are the largest item of its memory bill (fp32:
+The frozen base weights of a LoRA run are the largest item of its memory bill (fp32:
 4 bytes per weight). Stored as group-wise INT4 they take ~0.5 byte per weight plus the group scales
 (arXiv 2606.19528 reports 26.2 GB -> 14.7 GB for Llama-3.2-3B with r=16 LoRA from this step alone).
 This is the QLoRA recipe (Dettmers et al., arXiv 2305.14314) minus its NF4 data type and double

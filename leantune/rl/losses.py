@@ -29,7 +29,19 @@ that for `grpo_loss` / `dr_grpo_loss`; `dapo_loss` is already normalized by `num
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class PolicyWindow:
+    """What the losses of one optimizer step are normalized by, over all its micro-batches: the trainer
+    passes the same window to every micro-batch and sums their losses; each loss reduces by its own rule."""
+
+    num_sequences: int  # completions in the step (grpo, dr_grpo)
+    num_tokens: float  # completion tokens of the sequences that carry a loss (dapo)
+    max_completion_length: int  # the generation limit (dr_grpo)
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -114,15 +126,19 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     bias_correction_kl: bool = True,
+    window: PolicyWindow | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO (arXiv 2402.03300): clipped surrogate, mean over each sequence's tokens, then over sequences.
 
     TRL loss_type="grpo". A sequence with no real tokens contributes 0 but still counts in the mean over B.
+    With a ``window``, the sequence means are summed and divided by ``window.num_sequences`` (the step's
+    completions), so micro-batch losses add up to the step's mean.
     """
     per_token, mask, stats = _clipped_surrogate(
         logps, old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps, bias_correction_kl
     )
-    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()  # (B,) -> ()
+    seq_means = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
+    loss = seq_means.mean() if window is None else seq_means.sum() / window.num_sequences  # ()
     return loss, stats
 
 
@@ -138,19 +154,20 @@ def dapo_loss(
     ref_logps: torch.Tensor | None = None,
     bias_correction_kl: bool = True,
     num_tokens: float | torch.Tensor | None = None,
+    window: PolicyWindow | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DAPO (arXiv 2503.14476): token-level loss, sum of per-token losses / num_tokens, clip-higher.
 
     num_tokens defaults to mask.sum() (this batch's completion tokens). TRL loss_type="dapo" divides by
     `num_items_in_batch` -- the completion tokens of the whole generation batch -- scaled to one accumulation
     window; for one process that is the tokens of all micro-batches of the window, so pass that count here
-    and sum (not average) the micro-batch losses.
+    and sum (not average) the micro-batch losses (a ``window`` carries that count).
     """
     per_token, mask, stats = _clipped_surrogate(
         logps, old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps, bias_correction_kl
     )
     if num_tokens is None:
-        num_tokens = mask.sum()
+        num_tokens = window.num_tokens if window is not None else mask.sum()
     num_tokens = torch.as_tensor(num_tokens, dtype=per_token.dtype).clamp(min=1.0)
     loss = (per_token * mask).sum() / num_tokens  # ()
     return loss, stats
@@ -168,12 +185,16 @@ def dr_grpo_loss(
     ref_logps: torch.Tensor | None = None,
     bias_correction_kl: bool = True,
     max_completion_length: int | None = None,
+    window: PolicyWindow | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dr.GRPO (arXiv 2503.20783): sum of per-token losses / (B * max_completion_length).
 
     TRL loss_type="dr_grpo". Pass the configured generation limit as max_completion_length so the
-    normalizer is the same every step; it defaults to T, the padded width of this batch.
+    normalizer is the same every step; it defaults to T, the padded width of this batch. A ``window``
+    gives both: B = its num_sequences (the step's completions), its max_completion_length.
     """
+    if window is not None:
+        max_completion_length = window.max_completion_length
     per_token, mask, stats = _clipped_surrogate(
         logps, old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps, bias_correction_kl
     )
@@ -182,10 +203,13 @@ def dr_grpo_loss(
         raise ValueError(
             f"max_completion_length={length} is shorter than the completions' width T={logps.shape[1]}"
         )
-    loss = (per_token * mask).sum() / (logps.shape[0] * length)  # ()
+    n_seq = logps.shape[0] if window is None else window.num_sequences
+    loss = (per_token * mask).sum() / (n_seq * length)  # ()
     return loss, stats
 
 
 # name (TRL's loss_type) -> loss function; all take (logps, old_logps, advantages, mask, *, epsilon_low,
-# epsilon_high, beta, ref_logps, bias_correction_kl) plus their own optional normalizer keyword.
+# epsilon_high, beta, ref_logps, bias_correction_kl, window) and reduce by their own rule.
 POLICY_LOSSES = {"grpo": grpo_loss, "dapo": dapo_loss, "dr_grpo": dr_grpo_loss}
+# the advantage estimator each loss is defined with (`rl.advantage: null`), a name in rl.advantages.ADVANTAGES
+DEFAULT_ADVANTAGE = {"grpo": "grpo", "dapo": "grpo", "dr_grpo": "dr_grpo"}

@@ -5,14 +5,14 @@ dataset column arrives as a keyword argument holding one value per completion (`
 ``numbers=[[...], ...]``). A single value instead of a list is used for every completion.
 
 - Verifiable answers: :func:`exact_match_reward`, :func:`math_answer_reward` (``\\boxed{}`` / ``####``),
-  :func:`countdown_reward` (safe ``ast`` evaluation, each number at most once) with the generator
-  :func:`countdown_problems`, :func:`code_reward` (tests run in :mod:`leantune.rl.sandbox`).
+  :func:`countdown_reward` (safe ``ast`` evaluation, each number at most once) (problems: :mod:`leantune.tasks.countdown`),
+  :func:`code_reward` (tests run in :mod:`leantune.rl.sandbox`).
 - Shape: :func:`format_reward` (a regex factory).
-- Length (MISSION D8): :func:`length_aware_reward` (Kimi k1.5, arXiv 2501.12599) and
+- Length: :func:`length_aware_reward` (Kimi k1.5, arXiv 2501.12599) and
   :func:`soft_overlong_penalty` (DAPO, arXiv 2503.14476) as pure functions of lengths, and
   :func:`length_aware` / :func:`overlong_penalty` wrapping them into reward callables.
 - Composition: :func:`combine_rewards` (weighted sum) and :func:`with_isomorphic_variants`
-  (MISSION D6, arXiv 2604.15149: reward only if the completion also passes relabelled variants of its task),
+  (arXiv 2604.15149: reward only if the completion also passes relabelled variants of its task),
   with :func:`countdown_variants` for Countdown.
 
 >>> reward = combine_rewards([(math_answer_reward, 1.0), (format_reward(), 0.1)])
@@ -39,7 +39,6 @@ __all__ = [
     "code_reward",
     "combine_rewards",
     "completion_text",
-    "countdown_problems",
     "countdown_reward",
     "countdown_variants",
     "evaluate_expression",
@@ -349,22 +348,6 @@ arithmetic_reward = countdown_reward
 of :mod:`leantune.tasks.arithmetic` use its own ``reward``."""
 
 
-def _random_solution(rng: random.Random, numbers: list[int]) -> ast.expr:
-    """Combine all ``numbers`` in random order with random operations, keeping every intermediate result a
-    positive integer (the classic Countdown rule), so the reference solution reads naturally."""
-    items = [(ast.Constant(n), n) for n in numbers]
-    rng.shuffle(items)
-    while len(items) > 1:
-        (a, x), (b, y) = items.pop(), items.pop()
-        if x < y:
-            (a, x), (b, y) = (b, y), (a, x)
-        ops = [ast.Add, ast.Mult] + ([ast.Sub] if x > y else []) + ([ast.Div] if y > 1 and x % y == 0 else [])
-        op = rng.choice(ops)
-        value = {ast.Add: x + y, ast.Mult: x * y, ast.Sub: x - y, ast.Div: x // y if y else 0}[op]
-        items.insert(rng.randrange(len(items) + 1), (ast.BinOp(left=a, op=op(), right=b), value))
-    return items[0][0]
-
-
 def _number_text(value: Fraction):
     return int(value) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
@@ -402,55 +385,6 @@ def relabel_countdown(numbers: Sequence[int], solution: str, k: int = 2, seed: i
         mapping, value = chosen
         variants.append({"numbers": [mapping[int(n)] for n in numbers], "target": _number_text(value)})
     return variants
-
-
-def countdown_problems(
-    n: int, seed: int = 0, *, count: int = 4, max_number: int = 99, max_target: int = 999, variants: int = 2
-) -> list[dict]:
-    """``n`` solvable Countdown problems, deterministic in ``seed`` (the first ``n`` of a longer call are the same).
-
-    Each problem: ``prompt``; ``numbers`` (``count`` integers in 1..``max_number``); ``target`` (an integer
-    in 1..``max_target`` that is not itself one of the numbers); ``solution`` (a reference expression using
-    every number once, all intermediate results positive integers); ``variants`` (:func:`relabel_countdown`,
-    for :func:`with_isomorphic_variants`).
-
-    >>> p = countdown_problems(1, seed=0)[0]
-    >>> sorted(p)
-    ['numbers', 'prompt', 'solution', 'target', 'variants']
-    >>> countdown_check(p["solution"], p["numbers"], p["target"], use_all=True)
-    True
-    >>> countdown_problems(3, seed=5)[:2] == countdown_problems(2, seed=5)
-    True
-    """
-    if n < 0 or count < 1 or max_number < 1 or max_target < 1:
-        raise ValueError(f"need n >= 0 and count, max_number, max_target >= 1; got n={n}, count={count}, max_number={max_number}, max_target={max_target}")
-    rng = random.Random(f"countdown|{seed}|{count}|{max_number}|{max_target}")
-    out: list[dict] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 1000 * (n + 10):
-            raise ValueError(f"could not generate {n} problems with count={count}, max_number={max_number}, max_target={max_target}")
-        numbers = [rng.randint(1, max_number) for _ in range(count)]
-        solution = ast.unparse(_random_solution(rng, numbers))
-        value = evaluate_expression(solution)
-        if value.denominator != 1 or not 1 <= value <= max_target or value in numbers:
-            continue
-        target = int(value)
-        out.append(
-            {
-                "prompt": (
-                    f"Using the numbers {numbers}, create an expression that equals {target}. You may use "
-                    "+, -, *, / and parentheses, and each number at most once. Think in <think> </think> "
-                    "and give the final expression in <answer> </answer>, e.g. <answer>(1 + 2) * 3</answer>."
-                ),
-                "numbers": numbers,
-                "target": target,
-                "solution": solution,
-                "variants": relabel_countdown(numbers, solution, variants, seed=rng.randrange(2**32), max_number=max_number),
-            }
-        )
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,7 +534,7 @@ def combine_rewards(terms: Iterable[tuple[RewardFn, float]]) -> RewardFn:
 
 
 def with_isomorphic_variants(reward_fn: RewardFn, make_variants: Callable[[str, dict], list[tuple[str, dict]]]) -> RewardFn:
-    """Isomorphic perturbation testing (MISSION D6, arXiv 2604.15149): a completion keeps its reward only
+    """Isomorphic perturbation testing (arXiv 2604.15149): a completion keeps its reward only
     if the same solution, re-instantiated on relabelled variants of its task, also earns it.
 
     ``make_variants(completion_text, fields)`` gets one completion and its task fields (the keyword
@@ -721,3 +655,80 @@ class _Relabel(ast.NodeTransformer):
 
 def _relabel_literals(tree: ast.Expression, mapping: dict[int, int]) -> ast.AST:
     return _Relabel(mapping).visit(copy.deepcopy(tree)).body
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: reward names a recipe's `rl.rewards` may use
+
+
+class RewardSpec:
+    """One named reward term: ``make(rl_config, correctness) -> reward callable``. ``verifier``: this term can
+    also serve as the pass/fail check (pass@k, prompt selection) when no task is set; ``needs_task``: it is
+    built from `rl.task`'s verifier."""
+
+    def __init__(self, make: Callable, help: str, *, verifier: RewardFn | None = None, needs_task: bool = False):
+        self.make, self.help, self.verifier, self.needs_task = make, help, verifier, needs_task
+
+
+REWARDS: dict[str, RewardSpec] = {
+    "task": RewardSpec(lambda rl, correct: correct, "the task's verifier: 1.0 if correct, else 0.0", needs_task=True),
+    "length_aware": RewardSpec(
+        lambda rl, correct: length_aware(correct, rl.group_size),
+        "Kimi k1.5 length reward (arXiv 2501.12599), added as a weighted term: per group, lam = 0.5 - "
+        "(len - min)/(max - min); lam if correct, else min(0, lam)", needs_task=True),
+    "format": RewardSpec(lambda rl, correct: format_reward(), "1.0 for '<think>...</think> answer', else 0.0"),
+    "overlong": RewardSpec(
+        lambda rl, correct: overlong_penalty(rl.max_new_tokens, max(1, min(rl.overlong_buffer, rl.max_new_tokens))),
+        "DAPO's soft overlong penalty (arXiv 2503.14476): 0 down to -1 over the last rl.overlong_buffer tokens"),
+    "exact_match": RewardSpec(lambda rl, correct: exact_match_reward, "final text == the row's `answer`",
+                              verifier=exact_match_reward),
+    "math": RewardSpec(lambda rl, correct: math_answer_reward, "\\boxed{} / #### answer == the row's `answer`",
+                       verifier=math_answer_reward),
+}
+
+
+def check_reward_names(rewards: dict[str, float], task: str | None) -> None:
+    """ValueError for a recipe's `rl.rewards` that cannot be built (the config validator calls this)."""
+    unknown = [n for n in rewards if n not in REWARDS and ":" not in n]
+    if unknown:
+        raise ValueError(f"unknown reward {unknown[0]!r}; available: {', '.join(REWARDS)}, or 'package.module:function' "
+                         "for your own")
+    if task is None:
+        needing = [n for n in rewards if n in REWARDS and REWARDS[n].needs_task]
+        if needing:
+            raise ValueError(f"{needing[0]!r} is built from rl.task's verifier; set rl.task")
+        if not any(":" in n or REWARDS[n].verifier is not None for n in rewards):
+            raise ValueError("name a verifier: set rl.task, or use an 'exact_match', 'math' or 'module:function' reward")
+
+
+def import_reward(spec: str) -> RewardFn:
+    """The callable named by ``package.module:function``: your own reward, ``(prompts, completions, **fields)
+    -> list[float]``. Only code importable on your Python path runs; nothing is fetched."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"rl.rewards: cannot import {spec!r}: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"rl.rewards: {spec!r} is not callable")
+    return fn
+
+
+def build_rewards(rl) -> tuple[RewardFn, RewardFn, object]:
+    """(total reward, correctness, task module or None) for an `RLConfig`: callables ``(prompts, completions,
+    **fields) -> list[float]``. Correctness (pass/fail, for pass@k and prompt selection) is the task's verifier,
+    else exact_match, math or your own term, in that order, if named in `rl.rewards`."""
+    from leantune.tasks import get_task
+
+    check_reward_names(rl.rewards, rl.task)
+    task = get_task(rl.task) if rl.task else None
+    custom = {n: import_reward(n) for n in rl.rewards if ":" in n}
+    if task is not None:
+        correctness = task.reward
+    else:
+        builtin = [REWARDS[n].verifier for n in REWARDS if n in rl.rewards and REWARDS[n].verifier is not None]
+        correctness = (builtin + list(custom.values()))[0]  # exact_match, then math, then your own
+    terms = [(custom[n] if n in custom else REWARDS[n].make(rl, correctness), w) for n, w in rl.rewards.items()]
+    return combine_rewards(terms), correctness, task

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from leantune.adapters.lora import causal_lm, folded_adapter
-from leantune.eval.evaluate import render_prompt
+from leantune.data.sft import render_prompt
 from leantune.quant.weight_only import dense_head_weight
 
 

@@ -1,6 +1,6 @@
 """Run untrusted Python (model completions) in a sandboxed child process, and a test-passing reward.
 
-Any reward that executes model output runs it here (MISSION D6: policies in agentic RL have tried
+Any reward that executes model output runs it here (arXiv 2604.15149 and agentic RL reports: policies in agentic RL have tried
 network access and mining from training sandboxes). :func:`run_code` stacks independent layers, each
 enabled when the platform offers it, and reports the active ones in ``SandboxResult.layers``:
 

@@ -1,6 +1,6 @@
 """Which prompts to roll out, and which rollout groups to train on: the rollout economics of RL.
 
-- `PromptSelector` (MISSION D2, HIVE, arXiv 2603.25184: useful prompts sit at a moving "learning edge",
+- `PromptSelector` (HIVE, arXiv 2603.25184: useful prompts sit at a moving "learning edge",
   pre-filtered by their reward history): a prompt whose last `window` groups were all solved (pass rate 1) or all failed
   (pass rate 0) gives zero advantage and would likely do so again next step, so it sits out for
   `cooldown_steps` and is then re-admitted (the policy has moved). Its state is plain data, saved in

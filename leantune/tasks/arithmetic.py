@@ -235,7 +235,7 @@ _CLOSED = re.compile(re.escape(THINK_END) + r"\s*\D{0,40}?[-\u2212]?\d[\d,]*(?![
 def is_complete(completion: str) -> bool:
     """Whether the final answer is already closed: a number after ``</think>`` followed by a non-digit.
 
-    Rollouts stop here instead of spending tokens on text after the answer (MISSION G2).
+    Rollouts stop here instead of spending tokens on text after the answer.
 
     >>> is_complete("<think>4 + 3 = 7</think> 7"), is_complete("<think>4 + 3 = 7</think> 7\\n")
     (False, True)

@@ -25,26 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+from leantune.atomic import atomic_write_bytes, fsync_dir
 
 
 def rng_state() -> dict:
@@ -75,11 +56,11 @@ def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tenso
         if final.exists():  # a re-run of the same step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(ckpt_root / "latest", final.name.encode())
+    atomic_write_bytes(ckpt_root / "latest", final.name.encode())
     complete = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in complete[:-keep] if keep > 0 else []:
         if old != final:

@@ -1,4 +1,4 @@
-"""Offloaded checkpoints (MISSION A1, issue 4): checkpointed layers' inputs live in a file, not in RAM.
+"""Offloaded checkpoints (issue 4): checkpointed layers' inputs live in a file, not in RAM.
 
 With activation checkpointing, what a step keeps from forward to backward is each checkpointed decoder
 layer's input, B x T x H per layer (the layer itself is recomputed in backward). `ActivationSpill`

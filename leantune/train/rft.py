@@ -1,11 +1,11 @@
-"""`leantune rft`: expert iteration (MISSION D5, arXiv 2512.24940) -- sample, keep verified, fine-tune, repeat.
+"""`leantune rft`: expert iteration (arXiv 2512.24940) -- sample, keep verified, fine-tune, repeat.
 
 Each round:
 
 1. sample `rft.samples_per_prompt` completions for every prompt of the pool (KV cache, early stop, the
    same sampler as `leantune rl`);
 2. keep the verified ones -- by default the shortest correct completion per prompt (short correct
-   reasoning is cheaper to train on and to run; MISSION D8);
+   reasoning is cheaper to train on and to run);
 3. fine-tune the one adapter on the union of everything accepted so far, for `rft.steps_per_round` SFT
    steps (memory-lean loss, completion tokens only).
 
@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from leantune import ledger as ledger_mod
+from leantune.allocator import heap_allocator
 from leantune.config import Recipe
-from leantune.metering import heap_allocator, set_malloc_mmap_threshold
-from leantune.models.loading import resolve_source
+from leantune.rl.batch import load_prompt_pool
+from leantune.rl.rewards import build_rewards
 from leantune.rl.rollout import sample_groups
-from leantune.train.rl import build_rewards, load_prompt_pool
-from leantune.train.sft import TrainResult, save_adapter_or_model, setup_model, train
+from leantune.train.session import RunSession, TrainResult
+from leantune.train.sft import train
 
 
 def select_accepted(completions: list[str], correct: list[bool], lengths: list[int], keep: str) -> list[str]:
@@ -52,25 +52,24 @@ def select_accepted(completions: list[str], correct: list[bool], lengths: list[i
 
 def train_rft(recipe: Recipe, *, quiet: bool = False, model=None, tokenizer=None) -> TrainResult:
     """Run `rft.rounds` rounds of expert iteration; return the final ledger and model."""
-    cfg, rl, rft = recipe.train, recipe.rl, recipe.rft
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.malloc_mmap_threshold is not None:
-        set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
-    _, correct_fn, task = build_rewards(rl)  # bad rewards or prompts fail before anything is written
+    recipe.require_for("rft")
+    _, correct_fn, task = build_rewards(recipe.rl)  # bad rewards or prompts fail before anything is written
     pool = load_prompt_pool(recipe)
-    run_dir = Path(cfg.output_dir)
-    if (run_dir / "ledger.json").exists() or any(run_dir.glob("round-*")):
-        raise FileExistsError(f"{run_dir} already holds a run; choose another train.output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ledger_mod.atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    if any(Path(recipe.train.output_dir).glob("round-*")):
+        raise FileExistsError(f"{recipe.train.output_dir} already holds a run; choose another train.output_dir")
+    session = RunSession(recipe, "rft", quiet=quiet, model=model, tokenizer=tokenizer, init=recipe.rl.init,
+                         checkpoints=False)
+    with session:
+        return _train_rft(session, pool, correct_fn, task)
+
+
+def _train_rft(session: RunSession, pool, correct_fn, task) -> TrainResult:
+    recipe, cfg, rl, rft = session.recipe, session.recipe.train, session.recipe.rl, session.recipe.rft
+    model, tokenizer, run_dir = session.model, session.tokenizer, session.run_dir
     t0 = time.perf_counter()
-    if model is None:
-        model, tokenizer, _, _, _ = setup_model(recipe, init=rl.init)
     generator = torch.Generator().manual_seed(cfg.seed)
     accepted: dict[int, list[str]] = {}
-    rounds, result = [], None
-    metrics = ledger_mod.MetricsLog(run_dir / "metrics.jsonl")
+    rounds = []
     for r in range(rft.rounds):
         k = rft.samples_per_prompt
         start = time.perf_counter()
@@ -106,16 +105,14 @@ def train_rft(recipe: Recipe, *, quiet: bool = False, model=None, tokenizer=None
             sub.data.train, sub.data.eval = str(data), None
             sub.train.steps, sub.train.output_dir = rft.steps_per_round, str(round_dir / "sft")
             sub.train.save_every = 0
-            result = train(sub, quiet=quiet, model=model, tokenizer=tokenizer)
-            info["sft_loss"] = result.ledger["extra"]["final_metrics"].get("loss") if "extra" in result.ledger else None
+            result = train(sub, quiet=session.quiet, model=model, tokenizer=tokenizer)
+            info["sft_loss"] = result.ledger["extra"]["final_metrics"].get("loss")
             info["sft_tokens"] = result.ledger["totals"]["tokens_processed"]
         info["round_s"] = time.perf_counter() - start
         rounds.append(info)
-        metrics.log({"step": r + 1, **info})
-        if not quiet:
-            print(f"[rft] round {r + 1}: pass@1 {info['pass@1']:.1%}, accepted {new} new ({len(lines)} total)")
-    metrics.close()
-    save_adapter_or_model(model, tokenizer, recipe, run_dir)
+        session.step = r + 1
+        session.log({"step": r + 1, **info}, force=True)
+        session.info(f"[rft] round {r + 1}: pass@1 {info['pass@1']:.1%}, accepted {new} new ({len(lines)} total)")
     totals = {
         "steps": sum(rft.steps_per_round for x in rounds if x["accepted_total"]),
         "tokens_processed": sum(x["tokens_generated"] + x.get("sft_tokens", 0) for x in rounds),
@@ -124,11 +121,5 @@ def train_rft(recipe: Recipe, *, quiet: bool = False, model=None, tokenizer=None
         "rft": {"rounds": len(rounds), "samples_per_round": len(pool) * rft.samples_per_prompt,
                 "accepted_fraction": [x["accepted_fraction"] for x in rounds], "per_round": rounds},
     }
-    ledger = ledger_mod.build_ledger(
-        recipe=recipe.model_dump(mode="json"), data_files=[recipe.data.train] if recipe.data.train else [],
-        model_location=resolve_source(recipe.model).weight_path, seed=cfg.seed, totals=totals,
-        flops={"note": "see each round's sft/ledger.json for the fine-tuning FLOPs"},
-        energy={"note": "see each round's sft/ledger.json"}, extra={"kind": "rft"},
-    )
-    ledger_mod.write_ledger(run_dir, ledger)
-    return TrainResult(ledger, model, tokenizer)
+    return session.finish(totals=totals, flops={"note": "see each round's sft/ledger.json for the fine-tuning FLOPs"},
+                          data_files=[recipe.data.train] if recipe.data.train else [], extra={"kind": "rft"})
