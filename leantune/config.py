@@ -608,7 +608,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_reference_markdown() -> str:
-    """The recipe reference table for the README, generated from the config models."""
+    """The recipe reference tables (one per section) for docs/recipes.md, generated from the config models."""
     out = []
     for name, field in Recipe.model_fields.items():
         cls = field.annotation
@@ -626,11 +626,15 @@ def recipe_reference_markdown() -> str:
     return "\n".join(out)
 
 
-def sync_readme(readme: str | Path) -> bool:
-    """Rewrite the README's recipe-reference section from the config models; True if it changed."""
-    path = Path(readme)
+REFERENCE_MARKERS = ("<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->")
+
+
+def sync_reference(path: str | Path) -> bool:
+    """Rewrite the block between the recipe-reference markers of a Markdown file (docs/recipes.md) from the
+    config models; True if the file changed."""
+    path = Path(path)
     text = path.read_text()
-    start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+    start, end = REFERENCE_MARKERS
     if start not in text or end not in text:
         raise RecipeError(f"{path}: markers {start} / {end} not found")
     head, rest = text.split(start, 1)
@@ -641,10 +645,10 @@ def sync_readme(readme: str | Path) -> bool:
     return new != text
 
 
-if __name__ == "__main__":  # python -m leantune.config [README.md]: print or sync the recipe reference
+if __name__ == "__main__":  # python -m leantune.config [docs/recipes.md]: print, or sync that file's reference
     import sys
 
     if len(sys.argv) > 1:
-        print("updated" if sync_readme(sys.argv[1]) else "already in sync")
+        print("updated" if sync_reference(sys.argv[1]) else "already in sync")
     else:
         print(recipe_reference_markdown())

@@ -1,4 +1,4 @@
-"""Recipes: validation errors name the file, line and field; every shipped recipe validates; README in sync."""
+"""Recipes: validation errors name the file, line and field; every shipped recipe validates; docs/recipes.md in sync."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from leantune.cli import main
-from leantune.config import RecipeError, load_recipe, recipe_reference_markdown
+from leantune.config import REFERENCE_MARKERS, RecipeError, load_recipe, recipe_reference_markdown, sync_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -95,9 +95,24 @@ def test_demo_recipe_file_matches_demo():
     assert shipped == DEMO_RECIPE
 
 
-def test_readme_recipe_reference_in_sync():
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
-    assert start in readme and end in readme
-    body = readme.split(start)[1].split(end)[0].strip()
-    assert body == recipe_reference_markdown().strip(), "run: python -m leantune.config > README section"
+def test_recipe_reference_in_sync():
+    """docs/recipes.md's reference is what the config models generate (python -m leantune.config docs/recipes.md)."""
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    start, end = REFERENCE_MARKERS
+    assert start in doc and end in doc
+    body = doc.split(start)[1].split(end)[0].strip()
+    assert body == recipe_reference_markdown().strip(), "run: python -m leantune.config docs/recipes.md"
+
+
+def test_sync_reference_rewrites_only_the_marked_block(tmp_path):
+    start, end = REFERENCE_MARKERS
+    doc = tmp_path / "ref.md"
+    doc.write_text(f"# head\n{start}\nstale\n{end}\ntail\n")
+    assert sync_reference(doc) is True
+    text = doc.read_text()
+    assert text.startswith(f"# head\n{start}\n") and text.endswith(f"{end}\ntail\n")
+    assert "stale" not in text and "`model.path`" in text
+    assert sync_reference(doc) is False
+    (tmp_path / "none.md").write_text("no markers")
+    with pytest.raises(RecipeError, match="markers"):
+        sync_reference(tmp_path / "none.md")
