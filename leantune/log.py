@@ -94,5 +94,5 @@ def progress_bar(iterable=None, *, total: int | None = None, desc: str | None = 
     """A tqdm bar on stderr that obeys ``--quiet``; by default it clears itself when done (``leave=False``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
-                disable=not progress_enabled() or kwargs.pop("disable", False), **kwargs)
+    disable = kwargs.pop("disable", False) or not progress_enabled()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, disable=disable, **kwargs)
