@@ -1,5 +1,6 @@
 """The ``leantune`` command line.
 
+    leantune [--quiet | --verbose] COMMAND ...   (--version prints the version)
     leantune train RECIPE.yaml [key.sub=value ...] [--resume]
     leantune rl RECIPE.yaml [key.sub=value ...] [--resume]
     leantune rft RECIPE.yaml [key.sub=value ...]
@@ -12,16 +13,19 @@
     leantune make-data TASK --out DIR [--train N] [--valid N]
 
 Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
+Results (JSON, tables, the ledger summary) go to stdout; diagnostics go to stderr through ``leantune.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+log = logging.getLogger("leantune.cli")
 
 
 class UserError(Exception):
@@ -51,9 +55,9 @@ def cmd_train(args) -> int:
     from leantune.train.sft import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, recipe_path=args.recipe)
+    result = train(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
     print(summarize_ledger(result.ledger))
-    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    log.info("run directory: %s", recipe.train.output_dir)
     return 0
 
 
@@ -63,9 +67,9 @@ def cmd_rl(args) -> int:
     from leantune.train.rl import train_rl
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe)
+    result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
     print(summarize_ledger(result.ledger))
-    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    log.info("run directory: %s", recipe.train.output_dir)
     return 0
 
 
@@ -75,9 +79,9 @@ def cmd_rft(args) -> int:
     from leantune.train.rft import train_rft
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train_rft(recipe)
+    result = train_rft(recipe, quiet=args.quiet)
     print(summarize_ledger(result.ledger))
-    print(f"[leantune] run directory: {recipe.train.output_dir}")
+    log.info("run directory: %s", recipe.train.output_dir)
     return 0
 
 
@@ -181,7 +185,7 @@ def cmd_export(args) -> int:
     if not args.merged and not args.adapter:
         raise UserError("export: give --merged OUT_DIR and/or --adapter OUT_DIR")
     for kind, out in export_run(args.run_dir, merged=args.merged, adapter=args.adapter).items():
-        print(f"[leantune] wrote {kind}: {out}")
+        log.info("wrote %s: %s", kind, out)
     return 0
 
 
@@ -200,7 +204,7 @@ def cmd_make_data(args) -> int:
 
     paths = write_task_data(args.task, Path(args.out), args.train, args.valid, seed=args.seed)
     for split, path in paths.items():
-        print(f"[leantune] wrote {split}: {path}")
+        log.info("wrote %s: %s", split, path)
     return 0
 
 
@@ -213,27 +217,33 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leantune", description="Memory-lean post-training with an honest ledger.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"leantune {version()}", help="print the version and exit")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="warnings and errors only, no progress bars (results still go to stdout)")
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug messages too (stage timings, trackers)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of the commands below; `leantune COMMAND -h` for its options")
 
     t = sub.add_parser("train", help="supervised fine-tuning (LoRA or full) from a recipe")
-    t.add_argument("recipe")
+    t.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.set_defaults(func=cmd_train)
 
     rl = sub.add_parser("rl", help="RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe")
-    rl.add_argument("recipe")
+    rl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.group_size=4 train.steps=20")
     rl.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     rl.set_defaults(func=cmd_rl)
 
     rf = sub.add_parser("rft", help="expert iteration: sample, keep verified completions, fine-tune, repeat")
-    rf.add_argument("recipe")
+    rf.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     rf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rft.rounds=2")
     rf.set_defaults(func=cmd_rft)
 
     pl = sub.add_parser("plan", help="predict peak memory from the recipe (no weights loaded); --memory: settings that fit")
-    pl.add_argument("recipe")
+    pl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=2")
     pl.add_argument("--memory", help="budget, e.g. 2GB (10^9 bytes) or 1.5GiB (2^30): list settings that fit, "
                     "cheapest first, and write the cheapest as a recipe")
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     v = sub.add_parser("validate", help="check recipes without building a model")
-    v.add_argument("recipes", nargs="+")
+    v.add_argument("recipes", nargs="+", help="recipe YAML files; each is loaded and validated, no model is built")
     v.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override (repeatable)")
     v.set_defaults(func=cmd_validate)
 
@@ -254,14 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--task", help="verifiable task name, e.g. arithmetic")
     g.add_argument("--data", help="JSONL/Parquet file for mean loss and perplexity")
-    e.add_argument("--num-problems", type=int, default=50)
-    e.add_argument("--max-new-tokens", type=int, default=48)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    e.add_argument("--num-problems", type=int, default=50, help="--task: held-out problems to score (default 50)")
+    e.add_argument("--max-new-tokens", type=int, default=48,
+                   help="--task: greedy completion budget per problem, in tokens (default 48)")
+    e.add_argument("--batch-size", type=int, default=16,
+                   help="prompts generated together (--task) or examples per forward pass (--data); default 16")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype of the model (default: the run's model.dtype, else float32)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a merged model and/or the PEFT adapter of a run")
-    x.add_argument("run_dir")
+    x.add_argument("run_dir", help="a finished leantune run directory (has recipe.yaml and adapter/ or model/)")
     x.add_argument("--merged", help="output directory for the merged safetensors model")
     x.add_argument("--adapter", help="output directory for a copy of the PEFT adapter")
     x.set_defaults(func=cmd_export)
@@ -275,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--train", type=int, default=2000, help="training problems")
     m.add_argument("--valid", type=int, default=64, help="validation problems (held-out split)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
     m.set_defaults(func=cmd_make_data)
 
     d = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2-135M on arithmetic, offline")
@@ -286,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass@1 at the RL temperature before and after RL (~27 min on 2 cores)")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's ``leantune.__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("leantune")
+    except PackageNotFoundError:
+        from leantune import __version__
+
+        return __version__
 
 
 def _switch_allocator(args, argv: list[str]) -> None:
@@ -320,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from leantune.log import configure_logging
+
+    configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         if program:
             _switch_allocator(args, argv)

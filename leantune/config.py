@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from leantune.config_hints import foreign_hint
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message says where and what to do."""
@@ -191,6 +193,13 @@ class TrainConfig(Section):
     output_dir: str = Field(default="runs/default", description="Run directory: checkpoints, metrics.jsonl, ledger.json.")
     threads: int | None = Field(default=None, gt=0, description="torch CPU threads (default: torch's choice).")
     progress: bool = Field(default=True, description="Show a progress bar.")
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive every metrics.jsonl row live, and the ledger at the end "
+        "(docs/trackers.md): tensorboard (RUN/tensorboard/), trackio (local), wandb (respects WANDB_MODE, e.g. "
+        "offline), mlflow (RUN/mlruns unless MLFLOW_TRACKING_URI is set). Each needs its extra, e.g. "
+        "pip install 'leantune[tensorboard]'. metrics.jsonl is always written.",
+    )
     allocator: Literal["auto", "system", "jemalloc", "tbbmalloc"] = Field(
         default="auto",
         description="The malloc the leantune command runs on (it re-executes itself with the library in LD_PRELOAD; "
@@ -573,8 +582,10 @@ def format_validation_error(err: ValidationError, path: Path | None = None) -> s
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc)
             valid = sorted(owner.model_fields) if owner else []
+            section = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int)) or None
+            foreign = foreign_hint(str(loc[-1]), section) if len(loc) <= 2 else None
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = f" {foreign}" if foreign else f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"{where}: unknown key {dotted!r}.{hint} Valid keys: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"{where}: missing required field {dotted!r}")

@@ -10,10 +10,13 @@ minute: a smoke test of every stage, whose accuracy numbers mean nothing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from leantune.config import recipe_from_dict
+
+log = logging.getLogger(__name__)
 
 # The demo's recipe. recipes/sft_smollm2_arithmetic.yaml is the same recipe as a file (a test checks).
 DEMO_RECIPE: dict = {
@@ -112,7 +115,7 @@ def run_demo(out: Path, quick: bool = False, rl: bool = False) -> dict:
         raw["model"]["path"] = str(save_tiny_model(out / "tiny-model", chat_template=True))
     recipe = recipe_from_dict(raw)
     ev = recipe.eval
-    print(f"[demo] model: {recipe.model.path} ({recipe.model.compute_dtype}); task: {ev.task}; output: {out}")
+    log.info("demo: model %s (%s); task: %s; output: %s", recipe.model.path, recipe.model.compute_dtype, ev.task, out)
 
     model, tok, _ = load_model_and_tokenizer(recipe.model)
     before = task_accuracy(model, tok, ev.task, num_problems=ev.num_problems, max_new_tokens=ev.max_new_tokens,
@@ -171,8 +174,8 @@ def _rl_phase(raw: dict, out: Path, quick: bool, sft, ev, sft_greedy: dict) -> d
     sampled_before = sampled_accuracy(sft.model, sft.tokenizer, ev.task, **sampled_kw)
     print(f"[demo] sampled accuracy after fine-tuning (T={recipe.rl.temperature}): pass@1 "
           f"{sampled_before['pass@1']:.1%} over {sampled_before['problems']} problems x {sampled_before['samples']}")
-    print(f"[demo] RL phase: {recipe.rl.loss}, {recipe.train.steps} steps x {recipe.rl.prompts_per_step} prompts x "
-          f"{recipe.rl.group_size} samples, dynamic sampling + prompt selection")
+    log.info("demo: RL phase: %s, %d steps x %d prompts x %d samples, dynamic sampling + prompt selection",
+             recipe.rl.loss, recipe.train.steps, recipe.rl.prompts_per_step, recipe.rl.group_size)
     result = train_rl(recipe, model=sft.model, tokenizer=sft.tokenizer)
     after = task_accuracy(result.model, result.tokenizer, ev.task, num_problems=ev.num_problems,
                           max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -91,20 +92,49 @@ def model_weights_hash(location: str | Path) -> dict:
 
 class MetricsLog:
     """Append-only JSON lines: one ``log(dict)`` = one line, flushed, so a killed run keeps every
-    finished line. Reopening drops a torn last line left by a crash before appending."""
+    finished line. Reopening drops a torn last line left by a crash before appending.
 
-    def __init__(self, path: str | Path):
+    ``sinks``: trackers (``leantune.trackers.build_trackers``) that get every row live as
+    ``sink.log(row, step)`` (``step``: the row's own ``step``, else the row's index in this log), the ledger
+    through ``log_ledger``, and ``close()`` with the log. A sink that raises is reported once and dropped:
+    metrics.jsonl stays complete either way."""
+
+    def __init__(self, path: str | Path, sinks: Iterable = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.path)
         self._f = open(self.path, "a", encoding="utf-8")
+        self.sinks = list(sinks)
+        self._rows = 0
 
     def log(self, record: dict) -> None:
         self._f.write(json.dumps(record, default=json_default) + "\n")
         self._f.flush()
+        step = record.get("step", self._rows)
+        self._rows += 1
+        for sink in list(self.sinks):
+            try:
+                sink.log(record, step)
+            except Exception as err:  # noqa: BLE001 -- a tracker is a live copy; never lose the run for it
+                self.sinks.remove(sink)
+                logging.getLogger(__name__).warning("tracker %s failed (%s); metrics.jsonl still has every row, "
+                                                    "the tracker gets no more", type(sink).__name__, err)
+
+    def log_ledger(self, ledger: dict) -> None:
+        """Send the finished run's ledger to the sinks (the file is written by ``write_ledger``)."""
+        if self.sinks:
+            from leantune.trackers import send_ledger
+
+            send_ledger(self.sinks, ledger)
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.close()
+        sinks, self.sinks = self.sinks, []
+        if sinks:
+            from leantune.trackers import close_trackers
+
+            close_trackers(sinks)
 
     def __enter__(self) -> MetricsLog:
         return self

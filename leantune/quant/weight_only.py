@@ -61,6 +61,8 @@ from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from leantune.log import progress_bar
+
 SCALE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -419,7 +421,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip: Iter
     ``lm_head`` in ``skip``: leantune's fused loss reads ``lm_head.weight``.
     """
     layers = before = after = 0
-    for name in _quantizable_linears(model, skip):
+    for name in progress_bar(_quantizable_linears(model, skip), desc=f"quantize INT{bits}", unit="layer"):
         parent, attr = _parent_and_attr(model, name)
         linear = getattr(parent, attr)
         before += _nbytes(linear.weight, linear.bias)
@@ -520,7 +522,7 @@ def fake_quantize_model(model: nn.Module, bits: int | None, group_size: int = 64
         jobs.append((emb.weight, embedding_bits))
         if type(head) is nn.Linear and head.weight is not emb.weight:
             jobs.append((head.weight, embedding_bits))
-    for w, b in jobs:
+    for w, b in progress_bar(jobs, desc="fake-quantize", unit="layer"):
         w.copy_(dequantize(quantize_groupwise(w, b, group_size, scale_dtype), w.dtype))
     return len(jobs)
 
