@@ -303,7 +303,7 @@ def _bwrap_argv(plan: dict, seccomp_fd: int | None) -> list[str]:
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--ro-bind-try", "/etc/localtime", "/etc/localtime"]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     disk = str(plan["max_disk_mb"] * 2**20)
-    argv += ["--size", disk, "--tmpfs", "/tmp", "--size", disk, "--tmpfs", plan["workdir"]]
+    argv += ["--size", disk, "--tmpfs", plan["workdir"]]  # the only writable place (also TMPDIR)
     argv += ["--file", str(plan["program_fd"]), plan["workdir"] + "/main.py", "--chdir", plan["workdir"]]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
@@ -381,7 +381,7 @@ def inner(plan: dict) -> None:
     under_bwrap = "bwrap" in layers
     ruleset = -1
     if layers & {"landlock_fs", "landlock_net", "landlock_scope"}:
-        writable = [plan["workdir"]] + (["/tmp"] if under_bwrap else [])
+        writable = [plan["workdir"]]
         readable = plan["read_paths"] + list(SYSTEM_READ_PATHS)
         ruleset = _landlock_ruleset(libc, layers, plan["landlock_abi"], readable, writable)
     if "setuid" in layers and not under_bwrap:

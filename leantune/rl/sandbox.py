@@ -19,8 +19,8 @@ measured outcomes.
 - ``bwrap`` (bubblewrap on ``PATH``): ``bwrap --unshare-all --disable-userns --die-with-parent
   --new-session --clearenv``: new user, PID, network (loopback only), IPC, UTS and cgroup namespaces; a
   root filesystem holding only read-only ``/usr`` (+ the ``/lib*``, ``/bin`` links), the interpreter, a
-  fresh ``/proc`` and a minimal ``/dev``, and size-capped tmpfs ``/tmp`` and ``/sandbox`` (the working
-  directory): nothing else of the host (``/etc``, ``/home``, ``/root``, ``/work``) exists inside. Its
+  fresh ``/proc``, a minimal ``/dev`` and a size-capped tmpfs ``/sandbox`` (the working directory,
+  also ``TMPDIR``; no ``/tmp``): nothing else of the host (``/etc``, ``/home``, ``/root``, ``/work``) exists inside. Its
   ``RLIMIT_NPROC`` is set inside the new user namespace, so it counts the sandbox's own processes only
   (works for any uid). As root the launcher first drops to 65534; directories above the interpreter
   that nobody cannot enter (``/root`` 0700 over pyenv) are covered by a tmpfs in a private mount
@@ -465,7 +465,7 @@ def _execute(
     uid = _program_uid(active)
     program = code.encode("utf-8", errors="surrogateescape")
     workdir = _BWRAP_WORKDIR if under_bwrap else tempfile.mkdtemp(prefix="leantune-sandbox-")
-    env = {"PATH": _SAFE_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": "/tmp" if under_bwrap else workdir}
+    env = {"PATH": _SAFE_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
     argv = [_interpreter(), "-I", "-S"]
     argv += ["-c", _AUDIT_BOOTSTRAP, "main.py"] if "audit_hook" in active else ["main.py"]
     try:
@@ -612,6 +612,7 @@ def _collect(proc: subprocess.Popen, status_r: int, active: frozenset[str], time
 # --------------------------------------------------------------------------------------------
 # Reward: fraction of tests passed
 
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(text: str) -> str:
