@@ -110,6 +110,21 @@ def _score(code: str, expected_stdout: str, stdin: str = "", timeout_s: float = 
     return score, time.monotonic() - start
 
 
+def _record(case: str, outcome: str) -> None:
+    """Append the measured outcome of a red-team case (for docs/sandbox.md) when asked to."""
+    path = os.environ.get("LEANTUNE_SANDBOX_TABLE")
+    if path:
+        import json
+
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": case, "euid": os.geteuid(), "layers": list(LAYERS), "outcome": outcome}) + "\n")
+
+
+def _outcome(r) -> str:
+    last = (r.stderr.strip().splitlines() or [""])[-1][:90]
+    return f"ok={r.ok} killed_reason={r.killed_reason} rc={r.returncode} wall={r.wall_s:.2f}s stdout={r.stdout[:40]!r} stderr_tail={last!r}"
+
+
 def test_report_layers():
     print(f"\nsandbox layers active here: {', '.join(LAYERS)} (euid {os.geteuid()})")
     r = run_code("print('hi')")
@@ -129,7 +144,9 @@ def test_infinite_loop(unharmed):
     assert score == 0.0 and took < SECONDS
     r = run_code("while True:\n    pass", timeout_s=1.5)
     assert not r.ok and r.killed_reason in {"timeout", "cpu_limit"}
+    _record("infinite loop (timeout_s=1.5)", _outcome(r))
     r = run_code("import time\ntime.sleep(60)", timeout_s=1.0)  # no CPU used: the wall clock must stop it
+    _record("sleep past the timeout (timeout_s=1)", _outcome(r))
     assert r.timed_out and r.killed_reason == "timeout" and r.wall_s < SECONDS
 
 
@@ -159,6 +176,7 @@ def test_fork_bomb(unharmed):
     # A bomb that survives failed forks keeps trying until the wall clock kills the whole tree.
     stubborn = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     r = run_code(stubborn, timeout_s=2.0)
+    _record("fork bomb (forks forever, ignores failures; timeout_s=2)", _outcome(r))
     assert not r.ok and r.killed_reason is not None and r.wall_s < SECONDS
 
 
@@ -166,6 +184,7 @@ def test_huge_allocation(unharmed):
     score, took = _score("b = bytearray(50 * 2**30)\nprint('allocated')", "allocated")
     assert score == 0.0 and took < SECONDS
     r = run_code("b = bytearray(50 * 2**30)")
+    _record("allocate 50 GB", _outcome(r))
     assert r.killed_reason == "memory_limit" and "MemoryError" in r.stderr
 
 
@@ -229,6 +248,7 @@ def test_reading_outside_fails(unharmed, tmp_path):
 def test_printing_a_gigabyte(unharmed):
     score, took = _score("print('x' * 2**30)", "x" * 10)
     assert score == 0.0 and took < SECONDS
+    _record("print 1 GB", _outcome(run_code("print('x' * 2**30)")))
     score, took = _score("while True:\n    print('x' * 4096)", "x")
     assert score == 0.0 and took < SECONDS
     r = run_code("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", max_output_bytes=10_000)
@@ -258,6 +278,7 @@ def test_environment_and_workdir(unharmed):
 
 def test_file_size_limit(unharmed):
     r = run_code("open('big', 'wb').write(b'y' * 2**22)\nprint('done')", max_file_bytes=2**20)
+    _record("write a 4 MiB file (max_file_bytes=1 MiB)", _outcome(r))
     assert not r.ok and r.stdout == ""
 
 
@@ -273,21 +294,6 @@ def test_extract_code():
 
 # --------------------------------------------------------------------------------------------
 # The red team: one hostile program per case; each must score 0 (or fail) and leave us unharmed.
-
-
-def _record(case: str, outcome: str) -> None:
-    """Append the measured outcome of a red-team case (for docs/sandbox.md) when asked to."""
-    path = os.environ.get("LEANTUNE_SANDBOX_TABLE")
-    if path:
-        import json
-
-        with open(path, "a") as f:
-            f.write(json.dumps({"case": case, "euid": os.geteuid(), "layers": list(LAYERS), "outcome": outcome}) + "\n")
-
-
-def _outcome(r) -> str:
-    last = (r.stderr.strip().splitlines() or [""])[-1][:90]
-    return f"ok={r.ok} killed_reason={r.killed_reason} rc={r.returncode} wall={r.wall_s:.2f}s stdout={r.stdout[:40]!r} stderr_tail={last!r}"
 
 
 def test_red_team_dns_lookup(unharmed):
@@ -394,24 +400,6 @@ def test_red_team_detached_grandchild(unharmed, tmp_path):
     assert r.stdout == "spawned\n" or "audit_hook" in LAYERS
     assert not left, f"the grandchild outlived run_code: {left}"
     assert not marker.exists()
-
-
-def test_red_team_limits_recorded(unharmed):
-    """The remaining cases, run once more to record their measured outcome (their asserts are above)."""
-    cases = {
-        "infinite loop (timeout_s=1.5)": ("while True:\n    pass", {"timeout_s": 1.5}),
-        "sleep past the timeout (timeout_s=1)": ("import time\ntime.sleep(60)", {"timeout_s": 1.0}),
-        "allocate 50 GB": ("b = bytearray(50 * 2**30)", {}),
-        "print 1 GB": ("print('x' * 2**30)", {}),
-        "fork bomb (timeout_s=2)": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", {"timeout_s": 2.0}),
-        "write a 4 MiB file (max_file_bytes=1 MiB)": ("open('big', 'wb').write(b'y' * 2**22)\nprint('done')", {"max_file_bytes": 2**20}),
-    }
-    for case, (code, kw) in cases.items():
-        if case.startswith("fork bomb") and not NPROC_ENFORCED:
-            continue
-        r = run_code(code, **kw)
-        _record(case, _outcome(r))
-        assert not r.ok and r.wall_s < SECONDS, (case, r)
 
 
 @pytest.mark.skipif(launcher.seccomp_filter() is None, reason="the seccomp filter is x86_64 only")
