@@ -292,8 +292,9 @@ def available_layers() -> tuple[str, ...]:
 def isolation_report() -> dict:
     """Which isolation :func:`run_code` runs by default here, for the run ledger and logs.
 
-    >>> sorted(isolation_report())[:4]
-    ['bwrap', 'landlock', 'launcher', 'layers']
+    >>> rep = isolation_report()
+    >>> rep["rlimits"], rep["layers"] == list(available_layers())
+    (True, True)
     """
     layers = available_layers()
     bwrap = shutil.which("bwrap")
