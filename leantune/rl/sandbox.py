@@ -2,48 +2,56 @@
 
 Any reward that executes model output runs it here (arXiv 2604.15149 and agentic RL reports: policies in agentic RL have tried
 network access and mining from training sandboxes). :func:`run_code` stacks independent layers, each
-enabled when the platform offers it, and reports the active ones in ``SandboxResult.layers``:
+enabled when the machine offers it, and reports the active ones in ``SandboxResult.layers`` (and
+:func:`isolation_report` for the run ledger). ``docs/sandbox.md`` lists the red-team cases and their
+measured outcomes.
 
-- always: a separate ``python -I -S`` process (isolated mode: no env vars, no user site, no
-  site-packages) in a fresh temporary directory, deleted afterwards; environment scrubbed to ``PATH``,
-  ``LANG``, ``HOME`` and ``TMPDIR`` (the last two = that directory); its own session and process group;
-  a wall-time limit; output read incrementally, the program killed once stdout + stderr exceed
-  ``max_output_bytes``; stdin from a file.
+- always: the program runs in a child started from a fresh, single-threaded launcher interpreter
+  (:mod:`leantune.rl._sandbox_launcher`, ``python -I -S``, ``close_fds``, a new session), never from
+  ``preexec_fn`` in the (threaded) trainer. The program itself runs under ``python -I -S`` (no env vars,
+  no user site, no site-packages) in a fresh working directory; environment ``PATH``, ``LANG``, ``HOME``,
+  ``TMPDIR``; a wall-time limit; output read incrementally, the program killed once stdout + stderr
+  exceed ``max_output_bytes``; stdin from a file.
 - ``rlimits``: ``RLIMIT_AS`` and ``RLIMIT_DATA`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (largest file),
-  ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC`` (processes + threads of the uid).
-- ``setuid``: when run as root, drop to uid/gid 65534 (nobody) without supplementary groups. Root is
-  exempt from ``RLIMIT_NPROC``, nobody is not: this is what stops fork bombs. If nobody cannot read the
-  interpreter (e.g. under ``/root/.pyenv``), the child keeps one capability, ``CAP_DAC_READ_SEARCH``
-  (read any file), and ``landlock_fs`` decides what it may actually read; without ``landlock_fs`` that
-  case stays root and ``setuid`` is inactive.
-- ``pidns``: a new PID namespace whose init is the program: when it exits or is killed, the kernel kills
-  everything it left behind, and :func:`run_code` returns only after that teardown.
-- ``netns``: a new network namespace with only a loopback that is down: every connect fails, 127.0.0.1
-  included (abstract unix sockets are per namespace too).
-- ``mountns``: a new mount namespace whose working directory is a fresh tmpfs of ``max_disk_mb``: the
-  program's files never reach the real disk.
+  ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0, ``RLIMIT_NPROC`` (processes + threads).
+- ``setuid``: when run as root, the program runs as uid/gid 65534 (nobody), no supplementary groups.
+  Root is exempt from ``RLIMIT_NPROC``; nobody is not.
+- ``bwrap`` (bubblewrap on ``PATH``): ``bwrap --unshare-all --disable-userns --die-with-parent
+  --new-session --clearenv``: new user, PID, network (loopback only), IPC, UTS and cgroup namespaces; a
+  root filesystem holding only read-only ``/usr`` (+ the ``/lib*``, ``/bin`` links), the interpreter, a
+  fresh ``/proc``, a minimal ``/dev`` and a size-capped tmpfs ``/sandbox`` (the working directory,
+  also ``TMPDIR``; no ``/tmp``): nothing else of the host (``/etc``, ``/home``, ``/root``, ``/work``) exists inside. Its
+  ``RLIMIT_NPROC`` is set inside the new user namespace, so it counts the sandbox's own processes only
+  (works for any uid). As root the launcher first drops to 65534; directories above the interpreter
+  that nobody cannot enter (``/root`` 0700 over pyenv) are covered by a tmpfs in a private mount
+  namespace with just the interpreter bound back.
+- ``pidns``, ``netns``, ``mountns``: a PID namespace whose teardown kills everything the program left
+  behind (:func:`run_code` returns only after it); a network namespace (no route to any host
+  interface, 127.0.0.1 is the sandbox's own); a tmpfs working directory of ``max_disk_mb``. Made by
+  ``bwrap``, or by the launcher itself when root and ``bwrap`` is missing.
+- ``seccomp`` (x86_64): a classic-BPF denylist (:func:`leantune.rl._sandbox_launcher.seccomp_filter`):
+  ``socket`` only for ``AF_UNIX``; ``ptrace``, ``process_vm_*``, ``keyctl``, ``bpf``, ``mount``,
+  ``unshare``/``setns``/namespace ``clone``, ``perf_event_open``, ``io_uring_*``, module and kexec calls
+  and the like fail with EPERM. Loaded by ``bwrap --seccomp FD`` or by ``prctl`` in the launcher.
 - ``landlock_fs`` (Landlock, Linux >= 5.13): writes only inside the working directory; reads only of the
-  interpreter, system libraries (``/usr``, ``/lib*``, ``/bin``) and that directory.
-- ``landlock_net`` (Landlock ABI >= 4): TCP bind and connect denied.
-- ``landlock_scope`` (Landlock ABI >= 6): no signals to processes outside the sandbox, no abstract unix
+  interpreter, system libraries and that directory. ``landlock_net`` (ABI >= 4): TCP bind and connect
+  denied. ``landlock_scope`` (ABI >= 6): no signals to processes outside the sandbox, no abstract unix
   sockets outside it.
-- ``audit_hook``: the fallback when neither ``netns`` nor ``landlock_net`` exists: a ``-c`` bootstrap
-  installs ``sys.addaudithook`` denying ``socket.*``, ``ctypes`` and process spawning. A speed bump, not
-  a boundary (C extensions and ``_posixsubprocess`` bypass it).
+- ``audit_hook``: the fallback when neither ``netns``, ``landlock_net`` nor ``seccomp`` exists: a
+  ``sys.addaudithook`` denying ``socket.*``, ``ctypes`` and process spawning. A speed bump, not a boundary.
 
-The kernel layers are set up in ``preexec_fn``, between fork and exec, as root when we are root; any
-failure there is fatal for the run (``killed_reason="sandbox_setup_failed"``): a requested layer is never
-silently skipped after :func:`available_layers` said it works. :func:`available_layers` probes the
-machine once (in a throwaway child process) and caches the answer.
+Any failure while building a requested layer is fatal for the run (``killed_reason="sandbox_setup_failed"``):
+a layer is never silently skipped after :func:`available_layers` said it works. :func:`available_layers`
+probes the machine once (by running a tiny program through the full stack) and caches the answer.
 
-Known gaps: pathname unix sockets writable by nobody stay reachable (Landlock cannot yet restrict
-connecting to them); without ``pidns`` a program that calls ``setsid()`` and forks can outlive the
-run; worst-case memory is ``max_processes * memory_mb``.
+Known gaps: without ``bwrap`` and ``pidns`` a program that calls ``setsid()`` and forks can outlive the
+run; worst-case memory is ``max_processes * memory_mb``; under ``bwrap`` a signal exit N and
+``sys.exit(128 + N)`` look the same.
 
 >>> r = run_code("print(input()[::-1])", stdin="abc")
 >>> r.ok, r.stdout
 (True, 'cba\\n')
->>> run_code("while True: pass", timeout_s=0.5).killed_reason in {"timeout", "cpu_limit"}
+>>> run_code("while True: pass", timeout_s=0.5).killed_reason in {"timeout", "cpu_limit", "killed_by_signal_9"}
 True
 """
 
@@ -52,9 +60,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 import math
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -66,6 +76,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from leantune.rl import _sandbox_launcher as launcher
 from leantune.tasks import completion_text
 
 try:  # POSIX only; run_code refuses to run without it
@@ -73,15 +84,17 @@ try:  # POSIX only; run_code refuses to run without it
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-SANDBOX_UID = 65534
+SANDBOX_UID = launcher.SANDBOX_UID
 """uid and gid (nobody) the program runs as when we are root."""
 
 OPTIONAL_LAYERS = (
     "rlimits",
     "setuid",
+    "bwrap",
     "pidns",
     "netns",
     "mountns",
+    "seccomp",
     "landlock_fs",
     "landlock_net",
     "landlock_scope",
@@ -89,44 +102,10 @@ OPTIONAL_LAYERS = (
 )
 
 _SAFE_ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
-_NOFILE = 256
-
-# Linux constants (include/uapi/linux/{sched,mount,prctl,capability,landlock}.h).
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-_MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV = 0x4000, 1 << 18, 0x2, 0x4
-_PR_SET_PDEATHSIG, _PR_SET_KEEPCAPS, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT = 1, 8, 38, 47
-_PR_CAP_AMBIENT_RAISE = 2
-_CAP_DAC_READ_SEARCH = 2
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LANDLOCK_CREATE_RULESET_VERSION = 1
-_LANDLOCK_RULE_PATH_BENEATH = 1
-_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
-_LL_TRUNCATE = 1 << 14
-_LL_FILE_ONLY = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | (1 << 15)  # + IOCTL_DEV
-
-
-def _landlock_fs_rights(abi: int) -> int:
-    """Every filesystem right Landlock ABI ``abi`` knows: 13 in v1, +REFER v2, +TRUNCATE v3, +IOCTL_DEV v5."""
-    bits = 13 + (abi >= 2) + (abi >= 3) + (abi >= 5)
-    return (1 << bits) - 1
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+_BWRAP_WORKDIR = "/sandbox"
+_SETUP_TIMEOUT_S = 20.0  # launcher + bwrap + interpreter start, before the program's own wall clock
+_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = launcher.CLONE_NEWNS, launcher.CLONE_NEWPID, launcher.CLONE_NEWNET
+_NAMESPACE_LAYERS = frozenset({"pidns", "netns", "mountns"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,11 +117,10 @@ def _libc():
     return libc
 
 
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
+@functools.lru_cache(maxsize=1)
+def _launcher_source() -> str:
+    with open(launcher.__file__, encoding="utf-8") as f:
+        return f.read()
 
 
 # The audit hook bootstrap (fallback network layer). Runs the program as __main__ after installing the hook.
@@ -170,6 +148,7 @@ class SandboxResult:
     ``"memory_limit"`` (the program died of ``MemoryError``), ``"killed_by_signal_N"`` (``_9`` is how the
     CPU-time limit ends a process; ``cpu_limit`` is SIGXCPU) or ``"sandbox_setup_failed"``. ``stdout``/``stderr`` are decoded as UTF-8 (invalid bytes replaced) and
     hold at most ``max_output_bytes`` bytes between them. ``layers``: the isolation layers that were active.
+    ``uid``: the uid (outside any user namespace) the program ran as.
     """
 
     ok: bool
@@ -180,15 +159,22 @@ class SandboxResult:
     killed_reason: str | None
     layers: tuple[str, ...] = field(default=())
     wall_s: float = 0.0
+    uid: int | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # What this machine supports
 
 
+def _interpreter() -> str:
+    """The real interpreter binary (not a venv link): runs the launcher and, under ``-I -S``, the program."""
+    return os.path.realpath(sys.executable)
+
+
 def _interpreter_paths() -> list[str]:
-    paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    return sorted(os.path.realpath(p) for p in paths if p)
+    """What the interpreter needs to start under ``-I -S``: its binary and its installation prefix."""
+    paths = {_interpreter(), sys.base_prefix, sys.base_exec_prefix}
+    return sorted({os.path.realpath(p) for p in paths if p})
 
 
 def _others_can_read(path: str) -> bool:
@@ -206,7 +192,7 @@ def _landlock_abi() -> int:
     libc = _libc()
     if libc is None:
         return 0
-    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    abi = libc.syscall(launcher.SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     return max(int(abi), 0)
 
 
@@ -231,7 +217,7 @@ if tmpfs:
 def _probe_unshare(flags: int, tmpfs: bool = False) -> bool:
     try:
         done = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", _NAMESPACE_PROBE, str(flags), "1" if tmpfs else "0"],
+            [_interpreter(), "-I", "-S", "-c", _NAMESPACE_PROBE, str(flags), "1" if tmpfs else "0"],
             capture_output=True,
             check=False,
             timeout=30,
@@ -242,207 +228,97 @@ def _probe_unshare(flags: int, tmpfs: bool = False) -> bool:
     return done.returncode == 0
 
 
-@functools.lru_cache(maxsize=1)
-def available_layers() -> tuple[str, ...]:
-    """The isolation layers :func:`run_code` uses by default on this machine (probed once, cached).
+def _probe(layers: Collection[str]) -> bool:
+    """Whether a tiny program runs through the full stack of ``layers``."""
+    r = _execute("print(6 * 7)", frozenset(layers), timeout_s=15.0)
+    return r["ok"] and r["stdout"] == "42\n"
 
-    ``audit_hook`` appears only when there is no kernel network isolation.
-    """
+
+def _ordered(layers: Collection[str]) -> tuple[str, ...]:
+    return tuple(name for name in OPTIONAL_LAYERS if name in layers)
+
+
+@functools.lru_cache(maxsize=1)
+def _direct_layers() -> tuple[str, ...]:
+    """The layers the launcher can build by itself (no bwrap), probed once."""
     if resource is None:
         return ()
     layers = ["rlimits"]
     linux = _libc() is not None
     abi = _landlock_abi() if linux else 0
-    if abi >= 1:
-        layers.append("landlock_fs")
-    if abi >= 4:
-        layers.append("landlock_net")
-    if abi >= 6:
-        layers.append("landlock_scope")
-    if linux and os.geteuid() == 0:
-        interpreter_readable = all(_others_can_read(p) for p in _interpreter_paths())
-        if interpreter_readable or "landlock_fs" in layers:
+    layers += ["landlock_fs"] * (abi >= 1) + ["landlock_net"] * (abi >= 4) + ["landlock_scope"] * (abi >= 6)
+    if linux and os.geteuid() == 0:  # namespaces and the uid change need root
+        if all(_others_can_read(p) for p in _interpreter_paths()) or "landlock_fs" in layers:
             layers.append("setuid")
-    if linux and os.geteuid() == 0:  # namespaces need CAP_SYS_ADMIN
         if _probe_unshare(_CLONE_NEWPID):
             layers.append("pidns")
         if _probe_unshare(_CLONE_NEWNET):
             layers.append("netns")
         if _probe_unshare(_CLONE_NEWNS, tmpfs=True):
             layers.append("mountns")
-    if "netns" not in layers and "landlock_net" not in layers:
+    if linux and launcher.seccomp_filter() is not None and _probe([*layers, "seccomp"]):
+        layers.append("seccomp")
+    if not {"netns", "landlock_net", "seccomp"} & set(layers):
         layers.append("audit_hook")
-    return tuple(name for name in OPTIONAL_LAYERS if name in layers)
+    return _ordered(layers)
 
 
-# --------------------------------------------------------------------------------------------
-# The child side: runs in preexec_fn, between fork and exec
+@functools.lru_cache(maxsize=1)
+def _bwrap_layers() -> tuple[str, ...]:
+    """The layers with bubblewrap, or ``()`` when ``bwrap`` is missing or cannot start here."""
+    if resource is None or _libc() is None or shutil.which("bwrap") is None:
+        return ()
+    abi = _landlock_abi()
+    layers = ["rlimits", "bwrap", *_NAMESPACE_LAYERS]
+    layers += ["landlock_fs"] * (abi >= 1) + ["landlock_net"] * (abi >= 4) + ["landlock_scope"] * (abi >= 6)
+    if os.geteuid() == 0:
+        layers.append("setuid")
+    with_seccomp = [*layers, "seccomp"] if launcher.seccomp_filter() is not None else None
+    for candidate in (with_seccomp, layers):
+        if candidate and _probe(candidate):
+            return _ordered(candidate)
+    return ()
 
 
-@dataclass(frozen=True)
-class _Plan:
-    layers: frozenset[str]
-    workdir: str
-    program: bytes
-    memory_bytes: int
-    cpu_s: int
-    max_file_bytes: int
-    max_processes: int
-    max_disk_mb: int
-    keep_read_cap: bool
-    read_paths: tuple[str, ...]
+def available_layers() -> tuple[str, ...]:
+    """The isolation layers :func:`run_code` uses by default on this machine (probed once, cached).
 
-
-def _report_setup_error(fd: int, exc: BaseException) -> None:
-    try:
-        os.write(fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
-    except OSError:
-        pass
-
-
-def _mirror_exit(status: int) -> None:
-    """End this process the way the child with wait status ``status`` ended (same code or signal)."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            os.kill(os.getpid(), sig)
-        finally:
-            os._exit(128 + sig)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 125)
-
-
-def _wait_and_mirror(child: int) -> None:
-    """Body of the waiter process outside the PID namespace; never returns."""
-    try:
-        # Drop every inherited fd above stderr, among them subprocess's exec-status pipe, so that
-        # Popen() returns when the program execs instead of when the waiter exits.
-        os.closerange(3, _max_fd())
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        _mirror_exit(status)
-    finally:
-        os._exit(125)
-
-
-def _max_fd() -> int:
-    try:
-        return int(os.sysconf("SC_OPEN_MAX"))
-    except (ValueError, OSError):
-        return 65536
-
-
-def _landlock_ruleset(plan: _Plan, abi: int) -> int:
-    libc = _libc()
-    attr = _RulesetAttr()
-    fs_rights = _landlock_fs_rights(abi) if "landlock_fs" in plan.layers else 0
-    attr.handled_access_fs = fs_rights
-    attr.handled_access_net = 3 if "landlock_net" in plan.layers else 0  # BIND_TCP | CONNECT_TCP: no rule allows them
-    attr.scoped = 3 if "landlock_scope" in plan.layers else 0  # ABSTRACT_UNIX_SOCKET | SIGNAL
-    fd = _check(
-        libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0)),
-        "landlock_create_ruleset",
-    )
-    if fs_rights:
-        read = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
-        rules = [(p, read) for p in plan.read_paths] + [(plan.workdir, fs_rights)]
-        rules += [("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | _LL_TRUNCATE)]
-        for path, rights in rules:
-            try:
-                pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                if not stat.S_ISDIR(os.fstat(pfd).st_mode):
-                    rights &= _LL_FILE_ONLY
-                rule = _PathBeneathAttr(allowed_access=rights & fs_rights, parent_fd=pfd)
-                _check(
-                    libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(fd), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)),
-                    f"landlock_add_rule({path})",
-                )
-            finally:
-                os.close(pfd)
-    return fd
-
-
-def _drop_to_nobody(keep_read_cap: bool) -> None:
-    libc = _libc()
-    if keep_read_cap:
-        _check(libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
-    os.setgroups([])
-    os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-    os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-    if keep_read_cap:
-        # Only CAP_DAC_READ_SEARCH, made ambient so it survives exec (Landlock then decides what is readable).
-        header = _CapHeader(version=_LINUX_CAPABILITY_VERSION_3, pid=0)
-        data = (_CapData * 2)()
-        bit = 1 << _CAP_DAC_READ_SEARCH
-        data[0].effective = data[0].permitted = data[0].inheritable = bit
-        _check(libc.capset(ctypes.byref(header), data), "capset")
-        _check(libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, _CAP_DAC_READ_SEARCH, 0, 0), "prctl(PR_CAP_AMBIENT)")
-
-
-def _setup_child(plan: _Plan, landlock_abi: int, error_fd: int) -> None:
-    """preexec_fn: build the sandbox around the process that is about to exec the program.
-
-    A failure is written to ``error_fd`` and re-raised, which makes Popen raise in the parent.
+    With a working ``bwrap`` its stack; otherwise what the launcher builds by itself (namespaces only as
+    root). ``audit_hook`` appears only when there is no kernel network isolation at all.
     """
-    try:
-        libc = _libc()
-        layers = plan.layers
-        flags = (_CLONE_NEWPID if "pidns" in layers else 0) | (_CLONE_NEWNET if "netns" in layers else 0)
-        flags |= _CLONE_NEWNS if "mountns" in layers else 0
-        if flags:
-            _check(libc.unshare(flags), "unshare")
-        if "pidns" in layers:
-            # unshare(CLONE_NEWPID) moves only our future children into the namespace: fork once, the child
-            # becomes the namespace's init and runs the program; we stay behind as a waiter that mirrors
-            # its exit status, so Popen sees the program's own return code.
-            child = os.fork()
-            if child:
-                _wait_and_mirror(child)
-        if "mountns" in layers:
-            _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount(/, private)")
-            uid = SANDBOX_UID if "setuid" in layers else os.getuid()
-            opts = f"size={plan.max_disk_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}".encode()
-            _check(libc.mount(b"tmpfs", plan.workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "mount(tmpfs)")
-            os.chdir(plan.workdir)  # the old cwd is the directory underneath the new mount
-            with open("main.py", "wb") as f:
-                f.write(plan.program)
-            os.chown("main.py", uid, uid)
-        ruleset = _landlock_ruleset(plan, landlock_abi) if layers & {"landlock_fs", "landlock_net", "landlock_scope"} else -1
-        if "setuid" in layers:
-            _drop_to_nobody(plan.keep_read_cap)
-        if "rlimits" in layers:
-            rl = resource
-            rl.setrlimit(rl.RLIMIT_CORE, (0, 0))
-            rl.setrlimit(rl.RLIMIT_CPU, (plan.cpu_s, plan.cpu_s))  # soft == hard: SIGKILL at the limit
-            rl.setrlimit(rl.RLIMIT_FSIZE, (plan.max_file_bytes, plan.max_file_bytes))
-            rl.setrlimit(rl.RLIMIT_NOFILE, (_NOFILE, _NOFILE))
-            rl.setrlimit(rl.RLIMIT_NPROC, (plan.max_processes, plan.max_processes))
-        if libc is not None:
-            _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if ruleset >= 0:
-            _check(libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self")
-            os.close(ruleset)
-        if libc is not None and "pidns" in layers:
-            # Set after the uid change (which clears it): if the waiter dies, so does the namespace.
-            _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
-        if "rlimits" in layers:
-            # Last: until exec this is still a copy of the (possibly large) parent's address space.
-            resource.setrlimit(resource.RLIMIT_DATA, (plan.memory_bytes, plan.memory_bytes))
-            resource.setrlimit(resource.RLIMIT_AS, (plan.memory_bytes, plan.memory_bytes))
-        os.close(error_fd)
-    except BaseException as exc:
-        _report_setup_error(error_fd, exc)
-        raise
+    return _bwrap_layers() or _direct_layers()
+
+
+def isolation_report() -> dict:
+    """Which isolation :func:`run_code` runs by default here, for the run ledger and logs.
+
+    >>> rep = isolation_report()
+    >>> rep["rlimits"], rep["layers"] == list(available_layers())
+    (True, True)
+    """
+    layers = available_layers()
+    bwrap = shutil.which("bwrap")
+    return {
+        "bwrap": "bwrap" in layers,
+        "bwrap_path": bwrap,
+        "seccomp": "seccomp" in layers,
+        "netns": "netns" in layers,
+        "pidns": "pidns" in layers,
+        "mountns": "mountns" in layers,
+        "landlock": [name for name in layers if name.startswith("landlock")],
+        "landlock_abi": _landlock_abi(),
+        "rlimits": "rlimits" in layers,
+        "setuid": "setuid" in layers,
+        "audit_hook": "audit_hook" in layers,
+        "uid": _program_uid(frozenset(layers)),
+        "euid": os.geteuid(),
+        "launcher": "fresh interpreter (python -I -S), no preexec_fn",
+        "layers": list(layers),
+    }
+
+
+def _program_uid(active: frozenset[str]) -> int:
+    return SANDBOX_UID if "setuid" in active else os.getuid()
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,10 +342,10 @@ def _exited_unreaped(pid: int) -> bool:
 
 
 def _kill_tree(proc: subprocess.Popen, pidns: bool) -> None:
-    """Kill the program and everything it started; return once the waiter (if any) has exited."""
+    """Kill the program and everything it started; return once the launcher's process has exited."""
     if pidns:
-        # Kill the namespace's init; the kernel then kills the rest and the waiter exits after the
-        # teardown, so its exit means no sandboxed process is left.
+        # Kill the namespace's init (the launcher's or bwrap's child); the kernel then kills the rest, and
+        # the launcher (waiter or bwrap) exits after the teardown: its exit means nothing is left inside.
         for pid in _sandbox_children(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -479,8 +355,8 @@ def _kill_tree(proc: subprocess.Popen, pidns: bool) -> None:
         while time.monotonic() < deadline and not _exited_unreaped(proc.pid):
             time.sleep(0.01)
     try:
-        # The process group still exists (the waiter or program is not yet reaped), so its id cannot
-        # have been reused: this reaches only processes we started.
+        # The process group still exists (its leader is not yet reaped), so its id cannot have been
+        # reused: this reaches only processes we started.
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
@@ -495,6 +371,22 @@ def _classify(returncode: int | None, stderr: str) -> str | None:
     if sig == signal.SIGXCPU:
         return "cpu_limit"
     return f"killed_by_signal_{sig}"
+
+
+def _check_layers(layers: Collection[str] | None) -> frozenset[str]:
+    if layers is None:
+        return frozenset(available_layers())
+    active = frozenset(layers)
+    have = set(_bwrap_layers() if "bwrap" in active else _direct_layers())
+    unknown = active - set(OPTIONAL_LAYERS)
+    missing = active - have - {"audit_hook"}
+    if unknown or missing:
+        raise ValueError(
+            f"run_code: layers {sorted(unknown | missing)} are unknown or unavailable here; "
+            f"known: {list(OPTIONAL_LAYERS)}, available with bwrap: {list(_bwrap_layers())}, "
+            f"without: {list(_direct_layers())}"
+        )
+    return active
 
 
 def run_code(
@@ -512,14 +404,15 @@ def run_code(
 ) -> SandboxResult:
     """Run the Python program ``code`` in a sandbox (see the module docstring) and collect its output.
 
-    ``timeout_s``: wall-clock limit in seconds. ``memory_mb``: address-space limit per process (MiB).
-    ``max_output_bytes``: limit on stdout + stderr together; the program is killed when it is exceeded.
-    ``cpu_s``: CPU-time limit per process in seconds (default: ``timeout_s`` rounded up); reaching it
-    kills the process with SIGKILL. ``max_processes``: processes plus threads the sandbox uid may have,
-    counted over all of that uid's processes (not enforced for root, hence ``setuid``).
-    ``max_file_bytes``: largest file the program may write. ``max_disk_mb``: size of the tmpfs working
-    directory (``mountns``). ``layers``: optional layers to use (default :func:`available_layers`); a
-    requested layer this machine lacks raises ``ValueError``.
+    ``timeout_s``: wall-clock limit in seconds (from the program's start; setting the sandbox up is not
+    counted). ``memory_mb``: address-space limit per process (MiB). ``max_output_bytes``: limit on stdout
+    + stderr together; the program is killed when it is exceeded. ``cpu_s``: CPU-time limit per process in
+    seconds (default: ``timeout_s`` rounded up); reaching it kills the process with SIGKILL.
+    ``max_processes``: processes plus threads the program may have (under ``bwrap`` counted in its own
+    user namespace; otherwise over the whole sandbox uid). ``max_file_bytes``: largest file the program
+    may write. ``max_disk_mb``: size of the tmpfs working directory (and ``/tmp`` under ``bwrap``).
+    ``layers``: optional layers to use (default :func:`available_layers`); a requested layer this machine
+    lacks raises ``ValueError``.
 
     Never raises for anything the program does; every failure is a ``SandboxResult`` with ``ok=False``.
 
@@ -534,92 +427,141 @@ def run_code(
             f"run_code: timeout_s, memory_mb and max_processes must be positive and max_output_bytes >= 0; "
             f"got timeout_s={timeout_s}, memory_mb={memory_mb}, max_processes={max_processes}, max_output_bytes={max_output_bytes}"
         )
-    have = available_layers()
-    if layers is None:
-        active = frozenset(have)
-    else:
-        active = frozenset(layers)
-        unknown = active - set(OPTIONAL_LAYERS)
-        missing = active - set(have) - {"audit_hook"}
-        if unknown or missing:
-            raise ValueError(
-                f"run_code: layers {sorted(unknown | missing)} are unknown or unavailable here; "
-                f"known: {list(OPTIONAL_LAYERS)}, available: {list(have)}"
-            )
-    keep_read_cap = "setuid" in active and not all(_others_can_read(p) for p in _interpreter_paths())
+    active = _check_layers(layers)
+    start = time.monotonic()
+    result = _execute(
+        code,
+        active,
+        stdin=stdin,
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        max_output_bytes=max_output_bytes,
+        cpu_s=cpu_s,
+        max_processes=max_processes,
+        max_file_bytes=max_file_bytes,
+        max_disk_mb=max_disk_mb,
+    )
+    return SandboxResult(**result, layers=_ordered(active), wall_s=time.monotonic() - start, uid=_program_uid(active))
+
+
+def _execute(
+    code: str,
+    active: frozenset[str],
+    *,
+    stdin: str = "",
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    max_output_bytes: int = 64_000,
+    cpu_s: float | None = None,
+    max_processes: int = 8,
+    max_file_bytes: int = 16 * 2**20,
+    max_disk_mb: int = 64,
+) -> dict:
+    """Start the launcher for ``active`` layers and collect the program's output (the dict behind SandboxResult)."""
+    under_bwrap = "bwrap" in active
+    keep_read_cap = "setuid" in active and not under_bwrap and not all(_others_can_read(p) for p in _interpreter_paths())
     if keep_read_cap and "landlock_fs" not in active:
         active -= {"setuid"}  # nobody cannot reach the interpreter and nothing would limit a read capability
         keep_read_cap = False
-
-    uid = SANDBOX_UID if "setuid" in active else os.getuid()
+    uid = _program_uid(active)
     program = code.encode("utf-8", errors="surrogateescape")
-    workdir = tempfile.mkdtemp(prefix="leantune-sandbox-")
-    start = time.monotonic()
+    workdir = _BWRAP_WORKDIR if under_bwrap else tempfile.mkdtemp(prefix="leantune-sandbox-")
+    env = {"PATH": _SAFE_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+    argv = [_interpreter(), "-I", "-S"]
+    argv += ["-c", _AUDIT_BOOTSTRAP, "main.py"] if "audit_hook" in active else ["main.py"]
     try:
-        with open(os.path.join(workdir, "main.py"), "wb") as f:
-            f.write(program)
-        if uid != os.getuid():
-            os.chown(workdir, uid, uid)
-            os.chown(os.path.join(workdir, "main.py"), uid, uid)
-        plan = _Plan(
-            layers=active,
-            workdir=workdir,
-            program=program,
-            memory_bytes=int(memory_mb) * 2**20,
-            cpu_s=max(1, math.ceil(cpu_s if cpu_s is not None else timeout_s)),
-            max_file_bytes=int(max_file_bytes),
-            max_processes=int(max_processes),
-            max_disk_mb=int(max_disk_mb),
-            keep_read_cap=keep_read_cap,
-            read_paths=tuple(_interpreter_paths())
-            + ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/localtime", "/dev/urandom"),
-        )
-        argv = [sys.executable, "-I", "-S"]
-        argv += ["-c", _AUDIT_BOOTSTRAP, "main.py"] if "audit_hook" in active else ["main.py"]
-        env = {"PATH": _SAFE_ENV_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
-        result = _run(argv, env, plan, stdin, timeout_s, max_output_bytes, _landlock_abi())
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return SandboxResult(**result, layers=tuple(n for n in OPTIONAL_LAYERS if n in active), wall_s=time.monotonic() - start)
-
-
-def _run(argv, env, plan: _Plan, stdin: str, timeout_s: float, max_output_bytes: int, landlock_abi: int) -> dict:
-    deadline = time.monotonic() + timeout_s
-    error_r, error_w = os.pipe()
-    try:
-        with tempfile.TemporaryFile() as stdin_file:
+        if not under_bwrap:
+            with open(os.path.join(workdir, "main.py"), "wb") as f:
+                f.write(program)
+            if uid != os.getuid():
+                os.chown(workdir, uid, uid)
+                os.chown(os.path.join(workdir, "main.py"), uid, uid)
+        with tempfile.TemporaryFile() as stdin_file, tempfile.TemporaryFile() as program_file:
             stdin_file.write(stdin.encode("utf-8", errors="surrogateescape"))
             stdin_file.seek(0)
-            proc = subprocess.Popen(
-                argv,
-                stdin=stdin_file,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=plan.workdir,
-                env=env,
-                start_new_session=True,
-                pass_fds=(error_w,),
-                # preexec_fn despite threads in the parent: the child takes no lock another thread could
-                # hold (no imports, no logging; ctypes and libc are loaded beforehand) and only makes syscalls.
-                preexec_fn=functools.partial(_setup_child, plan, landlock_abi, error_w),  # noqa: PLW1509
-            )
-    except (OSError, subprocess.SubprocessError) as exc:
-        os.close(error_w)
-        error_w = -1
-        with os.fdopen(error_r, "rb") as f:
-            detail = f.read().decode(errors="replace")
-        return {
-            "ok": False,
-            "stdout": "",
-            "stderr": f"leantune sandbox setup failed: {detail or exc}",
-            "returncode": None,
-            "timed_out": False,
-            "killed_reason": "sandbox_setup_failed",
-        }
+            program_file.write(program)
+            program_file.seek(0)
+            status_r, status_w = os.pipe()
+            plan = {
+                "layers": sorted(active),
+                "workdir": workdir,
+                "env": env,
+                "python": _interpreter(),
+                "argv": argv,
+                "bwrap": shutil.which("bwrap") if under_bwrap else None,
+                "source": _launcher_source() if under_bwrap else "",
+                "read_paths": _interpreter_paths(),
+                "memory_bytes": int(memory_mb) * 2**20,
+                "cpu_s": max(1, math.ceil(cpu_s if cpu_s is not None else timeout_s)),
+                "max_file_bytes": int(max_file_bytes),
+                "max_processes": int(max_processes),
+                "max_disk_mb": int(max_disk_mb),
+                "keep_read_cap": keep_read_cap,
+                "landlock_abi": _landlock_abi(),
+                "status_fd": status_w,
+                "program_fd": program_file.fileno(),
+                "parent_pid": os.getpid(),
+            }
+            try:
+                proc = subprocess.Popen(
+                    [_interpreter(), "-I", "-S", "-c", _launcher_source(), "outer", json.dumps(plan)],
+                    stdin=stdin_file,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=workdir if not under_bwrap else "/",
+                    env=env,
+                    close_fds=True,
+                    pass_fds=(status_w, program_file.fileno()),
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                os.close(status_r)
+                return _setup_failed(str(exc))
+            finally:
+                os.close(status_w)
+        return _collect(proc, status_r, active, timeout_s, max_output_bytes)
     finally:
-        if error_w >= 0:
-            os.close(error_w)
-    os.close(error_r)
+        if not under_bwrap:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _setup_failed(detail: str) -> dict:
+    return {
+        "ok": False,
+        "stdout": "",
+        "stderr": f"leantune sandbox setup failed: {detail}",
+        "returncode": None,
+        "timed_out": False,
+        "killed_reason": "sandbox_setup_failed",
+    }
+
+
+def _read_status(status_r: int, deadline: float) -> str:
+    """The launcher's last word before exec: ``ready``, ``error: ...``, or ``""`` (it died or timed out)."""
+    data = b""
+    with os.fdopen(status_r, "rb", buffering=0) as f:
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([f], [], [], remaining)[0]:
+                break
+            chunk = f.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _collect(proc: subprocess.Popen, status_r: int, active: frozenset[str], timeout_s: float, max_output_bytes: int) -> dict:
+    pidns = "pidns" in active
+    status = _read_status(status_r, time.monotonic() + max(_SETUP_TIMEOUT_S, timeout_s))
+    if status != "ready":
+        _kill_tree(proc, pidns)
+        proc.wait()
+        err = proc.stderr.read(4000).decode(errors="replace")
+        proc.stdout.close()
+        proc.stderr.close()
+        return _setup_failed((status or f"the launcher exited with {proc.returncode} before the program started") + (f"; {err}" if err else ""))
+    deadline = time.monotonic() + timeout_s
     out, err = bytearray(), bytearray()
     reason = None
     with selectors.DefaultSelector() as sel:
@@ -648,12 +590,14 @@ def _run(argv, env, plan: _Plan, stdin: str, timeout_s: float, max_output_bytes:
         if time.monotonic() >= deadline:
             reason = "timeout"
         time.sleep(0.005)
-    _kill_tree(proc, "pidns" in plan.layers)  # also sweeps processes the program left behind
+    _kill_tree(proc, pidns)  # also sweeps processes the program left behind
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
     stderr = err.decode("utf-8", errors="replace")
     returncode = proc.returncode
+    if "bwrap" in active and returncode is not None and returncode > 128:
+        returncode = -(returncode - 128)  # bwrap reports a signal death N as exit status 128 + N
     if reason is None:
         reason = _classify(returncode, stderr)
     return {
