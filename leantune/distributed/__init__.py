@@ -104,3 +104,16 @@ def sync_gradients(wrapped: torch.nn.Module, enabled: bool):
     if enabled or not hasattr(wrapped, "no_sync"):
         return contextlib.nullcontext()
     return wrapped.no_sync()
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``leantune <argv>`` on ``nproc`` processes of this machine with torchrun (``--standalone``); returns
+    its exit code. A process that dies takes the job down (torchrun's elastic agent stops the others)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "leantune", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)

@@ -132,6 +132,7 @@ class RunSession:
         self.quant = None
         self.checkpointed_layers = 0
         self.metrics: ledger_mod.MetricsLog | None = None
+        self.sinks: list = []
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -150,6 +151,7 @@ class RunSession:
         self.dist = init_distributed(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.device = self.dist.device
         self._prepare_run_dir()
+        self.sinks = self._start_trackers()  # before the model loads: a missing tracker package fails early
         self.memory = ledger_mod.PeakMemory().start()
         self.energy = ledger_mod.EnergyMeter().start()
         torch.manual_seed(cfg.seed)
@@ -181,6 +183,14 @@ class RunSession:
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                                   "another train.output_dir")
 
+    def _start_trackers(self) -> list:
+        if not self.dist.is_main or not self.recipe.train.report_to:
+            return []
+        from leantune.trackers import build_trackers
+
+        return build_trackers(self.recipe.train.report_to, self.run_dir, self.run_dir.name,
+                              self.recipe.model_dump(mode="json"))
+
     def _load_checkpoint(self, path: Path) -> None:
         tensors, payload, state = load_checkpoint(path)
         saved_world = state.get("world_size", 1)
@@ -209,7 +219,7 @@ class RunSession:
             metrics_path.unlink()
         recipe_text = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
         ledger_mod.atomic_write_text(self.run_dir / "recipe.yaml", recipe_text)
-        self.metrics = ledger_mod.MetricsLog(metrics_path)
+        self.metrics = ledger_mod.MetricsLog(metrics_path, sinks=self.sinks)
 
     # ------------------------------------------------------------------------------------------
     # per step
@@ -239,7 +249,9 @@ class RunSession:
     def progress(self, desc: str):
         from tqdm.auto import tqdm
 
-        hide = self.quiet or not self.recipe.train.progress or not self.dist.is_main
+        from leantune.log import progress_enabled
+
+        hide = self.quiet or not self.recipe.train.progress or not self.dist.is_main or not progress_enabled()
         return tqdm(total=self.recipe.train.steps, initial=self.step, desc=desc, disable=hide, dynamic_ncols=True)
 
     def log(self, row: dict, *, force: bool = False) -> None:
@@ -315,13 +327,21 @@ class RunSession:
             energy=energy, extra=extra)
         if self.dist.is_main:
             ledger_mod.write_ledger(self.run_dir, ledger)
+            if self.metrics is not None:
+                self.metrics.log_ledger(ledger)
         return TrainResult(ledger, self.model, self.tokenizer)
 
     def cleanup(self) -> None:
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close()  # closes the trackers too
             self.metrics = None
-        destroy(self.dist)
+        elif self.sinks:
+            from leantune.trackers import close_trackers
+
+            close_trackers(self.sinks)
+        self.sinks = []
+        if hasattr(self, "dist"):
+            destroy(self.dist)
 
     def __enter__(self) -> RunSession:
         return self.setup()
