@@ -385,16 +385,20 @@ def _plot_compare(runs: list[RunData], names: list[str], out: Path) -> Path:
         fig = Figure(figsize=(4.2 * cols, 7.8), layout="constrained")
         axes = fig.subplots(2, cols).flat
         colors = [f"C{i % 10}" for i in range(len(runs))]
+        # a dash pattern per run as well: two runs with the same curve (same seed and math) stay both visible
+        dashes = [("-", 2.2), ("--", 1.8), ("-.", 1.6), (":", 2.2)]
         for ax, (title, xlabel, x, key, ylabel, scale) in zip(axes, panels):
-            for run, color, name in zip(runs, colors, names):
+            for i, (run, color, name) in enumerate(zip(runs, colors, names)):
                 xs, ys = _pairs(run.records, x if x is not None else _running_tokens(run.records).get, key)
-                style = "o-" if key.startswith("eval_") or len(xs) < 3 else "-"
+                marker = "o" if key.startswith("eval_") or len(xs) < 3 else None
+                ls, lw = dashes[i % len(dashes)]
                 if xs:
-                    ax.plot(xs, [y * scale for y in ys], style, color=color, label=name, markersize=4)
+                    ax.plot(xs, [y * scale for y in ys], linestyle=ls, linewidth=lw, marker=marker, color=color,
+                            label=name, markersize=4)
                 if key == "rss_bytes":
                     peak = ((run.ledger or {}).get("totals") or {}).get("peak_rss_bytes")
                     if peak:
-                        ax.axhline(peak * scale, color=color, linestyle=":", linewidth=1.2)
+                        ax.axhline(peak * scale, color=color, linestyle=(0, (1, 3)), linewidth=1.0)
             if key == "rss_bytes" and ax.lines:
                 ax.set_ylim(0, max(max(line.get_ydata()) for line in ax.lines) * 1.15)
                 ax.text(0.02, 0.03, "dotted: peak RSS (ledger, 10 ms sampling)", transform=ax.transAxes, fontsize=9, color="gray")
@@ -406,7 +410,8 @@ def _plot_compare(runs: list[RunData], names: list[str], out: Path) -> Path:
                 ax.text(0.5, 0.5, "not logged by any run", ha="center", va="center", transform=ax.transAxes, color="gray")
                 ax.set_xticks([])
                 ax.set_yticks([])
-        handles = [Line2D([], [], color=c, label=n) for c, n in zip(colors, names)]
+        handles = [Line2D([], [], color=c, linestyle=dashes[i % len(dashes)][0], linewidth=dashes[i % len(dashes)][1], label=n)
+                   for i, (c, n) in enumerate(zip(colors, names))]
         fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 6), frameon=False, fontsize=12)
         fig.savefig(out, dpi=100)
     return out

@@ -174,6 +174,7 @@ p.sub { color: var(--muted); margin: 0 0 20px; overflow-wrap: anywhere; }
 .card { border: 1px solid var(--border); border-radius: 8px; padding: 10px 14px; }
 .card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .05em; }
 .card .v { font-size: 21px; font-weight: 600; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.card .v .u { font-size: 14px; font-weight: 500; color: var(--muted); }
 .card .s { color: var(--muted); font-size: 12px; line-height: 1.35; overflow: hidden; display: -webkit-box;
   -webkit-box-orient: vertical; -webkit-line-clamp: 2; }
 .recipe { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 12px; align-items: start; }
@@ -230,7 +231,11 @@ def table(head: list[str], rows: list[str], cls: str = "") -> str:
 
 def cards(items: list[tuple[str, str, str]]) -> str:
     """Headline numbers: (label, value, small note) boxes."""
-    boxes = "".join(f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div>'
+    def value(v: str) -> str:  # "1.05e+09 FLOPs": the number large, the unit small
+        number, _, unit = v.partition(" ")
+        return esc(number) + (f' <span class="u">{esc(unit)}</span>' if unit else "")
+
+    boxes = "".join(f'<div class="card"><div class="k">{esc(k)}</div><div class="v">{value(v)}</div>'
                     + (f'<div class="s" title="{esc(s)}">{esc(s)}</div>' if s else "") + "</div>" for k, v, s in items)
     return f'<div class="cards">{boxes}</div>'
 
@@ -312,15 +317,24 @@ def _yaml_block(value) -> str:
 def compare_page(*, title: str, subtitle: str, names: list[str], links: list[str | None], image: bytes,
                  summaries: list[list[tuple[str, str, str]]], ledgers: list[dict | None],
                  recipes: list[dict | None]) -> str:
-    """The comparison page: one overlay figure, one table with a column per run (results, then ledger
-    cost, then provenance; rows whose values differ are highlighted), and the recipe keys that differ."""
+    """The comparison page: the recipe keys that differ, one overlay figure, and tables with a column per
+    run (results, ledger cost, provenance with the rows that differ highlighted)."""
     head = ["", *names]
     run_list = "".join(
         f"<li><b>{esc(n)}</b>" + (f' — <a href="{esc(link)}">its report</a>' if link else "") + "</li>"
         for n, link in zip(names, links))
-    parts = [f"<ul>{run_list}</ul>", "<h2>Curves</h2>",
-             png_figure(image, alt="overlaid curves of the compared runs",
-                        caption="Same axes for every run; a run that did not log a metric is absent from that panel.")]
+    parts = [f"<ul>{run_list}</ul>"]
+    parts.append("<h2>Recipe differences</h2>")
+    diff = recipe_diff(recipes)
+    if diff:
+        parts.append(table(["key", *names], [f"<tr><th><code>{esc(k)}</code></th>" + "".join(_cell(v, mono=True) for v in vals)
+                                             + "</tr>" for k, vals in diff], "runs"))
+    else:
+        parts.append('<p class="src">The recipes are identical.</p>')
+    parts.append("<h2>Curves</h2>")
+    parts.append(png_figure(image, alt="overlaid curves of the compared runs",
+                            caption="Same axes for every run, each with its own colour and dash pattern (identical "
+                                    "curves overlap); a run that did not log a metric is absent from that panel."))
 
     def side_by_side(per_run: list[dict[str, tuple[str, str, bool]]], mark: bool) -> str:
         labels = list(dict.fromkeys(k for d in per_run for k in d))
@@ -347,11 +361,4 @@ def compare_page(*, title: str, subtitle: str, names: list[str], links: list[str
             parts.append(side_by_side(per_run, mark=section == "provenance"))
             if section == "provenance":
                 parts.append('<p class="src">Highlighted: differs between the runs.</p>')
-    parts.append("<h2>Recipe differences</h2>")
-    diff = recipe_diff(recipes)
-    if diff:
-        parts.append(table(["key", *names], [f"<tr><th><code>{esc(k)}</code></th>" + "".join(_cell(v, mono=True) for v in vals)
-                                             + "</tr>" for k, vals in diff], "runs"))
-    else:
-        parts.append('<p class="src">The recipes are identical.</p>')
     return page(title, subtitle, "".join(parts))
