@@ -332,7 +332,7 @@ def _run_names(paths: list[Path]) -> list[str]:
         names = ["/".join(x[-depth:]) for x in parts]
         if len(set(names)) == len(names):
             return names
-    return [f"{n} ({i + 1})" for i, n in enumerate(names)]  # the same directory given twice
+    return [f"{p.resolve().name} ({i + 1})" for i, p in enumerate(paths)]  # the same directory given twice
 
 
 def _running_tokens(records: list[dict]) -> dict[float, float]:

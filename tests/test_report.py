@@ -244,7 +244,8 @@ def test_compare_two_tiny_runs(two_tiny_runs, tmp_path, capsys):
     # the same run twice, with the default output directory (the first run's)
     paths = compare_runs([a, a])
     assert paths == [a / "compare.png", a / "compare.html"]
-    assert "The recipes are identical." in (a / "compare.html").read_text()
+    twice = (a / "compare.html").read_text()
+    assert "The recipes are identical." in twice and "<th>run_a (1)</th><th>run_a (2)</th>" in twice
 
 
 def test_compare_adds_rl_panels_and_disambiguates_names(tmp_path):
