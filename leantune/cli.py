@@ -196,12 +196,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from leantune.report import make_report
+    from leantune.report import compare_runs, make_report
 
-    for path in make_report(args.run_dir):
+    try:
+        if len(args.run_dirs) == 1:
+            paths = make_report(args.run_dirs[0], args.out)
+        else:
+            paths = compare_runs(args.run_dirs, args.out)
+    except ValueError as e:  # an empty metrics file, a broken ledger.json: the message says which file
+        raise UserError(str(e)) from None
+    for path in paths:
         print(f"[leantune] wrote {path}")
         if path.suffix == ".md":
             print(path.read_text())
+    page = next(p for p in paths if p.suffix == ".html")
+    print(f"[leantune] open {page.resolve().as_uri()}")
     return 0
 
 
@@ -291,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", help="output directory for a copy of the PEFT adapter")
     x.set_defaults(func=cmd_export)
 
-    r = sub.add_parser("report", help="plot a run's curves to PNG and print a summary table")
-    r.add_argument("run_dir")
+    r = sub.add_parser("report", help="one run: plots, summary.md and report.html; several runs: compare.html")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directory (train.output_dir); give two or more to compare them on the same axes")
+    r.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write the files (default: the run directory; for a comparison, the first run's "
+                        "directory: compare.html + compare.png)")
     r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("make-data", help="write a verifiable task's train/valid JSONL (messages shape)")
