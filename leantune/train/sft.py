@@ -169,8 +169,11 @@ def _train(session: RunSession) -> TrainResult:
     eval_examples = load_sft_examples(recipe.data.eval, tokenizer, recipe.data)[0] if recipe.data.eval else []
     session.info(f"data: {stats.as_dict()}")
     pad_id = tokenizer.pad_token_id
-    candidates = sft_candidates(recipe, model, train_examples, pad_id)
+    saved = session.trainer_state.get("candidates")  # resume: the subset the run started with, not a re-calibration
+    candidates = torch.tensor(saved, dtype=torch.long) if saved is not None else sft_candidates(
+        recipe, model, train_examples, pad_id)
     if candidates is not None:
+        candidates = candidates.to(session.device)
         session.info(f"loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
                      f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
     loss_module, sync = session.wrap_for_training(SFTLoss(model))
@@ -231,7 +234,8 @@ def _train(session: RunSession) -> TrainResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", rss=f"{rss / 2**30:.2f}G")
         bar.update(1)
         if session.should_save():
-            session.save_checkpoint({"totals": totals})
+            session.save_checkpoint({"totals": totals,
+                                     "candidates": None if candidates is None else candidates.tolist()})
     bar.close()
     offloaded = None
     if spill is not None:
