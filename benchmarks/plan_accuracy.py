@@ -228,7 +228,9 @@ def measure(spec: dict) -> dict:
             return out
         return wrapper
 
-    setup = sft.setup_model
+    from leantune.train import session as session_mod
+
+    setup = session_mod.setup_model
 
     def setup_model(recipe, *a, **kw):
         marks["ru_maxrss_before_load"] = maxrss()
@@ -238,7 +240,7 @@ def measure(spec: dict) -> dict:
 
     sft.accumulate_gradients = timed(sft.accumulate_gradients)
     sft.zeroth_order_step = timed(sft.zeroth_order_step)
-    sft.setup_model = setup_model
+    session_mod.setup_model = setup_model
     t0 = time.perf_counter()
     rc = cli_main(["train", spec["recipe_path"]])
     if rc != 0:

@@ -297,7 +297,7 @@ def run_trl(spec: dict, meter: Meter) -> dict:
 
     from leantune.adapters.lora import causal_lm
     from leantune.tasks import get_task
-    from leantune.train.sft import setup_model
+    from leantune.train.session import setup_model
 
     # The very same model construction as leantune's: base in spec dtype + the SFT adapter, trainable.
     recipe = _rl_recipe(spec, False, False, str(Path(spec["work_dir"]) / "run-trl"))

@@ -348,6 +348,7 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
     import torch
 
     import leantune.train.sft as sft
+    from leantune.adapters.lora import causal_lm
     from leantune.config import Recipe
 
     policy = spec["runner_arg"]
@@ -372,16 +373,17 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
 
     step_cpu = []
 
-    def observed(model, batches, chunk_size, *rest):
+    def observed(loss_module, batches, chunk_size, *rest, **kw):
+        model = getattr(loss_module, "model", loss_module)  # the SFTLoss wraps the trained model
         if not lora_init:
             lora_init["digest"] = _lora_digest(model)
             lora_init["trainable"] = _n_trainable(model)
-            lora_init["attn"] = getattr(sft.causal_lm(model).config, "_attn_implementation", None)
+            lora_init["attn"] = getattr(causal_lm(model).config, "_attn_implementation", None)
             mon.set_phase("train")
         for b in batches:
             digests.append(_digest_batch(b["input_ids"], b["labels"]))
         c0 = mon.cpu_seconds()
-        out = original(model, batches, chunk_size, *rest)
+        out = original(loss_module, batches, chunk_size, *rest, **kw)
         step_cpu.append(mon.cpu_seconds() - c0)
         return out
 

@@ -18,7 +18,7 @@ kernel. Runners (``--only NAME[,NAME...]``):
 - ``adamw_ckpt``: the same with every layer checkpointed (``train.activation_checkpointing: all``).
 
 Models and optimizers are built by leantune's own set-up functions (``setup_model``,
-``setup_optimizer``) from a recipe made in code, so the rows measure the code users run.
+``build_optimizer``) from a recipe made in code, so the rows measure the code users run.
 
 Memory. In every child the first thing done is ``leantune.allocator.set_malloc_mmap_threshold``
 (``--malloc-mmap-threshold``, default 131072 bytes, the trainer's ``train.malloc_mmap_threshold``
@@ -145,11 +145,14 @@ def _step_fn(spec: dict, runner: str):
     """(model, one-step callable returning the step's loss, extra info dict), built with leantune's set-up."""
     import torch
 
+    from leantune.adapters.lora import causal_lm
+    from leantune.optim import build_optimizer
     from leantune.train import sft
+    from leantune.train.session import setup_model
 
     recipe = _recipe(spec, runner)
     torch.manual_seed(0)
-    model, _tok, _src, n_ckpt, _ = sft.setup_model(recipe)
+    model, _tok, _src, n_ckpt, _ = setup_model(recipe)
     batch = _batch(spec)
     chunk = spec["chunk_size"]
     info: dict = {"checkpointed_layers": n_ckpt,
@@ -168,7 +171,7 @@ def _step_fn(spec: dict, runner: str):
             def step():
                 return float(sft.lm_loss_sum(model, batch, chunk)) / norm
         else:
-            lm = sft.causal_lm(model)
+            lm = causal_lm(model)
 
             @torch.no_grad()
             def step():
@@ -177,7 +180,7 @@ def _step_fn(spec: dict, runner: str):
                 info["logits_bytes"] = logits.numel() * logits.element_size()
         return model, step, info
 
-    optimizer, scheduler = sft.setup_optimizer(recipe, model)
+    optimizer, scheduler = build_optimizer(recipe.optim, model, seed=recipe.train.seed, total_steps=recipe.train.steps)
     info["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if runner == "mezo":
         restore = []
@@ -193,7 +196,7 @@ def _step_fn(spec: dict, runner: str):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        loss, _norm = sft.accumulate_gradients(model, [batch], chunk)
+        loss, _norm = sft.accumulate_gradients(sft.SFTLoss(model), [batch], chunk)
         torch.nn.utils.clip_grad_norm_(params, recipe.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
