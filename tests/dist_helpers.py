@@ -51,9 +51,10 @@ def examples(tok) -> list[Example]:
     return out
 
 
-def build(ctx, parallel: str, method: str):
-    """Model (LoRA or full), LossModule, wrapper and AdamW, identical on every rank."""
-    model = tiny_model(vocab_size=len(tiny_tokenizer()), seed=0)
+def build(ctx, parallel: str, method: str, tie: bool = False):
+    """Model (LoRA or full; ``tie``: lm_head shares the embedding), LossModule, wrapper and AdamW,
+    identical on every rank."""
+    model = tiny_model(vocab_size=len(tiny_tokenizer()), seed=0, tie=tie)
     model = apply_adapter(model, AdapterConfig(method=method, r=4, alpha=8.0), seed=0)
     model.train()
     wrapped = wrap_for_training(LossModule(model, functools.partial(lm_loss_sum, chunk_size=CHUNK)), ctx, parallel)
@@ -81,14 +82,14 @@ def train_step(ctx, wrapped, optimizer, data, pad_id: int, step: int) -> tuple[f
     return step_loss, grad_norm
 
 
-def run(parallel: str, method: str, kill_step: int | None = None, ctx=None) -> dict | None:
+def run(parallel: str, method: str, kill_step: int | None = None, ctx=None, tie: bool = False) -> dict | None:
     """Steps 0..STEPS_BEFORE_RESUME-1, checkpoint, then the last step continued and, from the
     checkpoint, resumed in a fresh model. Rank 0 returns losses, grad norms and both final weights.
     ``ctx``: the job's context; None runs in one process."""
     ctx = init_distributed("cpu") if ctx is None else ctx
     tok = tiny_tokenizer()
     data = examples(tok)
-    wrapped, optimizer = build(ctx, parallel, method)
+    wrapped, optimizer = build(ctx, parallel, method, tie)
     losses, norms = [], []
     for step in range(STEPS_BEFORE_RESUME):
         if kill_step is not None and step == kill_step and ctx.rank == 1:
@@ -101,7 +102,7 @@ def run(parallel: str, method: str, kill_step: int | None = None, ctx=None) -> d
     last = train_step(ctx, wrapped, optimizer, data, tok.pad_token_id, STEPS_BEFORE_RESUME)
     continued = full_state_dict(wrapped, ctx, trainable_only=True)
 
-    fresh, fresh_opt = build(ctx, parallel, method)
+    fresh, fresh_opt = build(ctx, parallel, method, tie)
     load_full_state_dict(fresh, model_ckpt, ctx, trainable_only=True)
     load_optimizer_state_dict(fresh, fresh_opt, optim_ckpt, ctx)
     resumed_last = train_step(ctx, fresh, fresh_opt, data, tok.pad_token_id, STEPS_BEFORE_RESUME)
@@ -113,12 +114,15 @@ def run(parallel: str, method: str, kill_step: int | None = None, ctx=None) -> d
 
 
 def main(argv: list[str]) -> None:
-    """argv: OUT.pt SPEC[,SPEC...] [KILL_STEP], SPEC = PARALLEL:METHOD (e.g. ddp:lora,fsdp:full)."""
-    out, specs = argv[0], [s.split(":") for s in argv[1].split(",")]
+    """argv: OUT.pt SPEC[,SPEC...] [KILL_STEP], SPEC = PARALLEL:METHOD[:tied] (e.g. ddp:lora,fsdp:full:tied)."""
+    out, specs = argv[0], argv[1].split(",")
     kill = int(argv[2]) if len(argv) > 2 else None
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=float(os.environ.get("LEANTUNE_TEST_TIMEOUT", "60")))
-    results = {f"{p}:{m}": run(p, m, kill, ctx) for p, m in specs}
+    results = {}
+    for spec in specs:
+        parallel, method, *tied = spec.split(":")
+        results[spec] = run(parallel, method, kill, ctx, tie=tied == ["tied"])
     destroy(ctx)
     if ctx.is_main:
         torch.save(results, out)

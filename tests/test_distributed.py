@@ -155,18 +155,26 @@ def test_torchrun_command_drops_nproc():
 # 2 processes == 1 process
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    """One torchrun job (2 ranks, gloo) running both configurations: DDP + LoRA, FSDP2 + full."""
-    out = tmp_path_factory.mktemp("dist") / "rank0.pt"
-    proc = _torchrun([str(out), "ddp:lora,fsdp:full"])
+DEFAULT_SPECS = ["ddp:lora", "fsdp:full", "fsdp:full:tied"]  # tied: SmolLM2's lm_head is its embedding
+SLOW_SPECS = ["fsdp:lora", "ddp:full:tied"]
+
+
+def _two_process_job(out: Path, specs: list[str]) -> dict:
+    proc = _torchrun([str(out), ",".join(specs)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)
 
 
-def _compare_with_one_process(dist_result: dict, parallel: str, method: str):
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """One torchrun job (2 ranks, gloo) running every default configuration in turn."""
+    return _two_process_job(tmp_path_factory.mktemp("dist") / "rank0.pt", DEFAULT_SPECS)
+
+
+def _compare_with_one_process(dist_result: dict, spec: str):
+    parallel, method, *tied = spec.split(":")
     assert dist_result["world_size"] == 2
-    ref = dist_helpers.run(parallel, method)  # one process, accumulation 4 instead of 2 x 2
+    ref = dist_helpers.run(parallel, method, tie=tied == ["tied"])  # one process, accumulation 4 = 2 x 2
     assert ref["world_size"] == 1
     torch.testing.assert_close(torch.tensor(dist_result["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     # the gradient norm is what tells a sum over ranks from DDP's default mean (AdamW alone would not)
@@ -178,21 +186,27 @@ def _compare_with_one_process(dist_result: dict, parallel: str, method: str):
     # resume from the full state dicts (weights + optimizer) == uninterrupted, in W processes
     assert dist_result["resumed_loss"] == dist_result["losses"][-1]
     assert all(torch.equal(dist_result["resumed"][k], dist_result["final"][k]) for k in ref["final"])
-    return ref
+    if method == "lora":
+        assert all("lora_" in k for k in ref["final"])  # only the adapter trains and is saved
+    else:
+        # the chunked loss reads lm_head.weight directly inside the root's forward (under FSDP2 the
+        # all-gathered root parameter): the head must train and match one process
+        assert "lm_head.weight" in ref["final"]
+        start = dist_helpers.tiny_model(vocab_size=len(dist_helpers.tiny_tokenizer()), seed=0, tie=tied == ["tied"])
+        assert _rel(ref["final"]["lm_head.weight"], start.lm_head.weight.detach()) > 1e-4
+        assert _rel(dist_result["final"]["lm_head.weight"], ref["final"]["lm_head.weight"]) < 1e-5
 
 
-def test_ddp_lora_two_processes_equal_one(two_process_results, single_process):
-    ref = _compare_with_one_process(two_process_results["ddp:lora"], "ddp", "lora")
-    assert all("lora_" in k for k in ref["final"])  # only the adapter trains and is saved
+@pytest.mark.parametrize("spec", DEFAULT_SPECS)
+def test_two_processes_equal_one(two_process_results, single_process, spec):
+    _compare_with_one_process(two_process_results[spec], spec)
 
 
-def test_fsdp2_full_two_processes_equal_one(two_process_results, single_process):
-    dist_result = two_process_results["fsdp:full"]
-    ref = _compare_with_one_process(dist_result, "fsdp", "full")
-    # the chunked loss reads lm_head.weight directly inside the root's forward: its gradient must be
-    # the one-process gradient (the head trains and matches)
-    assert "lm_head.weight" in ref["final"]
-    assert _rel(dist_result["final"]["lm_head.weight"], ref["final"]["lm_head.weight"]) < 1e-5
+@pytest.mark.slow
+def test_two_processes_equal_one_more_configurations(tmp_path, single_process):
+    results = _two_process_job(tmp_path / "rank0.pt", SLOW_SPECS)
+    for spec in SLOW_SPECS:
+        _compare_with_one_process(results[spec], spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,3 +244,16 @@ def test_peer_killed_without_agent(tmp_path):
     assert procs[1].returncode == -9
     assert procs[0].returncode != 0
     assert "rank 0 lost its peers" in outs[0] and "resume with --resume" in outs[0], outs[0][-3000:]
+
+
+@pytest.mark.slow
+def test_launch_torchrun_runs_the_cli_on_every_rank(monkeypatch, capfd):
+    from leantune.distributed import launch_torchrun
+
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO)
+    assert launch_torchrun(2, ["validate", "recipes/mezo_lora.yaml", "--nproc", "2"]) == 0
+    assert capfd.readouterr().out.count("ok  recipes/mezo_lora.yaml") == 2
+    # a failing worker: torchrun reports it with its own exit code 1
+    assert launch_torchrun(2, ["validate", "recipes/does-not-exist.yaml"]) != 0

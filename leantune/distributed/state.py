@@ -67,7 +67,8 @@ def load_full_state_dict(wrapped_or_model: nn.Module, state: dict[str, torch.Ten
     if ctx.is_main:
         if state is None:
             raise ValueError("load_full_state_dict: rank 0 needs the state dict")
-        names = ({n for n, p in model.named_parameters() if p.requires_grad} if trainable_only
+        # remove_duplicate=False: a tied lm_head is in the state dict under both of its names
+        names = ({n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad} if trainable_only
                  else set(model.state_dict()))
         missing, unknown = sorted(names - set(state)), sorted(set(state) - names)
         if missing or unknown:
