@@ -33,7 +33,7 @@ from leantune.distributed import (
     wrap_for_training,
 )
 from leantune.models.tiny import tiny_model, tiny_tokenizer
-from leantune.train.sft import lm_loss_sum, loss_weight_total
+from leantune.train.sft import lm_loss_sum, loss_weight_total, set_activation_checkpointing
 
 GLOBAL_ACCUM = 4  # micro-batches per optimizer step over all ranks
 MICRO_BATCH = 2
@@ -51,11 +51,13 @@ def examples(tok) -> list[Example]:
     return out
 
 
-def build(ctx, parallel: str, method: str, tie: bool = False):
-    """Model (LoRA or full; ``tie``: lm_head shares the embedding), LossModule, wrapper and AdamW,
-    identical on every rank."""
-    model = tiny_model(vocab_size=len(tiny_tokenizer()), seed=0, tie=tie)
+def build(ctx, parallel: str, method: str, flags: frozenset = frozenset()):
+    """Model (LoRA or full), LossModule, wrapper and AdamW, identical on every rank. ``flags``: "tied"
+    (lm_head shares the embedding), "ckpt" (activation checkpointing on every layer)."""
+    model = tiny_model(vocab_size=len(tiny_tokenizer()), seed=0, tie="tied" in flags)
     model = apply_adapter(model, AdapterConfig(method=method, r=4, alpha=8.0), seed=0)
+    if "ckpt" in flags:
+        set_activation_checkpointing(model, "all")
     model.train()
     wrapped = wrap_for_training(LossModule(model, functools.partial(lm_loss_sum, chunk_size=CHUNK)), ctx, parallel)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -82,14 +84,14 @@ def train_step(ctx, wrapped, optimizer, data, pad_id: int, step: int) -> tuple[f
     return step_loss, grad_norm
 
 
-def run(parallel: str, method: str, kill_step: int | None = None, ctx=None, tie: bool = False) -> dict | None:
+def run(parallel: str, method: str, kill_step: int | None = None, ctx=None, flags: frozenset = frozenset()) -> dict | None:
     """Steps 0..STEPS_BEFORE_RESUME-1, checkpoint, then the last step continued and, from the
     checkpoint, resumed in a fresh model. Rank 0 returns losses, grad norms and both final weights.
     ``ctx``: the job's context; None runs in one process."""
     ctx = init_distributed("cpu") if ctx is None else ctx
     tok = tiny_tokenizer()
     data = examples(tok)
-    wrapped, optimizer = build(ctx, parallel, method, tie)
+    wrapped, optimizer = build(ctx, parallel, method, flags)
     losses, norms = [], []
     for step in range(STEPS_BEFORE_RESUME):
         if kill_step is not None and step == kill_step and ctx.rank == 1:
@@ -101,28 +103,30 @@ def run(parallel: str, method: str, kill_step: int | None = None, ctx=None, tie:
     optim_ckpt = optimizer_state_dict(wrapped, optimizer, ctx)
     last = train_step(ctx, wrapped, optimizer, data, tok.pad_token_id, STEPS_BEFORE_RESUME)
     continued = full_state_dict(wrapped, ctx, trainable_only=True)
+    with torch.no_grad():  # evaluation: every rank runs the wrapped module (FSDP2 all-gathers in it)
+        eval_loss = float(wrapped(collate(data[:4], tok.pad_token_id, SpanWeights())))
 
-    fresh, fresh_opt = build(ctx, parallel, method, tie)
+    fresh, fresh_opt = build(ctx, parallel, method, flags)
     load_full_state_dict(fresh, model_ckpt, ctx, trainable_only=True)
     load_optimizer_state_dict(fresh, fresh_opt, optim_ckpt, ctx)
     resumed_last = train_step(ctx, fresh, fresh_opt, data, tok.pad_token_id, STEPS_BEFORE_RESUME)
     resumed = full_state_dict(fresh, ctx, trainable_only=True)
     if not ctx.is_main:
         return None
-    return {"losses": losses + [last[0]], "grad_norms": norms + [last[1]], "resumed_loss": resumed_last[0],
+    return {"losses": losses + [last[0]], "grad_norms": norms + [last[1]], "resumed_loss": resumed_last[0], "eval_loss": eval_loss,
             "final": continued, "resumed": resumed, "world_size": ctx.world_size}
 
 
 def main(argv: list[str]) -> None:
-    """argv: OUT.pt SPEC[,SPEC...] [KILL_STEP], SPEC = PARALLEL:METHOD[:tied] (e.g. ddp:lora,fsdp:full:tied)."""
+    """argv: OUT.pt SPEC[,SPEC...] [KILL_STEP], SPEC = PARALLEL:METHOD[:FLAG...] (e.g. ddp:lora,fsdp:full:tied:ckpt)."""
     out, specs = argv[0], argv[1].split(",")
     kill = int(argv[2]) if len(argv) > 2 else None
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=float(os.environ.get("LEANTUNE_TEST_TIMEOUT", "60")))
     results = {}
     for spec in specs:
-        parallel, method, *tied = spec.split(":")
-        results[spec] = run(parallel, method, kill, ctx, tie=tied == ["tied"])
+        parallel, method, *flags = spec.split(":")
+        results[spec] = run(parallel, method, kill, ctx, frozenset(flags))
     destroy(ctx)
     if ctx.is_main:
         torch.save(results, out)

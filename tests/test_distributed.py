@@ -156,7 +156,7 @@ def test_torchrun_command_drops_nproc():
 
 
 DEFAULT_SPECS = ["ddp:lora", "fsdp:full", "fsdp:full:tied"]  # tied: SmolLM2's lm_head is its embedding
-SLOW_SPECS = ["fsdp:lora", "ddp:full:tied"]
+SLOW_SPECS = ["fsdp:lora", "ddp:full:tied", "ddp:lora:ckpt", "fsdp:full:tied:ckpt"]
 
 
 def _two_process_job(out: Path, specs: list[str]) -> dict:
@@ -172,9 +172,9 @@ def two_process_results(tmp_path_factory):
 
 
 def _compare_with_one_process(dist_result: dict, spec: str):
-    parallel, method, *tied = spec.split(":")
+    parallel, method, *flags = spec.split(":")
     assert dist_result["world_size"] == 2
-    ref = dist_helpers.run(parallel, method, tie=tied == ["tied"])  # one process, accumulation 4 = 2 x 2
+    ref = dist_helpers.run(parallel, method, flags=frozenset(flags))  # one process, accumulation 4 = 2 x 2
     assert ref["world_size"] == 1
     torch.testing.assert_close(torch.tensor(dist_result["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     # the gradient norm is what tells a sum over ranks from DDP's default mean (AdamW alone would not)
@@ -183,6 +183,7 @@ def _compare_with_one_process(dist_result: dict, spec: str):
     assert set(dist_result["final"]) == set(ref["final"])
     worst = max(_rel(dist_result["final"][k], ref["final"][k]) for k in ref["final"])
     assert worst < 1e-5, f"final weights differ by {worst:.2e} (relative)"
+    assert dist_result["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)  # no-grad forward, all ranks
     # resume from the full state dicts (weights + optimizer) == uninterrupted, in W processes
     assert dist_result["resumed_loss"] == dist_result["losses"][-1]
     assert all(torch.equal(dist_result["resumed"][k], dist_result["final"][k]) for k in ref["final"])
@@ -192,7 +193,7 @@ def _compare_with_one_process(dist_result: dict, spec: str):
         # the chunked loss reads lm_head.weight directly inside the root's forward (under FSDP2 the
         # all-gathered root parameter): the head must train and match one process
         assert "lm_head.weight" in ref["final"]
-        start = dist_helpers.tiny_model(vocab_size=len(dist_helpers.tiny_tokenizer()), seed=0, tie=tied == ["tied"])
+        start = dist_helpers.tiny_model(vocab_size=len(dist_helpers.tiny_tokenizer()), seed=0, tie="tied" in flags)
         assert _rel(ref["final"]["lm_head.weight"], start.lm_head.weight.detach()) > 1e-4
         assert _rel(dist_result["final"]["lm_head.weight"], ref["final"]["lm_head.weight"]) < 1e-5
 
