@@ -258,3 +258,31 @@ def test_launch_torchrun_runs_the_cli_on_every_rank(monkeypatch, capfd):
     assert capfd.readouterr().out.count("ok  recipes/mezo_lora.yaml") == 2
     # a failing worker: torchrun reports it with its own exit code 1
     assert launch_torchrun(2, ["validate", "recipes/does-not-exist.yaml"]) != 0
+
+
+HANG_SCRIPT = """
+import time
+from leantune.distributed import all_reduce_sum, init_distributed
+ctx = init_distributed("cpu", timeout_s=2)
+if ctx.rank == 1:
+    time.sleep(60)  # alive, but never joins the collective
+all_reduce_sum(1.0, ctx)
+"""
+
+
+def test_silent_peer_times_out_with_the_clear_message(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        out = procs[0].communicate(timeout=50)[0]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode != 0
+    assert "rank 0 lost its peers" in out and "Timed out" in out and "resume with --resume" in out, out[-2000:]

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from leantune.distributed.context import DistContext, peer_guard
 from leantune.distributed.wrap import unwrap
 
+# torch.distributed.checkpoint is imported where used: it costs ~1 s of start-up that a run which never
+# checkpoints (or a CLI command that only validates) should not pay.
 
-def _gather_options(ctx: DistContext, **kw) -> StateDictOptions:
+
+def _gather_options(ctx: DistContext, **kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, cpu_offload=ctx.is_distributed, **kw)
 
 
-def _load_options(ctx: DistContext, **kw) -> StateDictOptions:
+def _load_options(ctx: DistContext, **kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, broadcast_from_rank0=ctx.is_distributed, **kw)
 
 
@@ -47,9 +47,11 @@ def full_state_dict(wrapped_or_model: nn.Module, ctx: DistContext, trainable_onl
     ``leantune.adapters.lora.trainable_state``); else the whole ``state_dict`` (buffers included).
     Names are the model's own (no ``module.``/``model.`` prefix from DDP or `LossModule`).
     """
+    from torch.distributed.checkpoint import state_dict as dcp
+
     model = unwrap(wrapped_or_model)
     with peer_guard(ctx):
-        sd = get_model_state_dict(model, options=_gather_options(ctx, ignore_frozen_params=trainable_only))
+        sd = dcp.get_model_state_dict(model, options=_gather_options(ctx, ignore_frozen_params=trainable_only))
     if not ctx.is_main:
         return None
     return _to_cpu(sd)
@@ -63,6 +65,8 @@ def load_full_state_dict(wrapped_or_model: nn.Module, state: dict[str, torch.Ten
     ``trainable_only``: ``state`` holds exactly the trainable parameters (missing or unknown names
     raise); else it must match the whole state dict.
     """
+    from torch.distributed.checkpoint import state_dict as dcp
+
     model = unwrap(wrapped_or_model)
     if ctx.is_main:
         if state is None:
@@ -75,16 +79,18 @@ def load_full_state_dict(wrapped_or_model: nn.Module, state: dict[str, torch.Ten
             raise ValueError(f"state dict does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
     with peer_guard(ctx):
         # a shallow copy: set_model_state_dict adds the missing (frozen) names to the dict it is given
-        set_model_state_dict(model, dict(state) if ctx.is_main else {},
+        dcp.set_model_state_dict(model, dict(state) if ctx.is_main else {},
                              options=_load_options(ctx, strict=not trainable_only))
 
 
 def optimizer_state_dict(wrapped_or_model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict | None:
     """The optimizer's full state keyed by parameter name (CPU tensors) on rank 0, None elsewhere.
     A collective. The optimizer must have been built on the wrapped module's parameters."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
     model = unwrap(wrapped_or_model)
     with peer_guard(ctx):
-        osd = get_optimizer_state_dict(model, optimizer, options=_gather_options(ctx))
+        osd = dcp.get_optimizer_state_dict(model, optimizer, options=_gather_options(ctx))
     if not ctx.is_main:
         return None
     return _to_cpu(osd)
@@ -97,6 +103,8 @@ def load_optimizer_state_dict(wrapped_or_model: nn.Module, optimizer: torch.opti
     Call it on a fresh optimizer before the first backward (resume). The optimizer may keep ``state``'s
     tensors rather than copies (one process), so do not reuse ``state`` afterwards.
     """
+    from torch.distributed.checkpoint import state_dict as dcp
+
     model = unwrap(wrapped_or_model)
     if ctx.is_main and state is None:
         raise ValueError("load_optimizer_state_dict: rank 0 needs the optimizer state")
@@ -106,4 +114,4 @@ def load_optimizer_state_dict(wrapped_or_model: nn.Module, optimizer: torch.opti
         raise ValueError("load_optimizer_state_dict: the optimizer has gradients but no state; load the "
                          "optimizer state before the first backward (or zero_grad(set_to_none=True) first)")
     with peer_guard(ctx):
-        set_optimizer_state_dict(model, optimizer, state if ctx.is_main else {}, options=_load_options(ctx))
+        dcp.set_optimizer_state_dict(model, optimizer, state if ctx.is_main else {}, options=_load_options(ctx))

@@ -11,8 +11,8 @@ and the summed gradients are exactly the gradient of the global token-mean loss.
 
 FSDP2 and the lm_head: `wrap_for_training` shards each decoder layer as its own group and leaves
 everything else (embeddings, final norm, lm_head) in the root group, which is the `LossModule`. The root
-group is all-gathered before the root's forward runs and FSDP2 keeps the root unsharded after forward
-(``reshard_after_forward`` is False for the root), so when ``linear_cross_entropy`` reads
+group is all-gathered before the root's forward runs and stays unsharded after it
+(``reshard_after_forward=False`` on the root), so when ``linear_cross_entropy`` reads
 ``lm_head.weight`` it gets the full, unsharded parameter and may save it for backward; its gradient is
 accumulated on that unsharded parameter and reduce-scattered in FSDP2's final backward callback. Do
 not ``fully_shard`` the embeddings or lm_head separately: their forward hooks would not run for a
@@ -83,7 +83,10 @@ def wrap_for_training(module: nn.Module, ctx: DistContext, parallel: Literal["dd
     fsdp: FSDP2 ``fully_shard`` on each of ``layers`` (default: the transformers decoder layers) and then
     on ``module`` itself; parameters become DTensor shards, so build the optimizer from the returned
     module's parameters AFTER this call. Gradients are SUMMED over ranks (divide factor 1).
-    Both: call the result as ``wrapped(batch, **kw)``; see `sync_gradients` for accumulation.
+    Both: move the model to ``ctx.device`` first; call the result as ``wrapped(batch, **kw)``; see
+    `sync_gradients` for accumulation. Every forward whose backward must be reduced, and under FSDP2
+    every forward at all (evaluation too, on every rank: the layers all-gather inside it), goes
+    through ``wrapped``, not the inner model.
     """
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
@@ -109,7 +112,9 @@ def wrap_for_training(module: nn.Module, ctx: DistContext, parallel: Literal["dd
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    # the root (embeddings, norm, lm_head) stays gathered from its forward to its backward: the loss
+    # saves lm_head.weight for backward itself (FSDP2's default for a root; said here, not assumed)
+    fully_shard(module, mesh=mesh, reshard_after_forward=False)
     for m in module.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)  # Σ over ranks, as DDP's comm hook
