@@ -94,7 +94,8 @@ def wrap_for_training(module: nn.Module, ctx: DistContext, parallel: Literal["dd
         return module
     if parallel == "ddp":
         frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-        # The documented opt-out of DDP's initial broadcast and bucketing for named parameters.
+        # DDP's own (underscore) static method to leave named parameters out of its initial broadcast and
+        # bucketing; torch uses it internally and it touches only this module's attributes.
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
         ddp = nn.parallel.DistributedDataParallel(
             module,
