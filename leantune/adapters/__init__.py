@@ -21,7 +21,7 @@ from leantune.adapters import full, lora
 class AdapterMethod:
     name: str
     apply: Callable  # (model, AdapterConfig, seed) -> model
-    save: Callable  # (model, tokenizer, run_dir) -> Path
+    save: Callable  # (model, tokenizer, run_dir, state_dict=None) -> Path
     trains_base: bool
     trainable_elements: Callable  # (ModelShape, Recipe) -> int
     trainable_bytes: Callable  # (ModelShape, Recipe) -> int
@@ -40,9 +40,10 @@ def apply_adapter(model, cfg, seed: int = 0):
     return ADAPTERS[cfg.method].apply(model, cfg, seed)
 
 
-def save_run_output(model, tokenizer, method: str, run_dir: Path) -> Path:
-    """The run's final export: RUN/adapter (LoRA, PEFT format) or RUN/model (full)."""
-    return ADAPTERS[method].save(model, tokenizer, Path(run_dir))
+def save_run_output(model, tokenizer, method: str, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """The run's final export: RUN/adapter (LoRA, PEFT format) or RUN/model (full). ``state_dict``: full
+    tensors gathered from FSDP2 shards, written instead of the model's own."""
+    return ADAPTERS[method].save(model, tokenizer, Path(run_dir), state_dict)
 
 
 __all__ = ["ADAPTERS", "AdapterMethod", "apply_adapter", "save_run_output"]

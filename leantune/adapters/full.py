@@ -13,8 +13,8 @@ def apply_full(model, cfg, seed: int = 0):
     return model
 
 
-def save_run_model(model, tokenizer, run_dir: Path) -> Path:
-    return save_full_model(model, tokenizer, Path(run_dir) / "model")
+def save_run_model(model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
+    return save_full_model(model, tokenizer, Path(run_dir) / "model", state_dict)
 
 
 def planned_elements(shape, recipe) -> int:

@@ -82,9 +82,9 @@ def save_adapter(model, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def save_run_adapter(model, tokenizer, run_dir: Path) -> Path:
+def save_run_adapter(model, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
     """A LoRA run's final export: RUN/adapter, a standard PEFT adapter."""
-    return save_adapter(model, Path(run_dir) / "adapter")
+    return save_adapter(model, Path(run_dir) / "adapter", state_dict)
 
 
 def planned_elements(shape, recipe) -> int:

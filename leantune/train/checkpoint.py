@@ -38,15 +38,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep``."""
+                    state: dict, keep: int = 2, *, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep``.
+    ``optimizer_state``: the state to store instead of ``optimizer.state_dict()`` (several processes: the
+    full, name-keyed state ``leantune.distributed.optimizer_state_dict`` gathers)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=ckpt_root))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            {"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+             "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / "optimizer.pt",
         )
         (tmp / "state.json").write_text(json.dumps(state, indent=1))

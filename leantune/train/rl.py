@@ -32,6 +32,7 @@ from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
+from leantune.distributed import all_reduce_gradients, all_reduce_sum
 from leantune.rl.advantages import ADVANTAGES
 from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow
 from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampling half of the step)
@@ -72,8 +73,10 @@ class UpdateStats:
 
 
 def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pad_id: int, micro_batch: int,
-                  chunk_size: int, max_grad_norm: float | None) -> UpdateStats:
-    """`rl.updates_per_batch` optimizer steps of the policy loss on one batch."""
+                  chunk_size: int, max_grad_norm: float | None, dist=None) -> UpdateStats:
+    """`rl.updates_per_batch` optimizer steps of the policy loss on one batch. ``dist``: with several processes
+    (every rank holds the same batch), rank r runs micro-batches r, r + W, ... and the gradients are summed
+    over ranks before the step, so W processes take the step one process takes."""
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
     adv = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]](torch.tensor(batch.rewards), g) if n else torch.zeros(0)
@@ -86,6 +89,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     active = [i for i in range(n) if use[i] and lengths[i] > 0 and (rl.beta > 0 or adv[i] != 0)]
     params = [p for p in model.parameters() if p.requires_grad]
     micro = [active[i : i + micro_batch] for i in range(0, len(active), micro_batch)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = list(enumerate(micro))[rank::world]  # (k, indices) of the micro-batches this rank runs
     ran = sum(len(p) for idx in micro for p in {tuple(batch.prompt_ids[i]) for i in idx}) + sum(lengths[i] for i in active)
     out = UpdateStats(sequences_trained=len(active), tokens_trained=sum(lengths[i] for i in active) * rl.updates_per_batch,
                       update_tokens=ran * rl.updates_per_batch, overlong_masked=sum(not u for u in use))
@@ -101,15 +106,15 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     ref = {}
     if rl.beta > 0:  # the reference: this model with its adapter disabled
         with model.disable_adapter():
-            ref = {k: logps_of(idx, grad=False)[0] for k, idx in enumerate(micro)}
+            ref = {k: logps_of(idx, grad=False)[0] for k, idx in mine}
     old = {}
     if rl.updates_per_batch > 1:  # the behaviour policy's logps, before any update (ratio != 1 afterwards)
-        old = {k: logps_of(idx, grad=False)[0] for k, idx in enumerate(micro)}
+        old = {k: logps_of(idx, grad=False)[0] for k, idx in mine}
     model.train()
     stats_acc: dict[str, float] = {}
     for _ in range(rl.updates_per_batch):
         step_loss = 0.0
-        for k, idx in enumerate(micro):
+        for k, idx in mine:
             logps, _, mask = logps_of(idx, grad=True)
             loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
                                epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
@@ -117,11 +122,16 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
             step_loss += float(loss.detach())
             for key, v in st.items():
                 stats_acc[key] = stats_acc.get(key, 0.0) + v * len(idx)
+        if world > 1:
+            all_reduce_gradients(params, dist)
+            step_loss = all_reduce_sum(step_loss, dist)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         out.loss, out.grad_norm = step_loss, float(grad_norm)
+    if world > 1:
+        stats_acc = {key: all_reduce_sum(v, dist) for key, v in sorted(stats_acc.items())}
     denom = len(active) * rl.updates_per_batch
     out.clip_fraction = stats_acc.get("clip_ratio/region_mean", 0.0) / denom
     out.kl = stats_acc.get("kl", 0.0) / denom if rl.beta > 0 else 0.0
@@ -267,7 +277,7 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     bar = session.progress("rl")
     row: dict = {}
     while session.step < cfg.steps:
-        with session.timed() as dt:
+        with session.timed() as dt, session.step_guard():
             # sampling and the short-sequence update reuse the same mid-size buffers: keep them on the heap
             with heap_allocator(cfg.malloc_mmap_threshold):
                 batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl,
@@ -275,7 +285,7 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
                 if session.needs_backward:
                     upd = policy_update(model, session.optimizer, session.scheduler, batch, rl, pad_id=pad_id,
                                         micro_batch=cfg.micro_batch_size, chunk_size=recipe.loss.chunk_size,
-                                        max_grad_norm=recipe.optim.max_grad_norm)
+                                        max_grad_norm=recipe.optim.max_grad_norm, dist=session.dist)
                 else:
                     upd = zeroth_order_update(model, tokenizer, session.optimizer, session.scheduler, batch,
                                               reward_fn, task, rl, generator)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,21 @@ from leantune.adapters import apply_adapter, save_run_output
 from leantune.adapters.lora import causal_lm, load_trainable_state, trainable_state
 from leantune.allocator import release_free_memory, set_malloc_mmap_threshold
 from leantune.config import Recipe, RecipeError
-from leantune.distributed import all_reduce_max, all_reduce_sum, barrier, destroy, init_distributed
+from leantune.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    destroy,
+    full_state_dict,
+    init_distributed,
+    load_full_state_dict,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
+    peer_guard,
+    sync_gradients,
+    wrap_for_training,
+)
+from leantune.models.precision import resolve_device
 from leantune.models.loading import load_model_and_tokenizer, resolve_source
 from leantune.optim import OPTIMIZERS, build_optimizer
 from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -116,12 +131,15 @@ class RunSession:
 
     def __init__(self, recipe: Recipe, command: str, *, resume: bool = False, quiet: bool = False,
                  recipe_path: str | None = None, model=None, tokenizer=None, init: str | None = None,
-                 total_steps: int | None = None, checkpoints: bool = True):
+                 total_steps: int | None = None, checkpoints: bool = True, loss_module=None):
         self.recipe, self.command, self.quiet = recipe, command, quiet
         self.resume, self.recipe_path, self.init = resume, recipe_path, init
         self.model, self.tokenizer = model, tokenizer
         self.total_steps = total_steps or recipe.train.steps
         self.checkpoints = checkpoints
+        self.make_loss_module = loss_module  # model -> nn.Module whose forward is the loss (DDP/FSDP2 wrap it)
+        self.loss_module = None
+        self.sync = None
         self.run_dir = Path(recipe.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.optimizer = self.scheduler = None
@@ -148,8 +166,10 @@ class RunSession:
             torch.set_num_threads(cfg.threads)
         if cfg.malloc_mmap_threshold is not None:
             set_malloc_mmap_threshold(cfg.malloc_mmap_threshold)
-        self.dist = init_distributed(cfg.device, timeout_s=cfg.dist_timeout_s)
+        local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.dist = init_distributed(resolve_device(cfg.device, local_rank=local), timeout_s=cfg.dist_timeout_s)
         self.device = self.dist.device
+        self._check_processes()
         self._prepare_run_dir()
         self.sinks = self._start_trackers()  # before the model loads: a missing tracker package fails early
         self.memory = ledger_mod.PeakMemory().start()
@@ -161,6 +181,11 @@ class RunSession:
             self.model_location = source.weight_path
         else:
             self.model_location = resolve_source(recipe.model).weight_path
+        if self.make_loss_module is not None:  # before the optimizer: FSDP2 replaces the parameters with shards
+            self.loss_module = wrap_for_training(self.make_loss_module(self.model), self.dist, cfg.parallel)
+            if self.dist.is_distributed:
+                wrapped = self.loss_module
+                self.sync = lambda last: sync_gradients(wrapped, last)
         self.optimizer, self.scheduler = build_optimizer(recipe.optim, self.model, seed=cfg.seed,
                                                          total_steps=self.total_steps)
         self.needs_backward = OPTIMIZERS[recipe.optim.name].needs_backward
@@ -168,6 +193,19 @@ class RunSession:
             self._load_checkpoint(self.resumed_from)
         self._open_metrics()
         return self
+
+    def _check_processes(self) -> None:
+        """What several processes cannot do (yet), refused before anything is written."""
+        if not self.dist.is_distributed:
+            return
+        recipe = self.recipe
+        if not OPTIMIZERS[recipe.optim.name].needs_backward:
+            raise RecipeError(f"optim.name: {recipe.optim.name} runs in one process (its perturbations are not "
+                              "synchronized across ranks); launch without torchrun / --nproc")
+        if recipe.train.parallel == "fsdp" and self.command != "train":
+            raise RecipeError(f"train.parallel: fsdp is for `leantune train`; `leantune {self.command}` uses ddp")
+        if recipe.train.offload_checkpoints:
+            raise RecipeError("train.offload_checkpoints: one process only (each rank would spill to the same run directory)")
 
     def _prepare_run_dir(self) -> None:
         run_dir = self.run_dir
@@ -199,8 +237,14 @@ class RunSession:
                 f"{path}: this run was checkpointed with {saved_world} process(es) and is resumed with "
                 f"{self.dist.world_size}; the data order and optimizer state are per world size. Resume with "
                 f"--nproc {saved_world} (torchrun --nproc-per-node {saved_world}), or start a new run.")
-        load_trainable_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.dist.is_distributed:  # collectives: rank 0's copy is broadcast into replicas or shards
+            target = self.loss_module or self.model
+            load_full_state_dict(target, tensors if self.dist.is_main else None, self.dist, trainable_only=True)
+            load_optimizer_state_dict(target, self.optimizer, payload["optimizer"] if self.dist.is_main else None,
+                                      self.dist)
+        else:
+            load_trainable_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         self.step = state["step"]
@@ -235,17 +279,6 @@ class RunSession:
         if not self.quiet and self.dist.is_main:
             log.info(message)
 
-    def wrap_for_training(self, module: torch.nn.Module):
-        """(module to call, sync) for the step: ``module`` itself in one process; under torchrun its DDP or
-        FSDP2 wrapper (``train.parallel``), and ``sync(last_micro_batch)`` a context that all-reduces
-        gradients only on the step's last micro-batch."""
-        if not self.dist.is_distributed:
-            return module, None
-        from leantune.distributed import sync_gradients, wrap_for_training
-
-        wrapped = wrap_for_training(module, self.dist, self.recipe.train.parallel)
-        return wrapped, lambda last: sync_gradients(wrapped, last)
-
     def progress(self, desc: str):
         from tqdm.auto import tqdm
 
@@ -270,10 +303,21 @@ class RunSession:
         session = {"energy_joules": self.totals.get("energy_joules", 0.0) + self.energy.reading()["joules"],
                    "peak_rss_bytes": max(self.totals.get("peak_rss_bytes", 0), self.memory.peak_rss_bytes)}
         state = {**trainer_state, "step": self.step, "world_size": self.dist.world_size, "session": session}
+        if self.dist.is_distributed:  # collectives on every rank; rank 0 writes
+            target = self.loss_module or self.model
+            weights = full_state_dict(target, self.dist, trainable_only=True)
+            optim_state = optimizer_state_dict(target, self.optimizer, self.dist)
+        else:
+            weights, optim_state = trainable_state(self.model), None
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_root, self.step, trainable_state(self.model), self.optimizer, self.scheduler,
-                            state)
+            save_checkpoint(self.ckpt_root, self.step, weights, self.optimizer, self.scheduler, state,
+                            optimizer_state=optim_state)
         barrier(self.dist)
+
+    def step_guard(self):
+        """Around one step: a peer process that died becomes one clear error ("rank N lost its peers ...;
+        resume with --resume") instead of a hang or a gloo traceback."""
+        return peer_guard(self.dist)
 
     @contextlib.contextmanager
     def timed(self):
@@ -294,8 +338,12 @@ class RunSession:
         ``totals``: the trainer's counts (steps, tokens_processed, trainable_tokens, wall_time_s, ...), this
         rank's; tokens, FLOPs and energy are summed over ranks here, peak memory is the largest rank's.
         """
+        full = None
+        if self.dist.is_distributed and self.recipe.train.parallel == "fsdp":  # gather the shards (every rank)
+            full = full_state_dict(self.loss_module or self.model, self.dist,
+                                   trainable_only=self.recipe.adapter.method != "full")
         if self.dist.is_main:
-            save_run_output(self.model, self.tokenizer, self.recipe.adapter.method, self.run_dir)
+            save_run_output(self.model, self.tokenizer, self.recipe.adapter.method, self.run_dir, state_dict=full)
         energy = self.energy.stop()
         self.memory.stop()
         prior = self.totals.get("energy_joules", 0.0)

@@ -28,7 +28,7 @@ from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm
 from leantune.config import Recipe, SpanWeights
 from leantune.data.sft import Example, batch_at, collate, load_sft_examples
-from leantune.distributed import all_reduce_sum, rank_micro_steps
+from leantune.distributed import LossModule, all_reduce_sum, clip_grad_norm, rank_micro_steps
 from leantune.losses import linear_cross_entropy, vocab_subset, vocab_subset_cross_entropy
 from leantune.losses.subset_setup import loss_note, sft_candidates
 from leantune.quant.weight_only import head_weight
@@ -73,21 +73,17 @@ def loss_weight_total(batch: dict[str, torch.Tensor]) -> float:
     return float((w * (batch["labels"][:, 1:] != -100)).sum())
 
 
-class SFTLoss(torch.nn.Module):
-    """``lm_loss_sum`` as a module's forward: what DDP / FSDP2 wrap, since the loss calls the decoder and the
-    lm_head itself (a wrapper only syncs gradients of work done inside its own forward)."""
+class SFTLoss(LossModule):
+    """``lm_loss_sum`` as a module's forward, ``(batch, chunk_size=, candidates=)``: what DDP / FSDP2 wrap, since
+    the loss calls the decoder and the lm_head itself (a wrapper only syncs work done inside its forward)."""
 
     def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor], chunk_size: int, candidates: torch.Tensor | None = None):
-        return lm_loss_sum(self.model, batch, chunk_size, candidates)
+        super().__init__(model, lm_loss_sum)
 
 
 def accumulate_gradients(loss_module, batches: list[dict[str, torch.Tensor]], chunk_size: int,
                          candidates: torch.Tensor | None = None, spill=None, *, norm: float | None = None,
-                         sync=None, loss_scale: float = 1.0) -> tuple[float, float]:
+                         sync=None) -> tuple[float, float]:
     """Backward over all micro-batches of one optimizer step; return (this process's step loss, normalizer).
 
     ``loss_module``: an ``SFTLoss`` (or its DDP/FSDP2 wrapper). Each micro-batch's loss sum is divided by
@@ -96,7 +92,7 @@ def accumulate_gradients(loss_module, batches: list[dict[str, torch.Tensor]], ch
     big batch (token-level mean). ``candidates``: see ``lm_loss_sum``; the subset is the same for every
     micro-batch of the step. ``spill``: an `offload.ActivationSpill` that keeps the forward's layer inputs in
     a file (`train.offload_checkpoints`). ``sync(last) -> context``: gradient synchronization across
-    processes only on the last micro-batch (DDP's no_sync). ``loss_scale``: undoes DDP's averaging over ranks.
+    processes (summed over ranks) only on the last micro-batch (DDP's no_sync, FSDP2's gradient sync).
     """
     if norm is None:
         norm = sum(loss_weight_total(b) for b in batches)
@@ -105,8 +101,8 @@ def accumulate_gradients(loss_module, batches: list[dict[str, torch.Tensor]], ch
     for i, batch in enumerate(batches):
         with (sync(i == len(batches) - 1) if sync is not None else contextlib.nullcontext()):
             with spill.forward() if spill is not None else contextlib.nullcontext():
-                loss = loss_module(batch, chunk_size, subset) / max(norm, 1e-12)
-            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+                loss = loss_module(batch, chunk_size=chunk_size, candidates=subset) / max(norm, 1e-12)
+            loss.backward()
         step_loss += float(loss.detach())
     return step_loss, norm
 
@@ -127,15 +123,18 @@ def zeroth_order_step(optimizer, model, batches: list[dict[str, torch.Tensor]],
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, weights: SpanWeights, batch_size: int,
-                  chunk_size: int) -> dict[str, float]:
-    """Weighted mean cross-entropy per loss-carrying token over ``examples``, and its perplexity."""
+                  chunk_size: int, *, loss_module=None) -> dict[str, float]:
+    """Weighted mean cross-entropy per loss-carrying token over ``examples``, and its perplexity.
+    ``loss_module``: the run's (DDP/FSDP2-wrapped) `SFTLoss`; under FSDP2 every rank must run it."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, weights)
         dev = next(model.parameters()).device
-        total += float(lm_loss_sum(model, {k: v.to(dev) for k, v in batch.items()}, chunk_size))
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        loss = lm_loss_sum(model, batch, chunk_size) if loss_module is None else loss_module(batch, chunk_size=chunk_size)
+        total += float(loss)
         count += loss_weight_total(batch)
     model.train(was_training)
     mean = total / max(count, 1e-12)
@@ -157,7 +156,7 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     touched.
     """
     session = RunSession(recipe, "train", resume=resume, quiet=quiet, recipe_path=recipe_path, model=model,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, loss_module=SFTLoss)
     with session:
         return _train(session)
 
@@ -176,11 +175,10 @@ def _train(session: RunSession) -> TrainResult:
         candidates = candidates.to(session.device)
         session.info(f"loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
                      f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
-    loss_module, sync = session.wrap_for_training(SFTLoss(model))
+    loss_module = session.loss_module  # the model's loss, DDP/FSDP2-wrapped under torchrun
     totals = session.trainer_state.get("totals") or {"tokens": 0, "trainable_tokens": 0, "loss_weight": 0.0,
                                                      "elapsed_s": 0.0}
     subset_rows = []  # |subset| of every step (vocabulary-subset loss only), for the FLOPs bill
-    params = [p for p in model.parameters() if p.requires_grad]
     spill = None
     if cfg.offload_checkpoints and session.needs_backward:  # MeZO keeps no activations for backward
         from leantune.train.offload import ActivationSpill
@@ -198,14 +196,14 @@ def _train(session: RunSession) -> TrainResult:
         subset = step_vocab_subset(candidates, batches)
         if subset is not None:
             subset_rows.append(subset.numel())
-        with session.timed() as dt:
+        with session.timed() as dt, session.step_guard():
             if session.needs_backward:
                 norm = all_reduce_sum(sum(loss_weight_total(b) for b in batches), dist)
                 step_loss, _ = accumulate_gradients(loss_module, batches, recipe.loss.chunk_size, subset, spill,
-                                                    norm=norm, sync=sync, loss_scale=dist.world_size)
+                                                    norm=norm, sync=session.sync)
                 step_loss = all_reduce_sum(step_loss, dist)
                 clip = recipe.optim.max_grad_norm
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
+                grad_norm = clip_grad_norm(loss_module, clip if clip else float("inf"))
                 session.optimizer.step()
                 zo = None
             else:
@@ -229,7 +227,8 @@ def _train(session: RunSession) -> TrainResult:
             row.update(projected_grad=zo["projected_grad"], zo_restore_bytes=zo["restore_bytes"])
         is_last = session.step == cfg.steps
         if eval_examples and ((cfg.eval_every and session.step % cfg.eval_every == 0) or is_last):
-            row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size, recipe.loss.chunk_size))
+            row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size, recipe.loss.chunk_size,
+                                     loss_module=loss_module))
         session.log(row, force="eval_loss" in row)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", rss=f"{rss / 2**30:.2f}G")
         bar.update(1)
