@@ -75,10 +75,11 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
-def save_adapter(model, out_dir: str | Path) -> Path:
-    """Write the PEFT adapter (adapter_config.json + adapter_model.safetensors) atomically."""
+def save_adapter(model, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write the PEFT adapter (adapter_config.json + adapter_model.safetensors) atomically. ``state_dict``:
+    the full tensors to write when the model's own are shards (FSDP2)."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     return Path(out_dir)
 
 
@@ -100,10 +101,11 @@ def planned_bytes(shape, recipe) -> int:
     return planned_elements(shape, recipe) * 4
 
 
-def save_full_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """Write a transformers model directory (safetensors) atomically; used for merged exports."""
+def save_full_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write a transformers model directory (safetensors) atomically; used for merged exports and full
+    fine-tuning runs (``state_dict``: full tensors when the model's own are FSDP2 shards)."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)

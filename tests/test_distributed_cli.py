@@ -1,0 +1,136 @@
+"""`leantune train|rl --nproc 2` (torchrun, gloo, two CPU processes) against one process at the same global
+batch, through the real CLI and run session: equal losses per step and equal final weights; a killed rank
+stops the job with a clear error and `--resume` finishes it to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe, write_jsonl
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _leantune(*args, timeout=240, check=True):
+    proc = subprocess.run([sys.executable, "-m", "leantune", *args], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"leantune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _recipe_file(tmp_path, raw: dict, name: str):
+    raw["train"].update(threads=1, allocator="system", progress=False, log_every=1)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _losses(run_dir, key="loss"):
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_weights(a_file, b_file, rel=1e-5):
+    a, b = load_file(str(a_file)), load_file(str(b_file))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        scale = max(float(b[k].abs().max()), 1e-6)
+        assert float((a[k] - b[k]).abs().max()) <= rel * scale + 1e-7, k
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_at_the_same_global_batch(tiny_model_dir, sft_data, tmp_path, parallel):
+    """DDP with LoRA, FSDP2 with full fine-tuning: 2 ranks x grad_accum 1 == 1 rank x grad_accum 2."""
+    adapter = {"method": "full"} if parallel == "fsdp" else {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    common = dict(adapter=adapter, optim={"lr": 1e-2, "scheduler": "constant"})
+    one = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "one",
+                      train={"steps": 3, "micro_batch_size": 3, "grad_accum": 2, "seed": 0}, **common)
+    two = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "two",
+                      train={"steps": 3, "micro_batch_size": 3, "grad_accum": 1, "seed": 0, "parallel": parallel},
+                      **common)
+    _leantune("train", str(_recipe_file(tmp_path, one, "one")))
+    out = _leantune("train", str(_recipe_file(tmp_path, two, "two")), "--nproc", "2")
+    assert out.stdout.count("peak memory") == 1  # rank 0 alone prints the summary
+    for a, b in zip(_losses(tmp_path / "two"), _losses(tmp_path / "one"), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    weights = "model/model.safetensors" if parallel == "fsdp" else "adapter/adapter_model.safetensors"
+    _assert_same_weights(tmp_path / "two" / weights, tmp_path / "one" / weights)
+    ledger = json.loads((tmp_path / "two" / "ledger.json").read_text())
+    one_ledger = json.loads((tmp_path / "one" / "ledger.json").read_text())
+    assert ledger["extra"]["distributed"] == {"world_size": 2, "backend": "gloo", "parallel": parallel,
+                                              "global_batch": 6}
+    assert ledger["totals"]["tokens_processed"] == one_ledger["totals"]["tokens_processed"]  # summed over ranks
+
+
+def test_two_process_rl_step_equals_one(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+                                                 for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)]])
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        raw = tiny_recipe(tiny_model_dir, prompts, tmp_path / name, train={"steps": 2, "micro_batch_size": 2, "seed": 0},
+                          optim={"lr": 5e-2, "scheduler": "constant"})
+        raw["rl"] = {"rewards": {"exact_match": 1.0, "format": 0.5}, "group_size": 4, "prompts_per_step": 3,
+                     "max_new_tokens": 6, "dynamic_sampling": False, "prompt_selection": {"enabled": False}}
+        _leantune("rl", str(_recipe_file(tmp_path, raw, name)), "--nproc", str(nproc))
+        runs[name] = tmp_path / name
+    for key in ("loss", "reward_mean", "grad_norm"):
+        for a, b in zip(_losses(runs["two"], key), _losses(runs["one"], key), strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+    assert any(abs(x) > 0 for x in _losses(runs["one"], "grad_norm"))
+    _assert_same_weights(runs["two"] / "adapter/adapter_model.safetensors", runs["one"] / "adapter/adapter_model.safetensors")
+
+
+def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tiny_model_dir, sft_data, tmp_path):
+    common = dict(adapter={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                  optim={"lr": 1e-2, "scheduler": "constant"})
+    straight = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "straight",
+                           train={"steps": 6, "micro_batch_size": 2, "save_every": 1, "seed": 0}, **common)
+    _leantune("train", str(_recipe_file(tmp_path, straight, "straight")), "--nproc", "2")
+    killed = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "killed",
+                         train={"steps": 6, "micro_batch_size": 2, "save_every": 1, "seed": 0, "dist_timeout_s": 30},
+                         **common)
+    path = _recipe_file(tmp_path, killed, "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "leantune", "train", str(path), "--nproc", "2"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts / "step-00000002").exists():  # two steps in: kill rank 1
+        time.sleep(0.2)
+    assert (ckpts / "step-00000002").exists(), "the run never reached step 2"
+    victims = subprocess.run(["pgrep", "-f", f"leantune train {path}"], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in victims:
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[rank[0].split(b"=")[1].decode()] = int(pid)
+    assert "1" in ranks, f"rank 1 not found among {victims}"
+    os.kill(ranks["1"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "rank 1" in err or "lost its peers" in err or "exitcode: -9" in err, err[-2000:]
+    assert not (tmp_path / "killed" / "ledger.json").exists()
+    _leantune("train", str(path), "--nproc", "2", "--resume")
+    _assert_same_weights(tmp_path / "killed/adapter/adapter_model.safetensors",
+                         tmp_path / "straight/adapter/adapter_model.safetensors", rel=0)
+    ledger = json.loads((tmp_path / "killed" / "ledger.json").read_text())
+    assert ledger["extra"]["resumed"] is True and ledger["totals"]["steps"] == 6
