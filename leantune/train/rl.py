@@ -77,7 +77,7 @@ def load_prompt_pool(recipe: Recipe) -> list[dict]:
     from leantune.data.records import read_prompt_rows
 
     if recipe.data.train:
-        return read_prompt_rows(recipe.data.train)
+        return read_prompt_rows(recipe.data.train, split=recipe.data.split, columns=recipe.data.columns)
     if not recipe.rl.task:
         raise RecipeError("rl: set data.train (prompt rows) or rl.task (a bundled task generates them)")
     from leantune.tasks import get_task

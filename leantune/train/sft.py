@@ -236,7 +236,7 @@ def _setup_data(recipe: Recipe, tokenizer):
     train, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
     evals: list[Example] = []
     if recipe.data.eval:
-        evals, _ = load_sft_examples(recipe.data.eval, tokenizer, recipe.data)
+        evals, _ = load_sft_examples(recipe.data.eval, tokenizer, recipe.data, role="eval")
     return train, stats, evals
 
 
