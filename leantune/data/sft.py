@@ -300,7 +300,7 @@ class StreamedExamples(Sequence):
         return example
 
 
-def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int = 512):
+def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int = 128):
     """One pass over the rows in chunks: validate, tokenize, count, keep only the row keys of kept examples."""
     from leantune.data.records import check_record
     from leantune.data.sources import mapped_check, open_rows

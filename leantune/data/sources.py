@@ -113,10 +113,10 @@ def mapped_check(check: Callable[[Any, str], Any], columns: dict[str, str] | Non
         try:
             return check(map_columns(data, columns, where), where)
         except DataError as err:
-            names = [f"{t!r} is column {c!r}" for t, c in renamed.items() if repr(t) in str(err)]
-            if not names:
+            named = re.search(r"field '(\w+)", str(err))  # the field the error is about: messages[0].role -> messages
+            if not named or named.group(1) not in renamed:
                 raise
-            raise DataError(f"{err} (data.columns: {', '.join(names)})") from None
+            raise DataError(f"{err} (data.columns: {named.group(1)!r} is column {renamed[named.group(1)]!r})") from None
 
     return run
 
