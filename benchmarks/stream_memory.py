@@ -48,6 +48,13 @@ def write_jsonl(path: Path, size_bytes: int, seed: int = 0) -> int:
     return n
 
 
+def _warmup_file(path: str) -> str:
+    warm = f"{path}.warmup.jsonl"
+    with open(warm, "w") as f:
+        f.write(json.dumps({"prompt": "1 + 1?", "completion": "<think>1 + 1 = 2</think> 2"}) + "\n")
+    return warm
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -60,12 +67,15 @@ def measure(path: str, streaming: bool, batches: int, micro_batch_size: int, max
     from leantune.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    tok("warm up")
+    tok(["warm up"] * 128)
+    collate(load_sft_examples(_warmup_file(path), tok, DataConfig(streaming=streaming))[0][:1], tok.pad_token_id,
+            SpanWeights())  # touch torch's and the loader's code pages: fixed costs, not the data's
     baseline = rss_bytes()
     t0 = time.perf_counter()
     examples, stats = load_sft_examples(path, tok, DataConfig(max_length=max_length, streaming=streaming))
     load_s = time.perf_counter() - t0
     after_load = rss_bytes()
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     per_epoch = micro_batches_per_epoch(len(examples), micro_batch_size)
     rng = random.Random(0)
     t0 = time.perf_counter()
@@ -76,7 +86,8 @@ def measure(path: str, streaming: bool, batches: int, micro_batch_size: int, max
         tokens += int(batch["attention_mask"].sum())
     batch_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"baseline_rss_bytes": baseline, "rss_after_load_bytes": after_load, "peak_rss_bytes": peak,
+    return {"baseline_rss_bytes": baseline, "rss_after_load_bytes": after_load, "peak_rss_load_bytes": peak_load,
+            "peak_rss_bytes": peak,
             "rss_growth_bytes": peak - baseline, "load_s": round(load_s, 2), "batches": batches,
             "batch_s": round(batch_s, 3), "batch_tokens": tokens, "examples": len(examples), "stats": stats.as_dict()}
 
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             out[mode]["rss_growth_over_file"] = round(out[mode]["rss_growth_bytes"] / out["file_bytes"], 4)
     finally:
+        Path(f"{path}.warmup.jsonl").unlink(missing_ok=True)
         if not args.keep:
             path.unlink(missing_ok=True)
     print(json.dumps(out))

@@ -269,7 +269,7 @@ class StreamedExamples(Sequence):
     eager loader's ``examples[i]``.
     """
 
-    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 1024):
+    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
         self.rows, self.keys, self.check = rows, keys, check
         self.tokenizer, self.cfg, self.eos = tokenizer, cfg, eos
         self.cache_size = cache_size
