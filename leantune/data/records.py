@@ -1,4 +1,5 @@
-"""Read and validate training records from JSON Lines or Parquet files.
+"""Read and validate training records from JSON Lines or Parquet files (and, through
+:mod:`leantune.data.sources`, from csv/json/arrow files, ``save_to_disk`` directories and hub datasets).
 
 Two record shapes are accepted (extra keys such as ``id`` or ``meta`` are ignored):
 
@@ -9,7 +10,8 @@ Two record shapes are accepted (extra keys such as ``id`` or ``meta`` are ignore
 
 Every problem raises :class:`DataError` whose message starts with the location -- ``file:line``
 (1-based, blank lines count) for JSON Lines, ``file:row N`` (0-based, as in ``pandas.iloc``) for
-Parquet -- then names the field and says what to do.
+Parquet and other dataset rows (``source[split]:row N`` for a named split) -- then names the field and
+says what to do.
 
 >>> import json, tempfile, pathlib
 >>> p = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
