@@ -345,7 +345,9 @@ def read_source_rows(source: str | Path, check: Callable[[Any, str], Any], *, sp
 
 
 def _checked(rows: DatasetRows, columns: dict[str, str] | None) -> DatasetRows:
-    """``rows``, or DataError for a mapped column absent from its schema (naming the source and its columns)."""
+    """``rows`` as plain Python rows (a format saved with the dataset, e.g. torch, is dropped), or DataError
+    for a mapped column absent from its schema (naming the source and its columns)."""
+    rows.dataset = rows.dataset.with_format(None)
     have = list(rows.dataset.column_names)
     for target, column in (columns or {}).items():
         if column not in have:
