@@ -267,3 +267,17 @@ def test_streaming_memory_stays_flat_200mb(tmp_path):
 def test_streaming_memory_stays_flat_2gb(tmp_path):
     result = _stream_memory(2048, tmp_path)
     assert result["streaming"]["rss_growth_bytes"] < 0.25 * result["file_bytes"], result
+
+
+def test_epoch_order_is_the_list_shuffle_permutation():
+    # The order is cached as a compact array; it must be the permutation a list shuffle gives (resume
+    # compatibility with runs started before the change).
+    import random
+
+    from leantune.data.sft import epoch_order
+
+    for n, seed, epoch in [(1, 0, 0), (10, 3, 1), (1000, 7, 4)]:
+        expected = list(range(n))
+        random.Random(f"leantune-data:{seed}:{epoch}").shuffle(expected)
+        assert epoch_order(n, seed, epoch, shuffle=True) == expected
+    assert epoch_order(5, 0, 0, shuffle=False) == [0, 1, 2, 3, 4]

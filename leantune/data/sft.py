@@ -369,12 +369,15 @@ def collate(examples: list[Example], pad_id: int, weights: SpanWeights) -> dict[
 
 
 @lru_cache(maxsize=4)
-def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    order = list(range(n_examples))
+def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> array:
+    # An int64 array, 8 bytes per example (a list or tuple of ints costs ~36): with streamed examples this
+    # cache would otherwise be the largest thing that grows with the dataset. `shuffle` swaps in place
+    # with the same draws as on a list, so the permutation is the one a list gives.
+    order = array("q", range(n_examples))
     if shuffle:
         # A string seed is hashed with SHA-512 by `random`: stable across runs, platforms and versions.
         random.Random(f"leantune-data:{seed}:{epoch}").shuffle(order)
-    return tuple(order)
+    return order
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
