@@ -1,13 +1,13 @@
 """Peak memory of loading a large JSON Lines file for SFT, eager vs ``data.streaming: true``.
 
-Writes a synthetic prompt/completion JSONL of ``--size-mb`` (seeded; ~1 KB per record, with a think
-block), then, in a fresh subprocess per mode, loads it with ``load_sft_examples`` (tiny byte-level BPE
+Writes a synthetic prompt/completion JSONL of ``--size-mb`` (seeded; ~640 bytes per record, with a
+think block), then, in a fresh subprocess per mode, loads it with ``load_sft_examples`` (tiny byte-level BPE
 tokenizer) and collates ``--batches`` micro-batches at random micro-steps (random access across epochs,
 shuffled). Prints one JSON line: file size and, per mode, RSS after imports (baseline), peak RSS
 (``ru_maxrss``), their difference, load and batch times, and the DataStats.
 
     PYTHONPATH=. python benchmarks/stream_memory.py --size-mb 150 --modes eager,streaming
-    PYTHONPATH=. python benchmarks/stream_memory.py --size-mb 2048 --modes streaming   # eager needs ~25x the file
+    PYTHONPATH=. python benchmarks/stream_memory.py --size-mb 2048 --modes streaming   # eager needs ~87x the file
 
 The file is deleted afterwards unless ``--keep``.
 """
