@@ -66,11 +66,29 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    """Where the examples come from and how they become tokens (docs/data.md has a recipe per source)."""
+
     train: str | None = Field(
         default=None,
-        description="Training data: a .jsonl or .parquet file. SFT needs it; RL reads prompts (plus reward fields such as `answer`) from it, or generates them from `rl.task` when it is unset.",
+        description="Training data: a .jsonl or .parquet file, a .csv/.tsv/.json/.arrow file (read by `datasets`), a `datasets` save_to_disk directory, or a hub dataset id (`owner/name` or `owner/name:config`, online). SFT needs it; RL reads prompts (plus reward fields such as `answer`) from it, or generates them from `rl.task` when it is unset.",
     )
-    eval: str | None = Field(default=None, description="Held-out data for loss/perplexity every `train.eval_every` steps.")
+    eval: str | None = Field(default=None, description="Held-out data for loss/perplexity every `train.eval_every` steps; any source `train` accepts.")
+    split: str | None = Field(
+        default=None,
+        description="Split of data.train when it has several (a save_to_disk DatasetDict, a hub dataset). null: `train`, or the only split. A file is one split named `train`.",
+    )
+    eval_split: str | None = Field(
+        default=None,
+        description="Split of data.eval. null: `validation`, `valid`, `dev` or `test` (the first present), or the only split.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="leantune field -> dataset column, e.g. {prompt: question, completion: answer}; mapped columns are renamed, the rest pass through. SFT fields: prompt, completion, messages; RL prompt rows also take any reward field (answer, numbers...).",
+    )
+    streaming: bool = Field(
+        default=False,
+        description="SFT: keep the data on disk (JSONL by line offset, other sources memory-mapped Arrow) and tokenize examples on access, so memory stays flat in the dataset's size. One validating pass up front still counts every statistic and finds every bad row before training. RL prompt pools are always read whole.",
+    )
     format: Literal["auto", "prompt_completion", "messages"] = Field(
         default="auto", description="Record shape: {prompt, completion} or {messages: [...]}; auto detects per file."
     )
@@ -81,6 +99,21 @@ class DataConfig(Section):
     think_start: str = Field(default="<think>", description="Marker opening the thinking span inside a completion.")
     think_end: str = Field(default="</think>", description="Marker closing the thinking span; the rest is the answer span.")
     shuffle: bool = Field(default=True, description="Shuffle training examples every epoch (seeded).")
+
+    @model_validator(mode="after")
+    def _splits_and_columns(self):
+        if self.split is not None and self.train is None:
+            raise ValueError("data.split is set but data.train is not; set data.train or remove data.split")
+        if self.eval_split is not None and self.eval is None:
+            raise ValueError("data.eval_split is set but data.eval is not; set data.eval or remove data.eval_split")
+        for target, column in self.columns.items():
+            if not target.strip() or not column.strip():
+                raise ValueError(f"data.columns: empty name in {target!r}: {column!r}; map a leantune field to a dataset column")
+        return self
+
+    def split_for(self, role: Literal["train", "eval"]) -> str | None:
+        """The configured split of data.train (``role="train"``) or data.eval (``"eval"``); None: the default rule."""
+        return self.split if role == "train" else self.eval_split
 
 
 class SpanWeights(Section):

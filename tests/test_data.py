@@ -114,9 +114,9 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"bad\.parquet: cannot read Parquet"):
         read_records(tmp_path / "bad.parquet")
-    (tmp_path / "d.csv").write_text("prompt,completion\n")
-    with pytest.raises(DataError, match=r"d\.csv: unsupported file type '\.csv'"):
-        read_records(tmp_path / "d.csv")
+    (tmp_path / "d.txt").write_text("prompt,completion\n")  # .csv is read by `datasets` (tests/test_data_sources.py)
+    with pytest.raises(DataError, match=r"d\.txt: unsupported file type '\.txt'"):
+        read_records(tmp_path / "d.txt")
 
 
 def test_enforced_format_mismatch(tmp_path):

@@ -1,4 +1,5 @@
-"""Read and validate training records from JSON Lines or Parquet files.
+"""Read and validate training records from JSON Lines or Parquet files (and, through
+:mod:`leantune.data.sources`, from csv/json/arrow files, ``save_to_disk`` directories and hub datasets).
 
 Two record shapes are accepted (extra keys such as ``id`` or ``meta`` are ignored):
 
@@ -9,7 +10,8 @@ Two record shapes are accepted (extra keys such as ``id`` or ``meta`` are ignore
 
 Every problem raises :class:`DataError` whose message starts with the location -- ``file:line``
 (1-based, blank lines count) for JSON Lines, ``file:row N`` (0-based, as in ``pandas.iloc``) for
-Parquet -- then names the field and says what to do.
+Parquet and other dataset rows (``source[split]:row N`` for a named split) -- then names the field and
+says what to do.
 
 >>> import json, tempfile, pathlib
 >>> p = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
@@ -173,13 +175,15 @@ def _read_parquet(path: Path, check: Callable[[Any, str], Any]) -> list:
     return [check(row, f"{path}:row {i}") for i, row in enumerate(rows)]
 
 
-def read_records(path: str | Path, format: RecordFormat = "auto") -> list[Record]:
-    """All records of a ``.jsonl`` (also ``.jsonlines``, ``.json-lines``, ``.ndjson``) or ``.parquet`` file.
+def read_records(path: str | Path, format: RecordFormat = "auto", *, split: str | None = None,
+                 columns: dict[str, str] | None = None, role: Literal["train", "eval"] = "train") -> list[Record]:
+    """All records of a ``.jsonl`` (also ``.jsonlines``, ``.json-lines``, ``.ndjson``) or ``.parquet`` file, or of
+    any source :func:`read_rows` reads (``split``, ``columns``, ``role`` as there).
 
     ``format`` is ``data.format``: ``"auto"`` detects the shape per record, the other values enforce one.
     Blank lines are skipped. Raises :class:`DataError` at the first problem, or if there are no records.
     """
-    return read_rows(path, lambda data, where: check_record(data, where, format))
+    return read_rows(path, lambda data, where: check_record(data, where, format), split=split, columns=columns, role=role)
 
 
 def check_prompt_row(data: Any, where: str) -> dict:
@@ -190,8 +194,10 @@ def check_prompt_row(data: Any, where: str) -> dict:
     return dict(data)
 
 
-def read_prompt_rows(path: str | Path) -> list[dict]:
-    """RL prompts: rows with a ``prompt`` string plus the fields its reward needs (``answer``, ``numbers``...).
+def read_prompt_rows(path: str | Path, *, split: str | None = None, columns: dict[str, str] | None = None) -> list[dict]:
+    """RL prompts: rows with a ``prompt`` string plus the fields its reward needs (``answer``, ``numbers``...),
+    from any source :func:`read_rows` reads; ``columns`` (``data.columns``) may map any field, reward fields
+    included, and ``split`` is ``data.split`` (the prompt pool is a training split).
 
     >>> import json, tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "p.jsonl"
@@ -201,26 +207,17 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
     ...
     leantune.data.records.DataError: ...p.jsonl:2: missing field 'prompt' (record has: answer). Every RL prompt row needs a 'prompt' string; other fields go to the reward.
     """
-    return read_rows(path, check_prompt_row)
+    return read_rows(path, check_prompt_row, split=split, columns=columns)
 
 
-def read_rows(path: str | Path, check: Callable[[Any, str], Any]) -> list:
-    """Rows of a JSON Lines or Parquet file, each passed through ``check(row, "file:line")``."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found. Check data.train / data.eval (relative paths are resolved from the working directory).")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a data file. Point data.train / data.eval at a .jsonl or .parquet file.")
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        records = _read_jsonl(path, check)
-    elif suffix in PARQUET_SUFFIXES:
-        records = _read_parquet(path, check)
-    else:
-        raise DataError(
-            f"{path}: unsupported file type {suffix or '(no suffix)'!r}. Use JSON Lines ({', '.join(JSONL_SUFFIXES)}) "
-            f"or Parquet ({', '.join(PARQUET_SUFFIXES)}); a JSON array file must be converted to one object per line."
-        )
-    if not records:
-        raise DataError(f"{path}: no records (the file is empty or has only blank lines). Add at least one record.")
-    return records
+def read_rows(path: str | Path, check: Callable[[Any, str], Any], *, split: str | None = None,
+              columns: dict[str, str] | None = None, role: Literal["train", "eval"] = "train") -> list:
+    """Rows of ``path``, each passed through ``check(row, where)``: a JSON Lines or Parquet file (``where`` is
+    ``file:line`` / ``file:row N``), or any source of :mod:`leantune.data.sources` (``source:row N``).
+
+    ``columns`` (``data.columns``) renames dataset columns to leantune's fields first; ``split`` picks a split
+    (None: the default for ``role``, see :func:`leantune.data.sources.resolve_split`).
+    """
+    from leantune.data.sources import read_source_rows
+
+    return read_source_rows(path, check, split=split, columns=columns, role=role)

@@ -31,9 +31,13 @@ dropped too. Batches are right-padded; pad positions have span ``-1``.
 from __future__ import annotations
 
 import random
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -149,17 +153,25 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[
     return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats]:
-    """Read ``path`` (JSON Lines or Parquet) and tokenize every record into an :class:`Example`.
+SFT_FIELDS = ("prompt", "completion", "messages")
 
-    Raises :class:`~leantune.data.records.DataError` (with file:line and field) for bad records, empty
-    completions, an unclosed think block, or when every example is dropped as too long.
+
+def check_sft_columns(columns: dict[str, str], where: str) -> None:
+    """DataError for a ``data.columns`` target that is not an SFT field (RL prompt rows accept any)."""
+    unknown = [t for t in columns if t not in SFT_FIELDS]
+    if unknown:
+        raise DataError(
+            f"{where}: data.columns maps unknown field(s) {', '.join(map(repr, unknown))}; SFT fields are "
+            f"{', '.join(SFT_FIELDS)} (RL prompt rows also take reward fields such as answer)."
+        )
+
+
+def _tokenize_records(records: list[Record], tokenizer, cfg: DataConfig, eos: int) -> list[tuple[list[int], list[int], bool] | None]:
+    """Per record ``(input_ids, spans, truncated)``, or None when it is dropped as overlong.
+
+    The one tokenization path of both loaders: eager calls it on every record at once, streaming on
+    chunks in its validating pass and on one record per access, so both give the same examples.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError(f"{path}: the tokenizer has no eos token; every example ends with one. Set tokenizer.eos_token.")
-    records = read_records(path, cfg.format)
-
     prompts, prompt_special, thinks, answers = [], [], [], []
     for rec in records:
         prompt, special, completion, field = _prompt_and_completion(rec, tokenizer)
@@ -188,29 +200,145 @@ def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[lis
     think_ids = _encode(tokenizer, thinks, False)
     answer_ids = _encode(tokenizer, answers, False)
 
-    stats = DataStats(records=len(records))
-    examples = []
-    for rec, p, t, a in zip(records, prompt_ids, think_ids, answer_ids):
+    out: list[tuple[list[int], list[int], bool] | None] = []
+    for p, t, a in zip(prompt_ids, think_ids, answer_ids):
         ids = p + t + a + [eos]
         spans = [SPAN_PROMPT] * len(p) + [SPAN_THINK] * len(t) + [SPAN_ANSWER] * (len(a) + 1)
-        if len(ids) > cfg.max_length:
-            if cfg.overlong == "drop" or len(p) >= cfg.max_length:
-                stats.dropped += 1
-                continue
-            ids, spans = ids[: cfg.max_length], spans[: cfg.max_length]
-            stats.truncated += 1
-        examples.append(Example(input_ids=ids, spans=spans, source=rec.source))
-        stats.tokens += len(ids)
-        stats.prompt_tokens += spans.count(SPAN_PROMPT)
-        stats.think_tokens += spans.count(SPAN_THINK)
-        stats.answer_tokens += spans.count(SPAN_ANSWER)
-    stats.examples = len(examples)
+        if len(ids) <= cfg.max_length:
+            out.append((ids, spans, False))
+        elif cfg.overlong == "drop" or len(p) >= cfg.max_length:
+            out.append(None)
+        else:
+            out.append((ids[: cfg.max_length], spans[: cfg.max_length], True))
+    return out
+
+
+def _count(stats: DataStats, tokenized: tuple[list[int], list[int], bool] | None) -> None:
+    stats.records += 1
+    if tokenized is None:
+        stats.dropped += 1
+        return
+    ids, spans, truncated = tokenized
+    stats.examples += 1
+    stats.truncated += truncated
+    stats.tokens += len(ids)
+    stats.prompt_tokens += spans.count(SPAN_PROMPT)
+    stats.think_tokens += spans.count(SPAN_THINK)
+    stats.answer_tokens += spans.count(SPAN_ANSWER)
+
+
+def _eos(path, tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"{path}: the tokenizer has no eos token; every example ends with one. Set tokenizer.eos_token.")
+    return eos
+
+
+def _all_dropped(path, stats: DataStats, cfg: DataConfig) -> DataError:
+    return DataError(
+        f"{path}: all {stats.records} examples are longer than data.max_length={cfg.max_length} tokens and were dropped "
+        f"(data.overlong={cfg.overlong!r}). Raise data.max_length or shorten the prompts."
+    )
+
+
+def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig,
+                      role: Literal["train", "eval"] = "train") -> tuple[Sequence[Example], DataStats]:
+    """Read ``path`` (any source of :mod:`leantune.data.sources`) and tokenize every record into an :class:`Example`.
+
+    ``role`` says whether ``path`` is data.train or data.eval: it picks ``cfg.split`` or ``cfg.eval_split``
+    and the default split rule. ``cfg.columns`` renames dataset columns first. With ``cfg.streaming`` the
+    examples are a :class:`StreamedExamples` (same items, tokenized on access) after one validating pass
+    that computes the same :class:`DataStats`; otherwise a list.
+
+    Raises :class:`~leantune.data.records.DataError` (with file:line or source:row, and field) for bad
+    records, empty completions, an unclosed think block, or when every example is dropped as too long.
+    """
+    eos = _eos(path, tokenizer)
+    check_sft_columns(cfg.columns, str(path))
+    if cfg.streaming:
+        return _load_streamed(path, tokenizer, cfg, role, eos)
+    records = read_records(path, cfg.format, split=cfg.split_for(role), columns=cfg.columns, role=role)
+    stats = DataStats()
+    examples = []
+    for rec, tokenized in zip(records, _tokenize_records(records, tokenizer, cfg, eos)):
+        _count(stats, tokenized)
+        if tokenized is not None:
+            examples.append(Example(input_ids=tokenized[0], spans=tokenized[1], source=rec.source))
     if not examples:
-        raise DataError(
-            f"{path}: all {stats.records} examples are longer than data.max_length={cfg.max_length} tokens and were dropped "
-            f"(data.overlong={cfg.overlong!r}). Raise data.max_length or shorten the prompts."
-        )
+        raise _all_dropped(path, stats, cfg)
     return examples, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming
+
+
+class StreamedExamples(Sequence):
+    """The kept examples of a row table, tokenized on access (``len()``, ``[i]``, slices, iteration).
+
+    Holds the table (a file read by offset, or memory-mapped Arrow), the row key of each kept example
+    (8 bytes each) and an LRU of the last ``cache_size`` examples -- not the data. ``[i]`` equals the
+    eager loader's ``examples[i]``.
+    """
+
+    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
+        self.rows, self.keys, self.check = rows, keys, check
+        self.tokenizer, self.cfg, self.eos = tokenizer, cfg, eos
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, Example] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example {i} out of range ({n} examples)")
+        i %= n
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        data, where = self.rows.fetch(self.keys[i])
+        record = self.check(data, where)
+        tokenized = _tokenize_records([record], self.tokenizer, self.cfg, self.eos)[0]
+        if tokenized is None:  # the validating pass kept it: the data changed under us
+            raise DataError(f"{where}: this example was kept when the data was validated but is dropped now; the data changed. Restart the run.")
+        example = Example(input_ids=tokenized[0], spans=tokenized[1], source=record.source)
+        self._cache[i] = example
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return example
+
+
+def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int = 128):
+    """One pass over the rows in chunks: validate, tokenize, count, keep only the row keys of kept examples."""
+    from leantune.data.records import check_record
+    from leantune.data.sources import mapped_check, open_rows
+
+    rows = open_rows(path, cfg.split_for(role), role, cfg.columns)
+    check = mapped_check(lambda data, where: check_record(data, where, cfg.format), cfg.columns)
+    stats, keys = DataStats(), array("q")
+
+    def flush(batch: list[tuple[int, Record]]) -> None:
+        for (key, _), tokenized in zip(batch, _tokenize_records([r for _, r in batch], tokenizer, cfg, eos)):
+            _count(stats, tokenized)
+            if tokenized is not None:
+                keys.append(key)
+        batch.clear()
+
+    batch: list[tuple[int, Record]] = []
+    for key, data, where in rows.scan():
+        batch.append((key, check(data, where)))
+        if len(batch) == chunk:
+            flush(batch)
+    flush(batch)
+    if stats.records == 0:
+        raise DataError(f"{path}: no records (the file is empty or has only blank lines). Add at least one record.")
+    if not keys:
+        raise _all_dropped(path, stats, cfg)
+    return StreamedExamples(rows, keys, check, tokenizer, cfg, eos), stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,12 +381,15 @@ def collate(examples: list[Example], pad_id: int, weights: SpanWeights) -> dict[
 
 
 @lru_cache(maxsize=4)
-def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    order = list(range(n_examples))
+def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> array:
+    # An int64 array, 8 bytes per example (a list or tuple of ints costs ~36): with streamed examples this
+    # cache would otherwise be the largest thing that grows with the dataset. `shuffle` swaps in place
+    # with the same draws as on a list, so the permutation is the one a list gives.
+    order = array("q", range(n_examples))
     if shuffle:
         # A string seed is hashed with SHA-512 by `random`: stable across runs, platforms and versions.
         random.Random(f"leantune-data:{seed}:{epoch}").shuffle(order)
-    return tuple(order)
+    return order
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:

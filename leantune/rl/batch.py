@@ -31,7 +31,7 @@ def load_prompt_pool(recipe: Recipe) -> list[dict]:
     from leantune.data.records import read_prompt_rows
 
     if recipe.data.train:
-        return read_prompt_rows(recipe.data.train)
+        return read_prompt_rows(recipe.data.train, split=recipe.data.split, columns=recipe.data.columns)
     from leantune.tasks import get_task
 
     rows = get_task(recipe.rl.task).generate(recipe.rl.num_prompts, seed=recipe.train.seed, split="train")

@@ -165,7 +165,7 @@ def _train(session: RunSession) -> TrainResult:
     recipe, cfg, model, dist = session.recipe, session.recipe.train, session.model, session.dist
     tokenizer = session.tokenizer
     train_examples, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
-    eval_examples = load_sft_examples(recipe.data.eval, tokenizer, recipe.data)[0] if recipe.data.eval else []
+    eval_examples = load_sft_examples(recipe.data.eval, tokenizer, recipe.data, role="eval")[0] if recipe.data.eval else []
     session.info(f"data: {stats.as_dict()}")
     pad_id = tokenizer.pad_token_id
     saved = session.trainer_state.get("candidates")  # resume: the subset the run started with, not a re-calibration
