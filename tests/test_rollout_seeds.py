@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from leantune.models.tiny import tiny_model, tiny_tokenizer
-from leantune.rl.rollout import row_keys, row_uniforms, sample_categorical, sample_groups, splitmix64
+from leantune.rl.rollout import (
+    prompt_seeds,
+    row_keys,
+    row_uniforms,
+    sample_categorical,
+    sample_groups,
+    splitmix64,
+)
 
 
 def _splitmix64_reference(x: int) -> int:
@@ -101,3 +108,10 @@ def test_seeds_ignore_the_generator_and_must_match_the_prompts(policy):
     assert x.completion_ids == y.completion_ids
     with pytest.raises(ValueError, match="one per prompt"):
         sample_groups(model, tok, ["x", "y"], seeds=[3], **kw)
+
+
+def test_prompt_seeds_differ_by_step_round_and_index():
+    s = {tuple(prompt_seeds(0, step, rnd, 4)) for step in range(5) for rnd in range(3)}
+    assert len(s) == 15 and all(len(set(x)) == 4 for x in s)
+    assert prompt_seeds(1, 0, 0, 4) != prompt_seeds(0, 0, 0, 4)
+    assert prompt_seeds(0, 2, 1, 6)[:4] == prompt_seeds(0, 2, 1, 4)

@@ -128,6 +128,22 @@ def row_keys(seeds: Sequence[int], group_size: int) -> torch.Tensor:
     return splitmix64((s[:, None] + j[None, :]).reshape(-1))  # (n_p * G,)
 
 
+def prompt_seeds(seed: int, step: int, sampling_round: int, n: int) -> list[int]:
+    """Seeds for the n prompts of one sampling round: splitmix64 of (seed, step, round, prompt index).
+
+    What an RL loop passes as ``sample_groups(..., seeds=...)``: a function of where the prompt sits in the
+    run, not of a generator's state, so resuming at a step replays the same rollouts without saving any
+    RNG state, and a prompt's group is the same whoever samples it.
+
+    >>> prompt_seeds(0, 3, 0, 2) == prompt_seeds(0, 3, 0, 3)[:2], prompt_seeds(0, 3, 0, 1) != prompt_seeds(0, 4, 0, 1)
+    (True, True)
+    """
+    z = splitmix64(torch.tensor([_i64(seed)], dtype=torch.long))
+    for part in (step, sampling_round):
+        z = splitmix64(z + _i64(part))
+    return [int(x) for x in splitmix64(z + torch.arange(n, dtype=torch.long))]
+
+
 def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
     """Uniforms in [0, 1) for decode step ``step`` of the rows with these stream ``keys``: (n,) float32.
 
