@@ -446,6 +446,9 @@ class RLConfig(Section):
             check_reward_names(self.rewards, self.task)
         if self.async_rollouts and self.rollout_workers < 1:
             raise ValueError("rl.async_rollouts overlaps sampling with the update in Ray workers; set rl.rollout_workers >= 1")
+        if self.async_rollouts and self.entropy_filter is not None:
+            raise ValueError("rl.async_rollouts picks the next step's prompts before this step's update; the entropy "
+                             "filter needs the updated policy: set rl.entropy_filter: null or rl.async_rollouts: false")
         return self
 
 

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    tests = os.path.dirname(os.path.abspath(__file__))  # rl_helpers (a custom reward) is importable from here
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p))
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -85,7 +87,7 @@ def test_two_process_rl_step_equals_one(tiny_model_dir, tmp_path):
     for name, nproc in (("one", 1), ("two", 2)):
         raw = tiny_recipe(tiny_model_dir, prompts, tmp_path / name, train={"steps": 2, "micro_batch_size": 2, "seed": 0},
                           optim={"lr": 5e-2, "scheduler": "constant"})
-        raw["rl"] = {"rewards": {"exact_match": 1.0, "format": 0.5}, "group_size": 4, "prompts_per_step": 3,
+        raw["rl"] = {"rewards": {"rl_helpers:digit_share": 1.0}, "group_size": 4, "prompts_per_step": 3,
                      "max_new_tokens": 6, "dynamic_sampling": False, "prompt_selection": {"enabled": False}}
         _leantune("rl", str(_recipe_file(tmp_path, raw, name)), "--nproc", str(nproc))
         runs[name] = tmp_path / name

@@ -20,7 +20,7 @@ from leantune.losses import linear_token_logprobs
 from leantune.models.tiny import tiny_model, tiny_tokenizer
 from leantune.rl.rollout import completion_logprobs, sample_categorical, sample_groups, top_p_filter
 from leantune.rl.selection import PromptSelector, PromptStream
-from leantune.train.rl import build_rewards, collect_batch, train_rl
+from leantune.train.rl import Sampler, build_rewards, collect_batch, train_rl
 
 # ----------------------------------------------------------------------------------------------
 # Token log-probs through the LM head
@@ -280,8 +280,8 @@ def _collect(policy, recipe, step=0, selector=None, stream=None):
     reward_fn, correct_fn, task = build_rewards(recipe.rl)
     stream = stream or PromptStream(len(pool), seed=0)
     selector = selector or PromptSelector(enabled=False)
-    return collect_batch(model, tok, pool, stream, selector, reward_fn, correct_fn, task, recipe.rl, step,
-                         torch.Generator().manual_seed(0))
+    sampler = Sampler(model, tok, recipe.rl, task, seed=0)
+    return collect_batch(sampler, pool, stream, selector, reward_fn, correct_fn, recipe.rl, step)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(policy, prompts_file, tmp_path):

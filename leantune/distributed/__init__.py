@@ -20,6 +20,7 @@ from leantune.distributed.context import (
     DEFAULT_TIMEOUT_S,
     DistContext,
     PeerLostError,
+    all_gather_objects,
     all_reduce_gradients,
     all_reduce_max,
     all_reduce_sum,
@@ -41,7 +42,7 @@ from leantune.distributed.state import (
 from leantune.distributed.wrap import LossModule, clip_grad_norm, sync_gradients, unwrap, wrap_for_training
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "DistContext", "LossModule", "PeerLostError", "all_reduce_gradients", "all_reduce_max",
+    "DEFAULT_TIMEOUT_S", "DistContext", "LossModule", "PeerLostError", "all_gather_objects", "all_reduce_gradients", "all_reduce_max",
     "all_reduce_sum", "barrier",
     "broadcast_object", "clip_grad_norm", "destroy", "full_state_dict", "gather_objects", "init_distributed",
     "is_peer_lost", "launch_torchrun", "load_full_state_dict", "load_optimizer_state_dict", "micro_steps_done",

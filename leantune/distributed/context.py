@@ -262,3 +262,13 @@ def all_reduce_gradients(params: list[torch.Tensor], ctx: DistContext) -> None:
         n = g.numel()
         p.grad = comm[offset:offset + n].view_as(g).to(g.device)
         offset += n
+
+
+def all_gather_objects(obj, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable) as a list indexed by rank, on every rank. One process: ``[obj]``."""
+    if not ctx.is_distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    with peer_guard(ctx):
+        dist.all_gather_object(out, obj)
+    return out

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from leantune.config import Recipe, RecipeError, RLConfig
-from leantune.rl.rollout import pass_at_k, prompt_entropy, sample_groups
+from leantune.rl.rollout import Rollouts, pass_at_k, prompt_entropy, prompt_seeds, sample_groups
 from leantune.rl.selection import informative_groups, prompt_entropy_keep
 
 HIGH_ENTROPY_NATS = 0.672
@@ -86,6 +84,81 @@ class SamplingStats:
     prefill_tokens: int = 0  # what the prefill ran: each distinct prompt once
 
 
+class Sampler:
+    """Where a step's rollouts come from, one interface for the loop: this process, this rank's share of the
+    groups under torchrun (gathered so every rank holds the whole batch), or Ray workers (`rl.rollout_workers`,
+    `RolloutPool`: each holds the frozen base and receives only the adapter, once per step).
+
+    Every group is sampled with its own seed, ``prompt_seeds(seed, step, round, i)``: a prompt's completions do
+    not depend on who samples it or what else is in the batch, so in-process, W ranks and N workers give the
+    same rollouts, and a resumed run replays them without RNG state. ``prefetch``/``take`` let the loop start
+    the next step's first round on the workers before this step's update (`rl.async_rollouts`).
+    """
+
+    def __init__(self, model, tokenizer, rl: RLConfig, task, *, seed: int, dist=None, pool=None):
+        self.model, self.tokenizer, self.rl, self.task, self.seed = model, tokenizer, rl, task, seed
+        self.dist, self.pool = dist, pool
+        self.weights = None
+        self.bytes_sent = 0
+        self._prefetched = None  # (step, prompts, handle)
+
+    def begin_step(self) -> None:
+        """Send the current adapter to the workers (once per step, shared by all its sampling rounds)."""
+        if self.pool is not None:
+            from leantune.adapters.lora import trainable_state
+
+            self.weights = self.pool.put_adapter(trainable_state(self.model))
+
+    def _kwargs(self) -> dict:
+        rl = self.rl
+        return dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
+                    top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter)
+
+    def prefetch(self, cand: list[int], prompts: list[str], step: int, skipped: int) -> None:
+        """Start sampling round 0 of ``step`` (prompt indices ``cand``) on the workers now, with the current
+        policy's weights: the next step's rollouts overlap this step's update, one step off-policy."""
+        seeds = prompt_seeds(self.seed, step, 0, len(prompts))
+        self.begin_step()
+        handle = self.pool.submit(self.weights, prompts, seeds=seeds, task=self.rl.task, **self._kwargs())
+        self._prefetched = (step, list(cand), handle, skipped)
+
+    @property
+    def pending(self) -> list[int]:
+        """Prompt indices drawn for a prefetch not yet taken (a checkpoint keeps them)."""
+        return list(self._prefetched[1]) if self._prefetched else []
+
+    def take(self, step: int):
+        """(prompt indices, rollouts, prompts skipped) prefetched for ``step``, or None."""
+        if self._prefetched is None or self._prefetched[0] != step:
+            return None
+        _, cand, handle, skipped = self._prefetched
+        self._prefetched = None
+        ro = handle.result()
+        self.bytes_sent += ro.extra.get("adapter_bytes_sent", 0)
+        return cand, ro, skipped
+
+    def __call__(self, prompts: list[str], step: int, sampling_round: int) -> Rollouts:
+        seeds = prompt_seeds(self.seed, step, sampling_round, len(prompts))
+        if self.pool is not None:
+            ro = self.pool.sample_groups(self.weights, prompts, seeds=seeds, task=self.rl.task, **self._kwargs())
+            self.bytes_sent += ro.extra.get("adapter_bytes_sent", 0)
+            return ro
+        if self.dist is None or not self.dist.is_distributed:
+            return self._local(prompts, seeds)
+        from leantune.distributed import all_gather_objects
+        from leantune.rl.workers import chunk_bounds, merge_rollouts
+
+        lo, hi = chunk_bounds(len(prompts), self.dist.world_size)[self.dist.rank]
+        mine = self._local(prompts[lo:hi], seeds[lo:hi])
+        return merge_rollouts(all_gather_objects(mine, self.dist), self.rl.group_size)
+
+    def _local(self, prompts: list[str], seeds: list[int]) -> Rollouts:
+        if not prompts:
+            return Rollouts(self.rl.group_size, [], [], [], [], [], [])
+        return sample_groups(self.model, self.tokenizer, prompts, seeds=seeds,
+                             is_complete=getattr(self.task, "is_complete", None), **self._kwargs())
+
+
 @dataclass
 class Batch:
     """The groups kept for one update, plus what it cost to get them."""
@@ -97,39 +170,46 @@ class Batch:
     truncated: list[bool]
     texts: list[str]
     stats: SamplingStats = field(default_factory=SamplingStats)
+    logprobs: list[list[float]] = field(default_factory=list)  # the sampling policy's token log-probs
     rows: list[dict] = field(default_factory=list)  # the prompt row of each kept group (prompt + reward fields)
 
 
-def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl: RLConfig, step: int,
-                  generator: torch.Generator) -> Batch:
+def next_candidates(stream, selector, want: int, step: int, stats: SamplingStats | None = None) -> list[int]:
+    """Up to ``want`` prompt indices the selector admits at ``step``, in stream order."""
+    cand: list[int] = []
+    for _ in range(stream.size):
+        if len(cand) == want:
+            break
+        i = stream.next()
+        if selector.admits(i, step):
+            cand.append(i)
+        else:
+            if stats is not None:
+                stats.prompts_skipped += 1
+            selector.skipped += 1
+    return cand
+
+
+def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_fn, rl: RLConfig, step: int) -> Batch:
     """Sample until `rl.prompts_per_step` informative groups are kept or the rounds run out."""
     g = rl.group_size
     keep, s = Batch([], [], [], [], [], []), SamplingStats()
     while len(keep.rewards) < rl.prompts_per_step * g and s.rounds < rl.max_sampling_rounds:
         need = rl.prompts_per_step - len(keep.rewards) // g
         want = need if rl.entropy_filter is None else max(need, math.ceil(need / rl.entropy_filter))
-        cand: list[int] = []
-        for _ in range(stream.size):
-            if len(cand) == want:
-                break
-            i = stream.next()
-            if selector.admits(i, step):
-                cand.append(i)
-            else:
-                s.prompts_skipped += 1
-                selector.skipped += 1
+        pre = sampler.take(step) if s.rounds == 0 else None
+        cand = pre[0] if pre else next_candidates(stream, selector, want, step, s)
+        if pre:
+            s.prompts_skipped += pre[2]
         if not cand:
             break
         if rl.entropy_filter is not None and len(cand) > need:
-            kept_idx = prompt_entropy_keep(prompt_entropy(model, tokenizer, [pool[i]["prompt"] for i in cand]),
-                                           need / len(cand))
+            kept_idx = prompt_entropy_keep(prompt_entropy(sampler.model, sampler.tokenizer,
+                                                          [pool[i]["prompt"] for i in cand]), need / len(cand))
             s.entropy_filtered += len(cand) - len(kept_idx)
             cand = [cand[j] for j in kept_idx]
         rows = [pool[i] for i in cand]
-        ro = sample_groups(model, tokenizer, [r["prompt"] for r in rows], group_size=g, max_new_tokens=rl.max_new_tokens,
-                           temperature=rl.temperature, top_p=rl.top_p, stop=rl.stop,
-                           is_complete=getattr(task, "is_complete", None), generator=generator,
-                           fold_adapter=rl.fold_adapter)
+        ro = pre[1] if pre else sampler([r["prompt"] for r in rows], step, s.rounds)
         prompts, fields = [r["prompt"] for r in rows for _ in range(g)], _fields(rows, g)
         rewards = [float(x) for x in reward_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
         correct = [x > 0 for x in correct_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
@@ -159,7 +239,7 @@ def collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_f
                     continue
             if len(keep.rewards) >= rl.prompts_per_step * g:
                 continue  # batch already full (the entropy filter can overshoot by rounding)
-            for name in ("prompt_ids", "completion_ids", "truncated", "texts"):
+            for name in ("prompt_ids", "completion_ids", "truncated", "texts", "logprobs"):
                 getattr(keep, name).extend(getattr(ro, name)[sl])
             keep.rewards += rewards[sl]
             keep.correct += correct[sl]

@@ -28,20 +28,22 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
 from leantune.distributed import all_reduce_gradients, all_reduce_sum
 from leantune.rl.advantages import ADVANTAGES
 from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow
+from leantune.rl.bill import RLTotals, ledger_totals, rl_flops
 from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampling half of the step)
     Batch,
+    Sampler,
     SamplingStats,
     _fields,
     check_prompt_lengths,
     collect_batch,
     load_prompt_pool,
+    next_candidates,
 )
 from leantune.rl.rewards import build_rewards
 from leantune.rl.rollout import completion_logprobs, sample_groups
@@ -73,10 +75,12 @@ class UpdateStats:
 
 
 def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pad_id: int, micro_batch: int,
-                  chunk_size: int, max_grad_norm: float | None, dist=None) -> UpdateStats:
+                  chunk_size: int, max_grad_norm: float | None, dist=None, behaviour: bool = False) -> UpdateStats:
     """`rl.updates_per_batch` optimizer steps of the policy loss on one batch. ``dist``: with several processes
     (every rank holds the same batch), rank r runs micro-batches r, r + W, ... and the gradients are summed
-    over ranks before the step, so W processes take the step one process takes."""
+    over ranks before the step, so W processes take the step one process takes. ``behaviour``: the batch was
+    sampled by an older policy (`rl.async_rollouts`): the importance ratio is taken against the sampling
+    policy's log-probs (``batch.logprobs``), as DAPO's clipping expects."""
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
     adv = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]](torch.tensor(batch.rewards), g) if n else torch.zeros(0)
@@ -108,7 +112,9 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         with model.disable_adapter():
             ref = {k: logps_of(idx, grad=False)[0] for k, idx in mine}
     old = {}
-    if rl.updates_per_batch > 1:  # the behaviour policy's logps, before any update (ratio != 1 afterwards)
+    if behaviour:  # the policy that sampled the batch (one step older)
+        old = {k: _padded([batch.logprobs[i] for i in idx], device) for k, idx in mine}
+    elif rl.updates_per_batch > 1:  # the behaviour policy's logps, before any update (ratio != 1 afterwards)
         old = {k: logps_of(idx, grad=False)[0] for k, idx in mine}
     model.train()
     stats_acc: dict[str, float] = {}
@@ -135,6 +141,14 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     denom = len(active) * rl.updates_per_batch
     out.clip_fraction = stats_acc.get("clip_ratio/region_mean", 0.0) / denom
     out.kl = stats_acc.get("kl", 0.0) / denom if rl.beta > 0 else 0.0
+    return out
+
+
+def _padded(rows: list[list[float]], device) -> torch.Tensor:
+    """(B, T) zero-padded float tensor of per-token values."""
+    out = torch.zeros(len(rows), max((len(r) for r in rows), default=0), device=device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=out.dtype)
     return out
 
 
@@ -178,49 +192,6 @@ def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, re
 
 # ----------------------------------------------------------------------------------------------
 # The loop
-
-
-@dataclass
-class RLTotals:
-    """Run totals, carried by checkpoints: the ledger's ``totals.rollouts``."""
-
-    rollouts_generated: int = 0
-    rollouts_used: int = 0
-    tokens_generated: int = 0
-    tokens_trained: int = 0
-    zero_variance_rollouts_dropped: int = 0
-    prompt_selection_rollouts_saved: int = 0
-    overlong_rollouts_masked: int = 0
-    early_stop_tokens_saved: int = 0
-    entropy_filter_rollouts_saved: int = 0
-    prompt_tokens: int = 0  # of every rollout generated
-    prefill_tokens: int = 0  # what the prefill ran
-    update_tokens: int = 0
-    zo_rollouts: int = 0
-    zo_tokens_generated: int = 0
-    zo_prompt_tokens: int = 0
-    elapsed_s: float = 0.0
-    rollout_s: float = 0.0
-
-    def add(self, s: SamplingStats, u: UpdateStats, rl: RLConfig, dt: float) -> None:
-        g = rl.group_size
-        self.elapsed_s += dt
-        self.rollout_s += s.rollout_seconds
-        self.rollouts_generated += s.rollouts
-        self.rollouts_used += u.sequences_trained
-        self.tokens_generated += s.tokens_generated + u.zo_tokens_generated  # ZO re-sampling is real work
-        self.tokens_trained += u.tokens_trained
-        self.update_tokens += u.update_tokens
-        self.prompt_tokens += s.prompt_tokens + u.zo_prompt_tokens
-        self.prefill_tokens += s.prefill_tokens + u.zo_prefill_tokens
-        self.zo_rollouts += u.zo_rollouts
-        self.zo_tokens_generated += u.zo_tokens_generated
-        self.zo_prompt_tokens += u.zo_prompt_tokens
-        self.zero_variance_rollouts_dropped += s.zero_variance_groups * g if rl.dynamic_sampling else 0
-        self.prompt_selection_rollouts_saved += s.prompts_skipped * g
-        self.entropy_filter_rollouts_saved += s.entropy_filtered * g
-        self.overlong_rollouts_masked += u.overlong_masked
-        self.early_stop_tokens_saved += s.rollouts * rl.max_new_tokens - s.tokens_generated
 
 
 def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: float, dt: float) -> dict:
@@ -268,61 +239,83 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     selector = PromptSelector(rl.prompt_selection.window, rl.prompt_selection.cooldown_steps, rl.prompt_selection.enabled)
     generator = torch.Generator().manual_seed(cfg.seed)
     totals = RLTotals()
+    workers = _start_workers(session) if rl.rollout_workers else None
+    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers)
     if session.trainer_state:  # resumed
         st = session.trainer_state
         totals = RLTotals(**st["totals"])
         stream.load_state_dict(st["stream"])
         selector.load_state_dict(st["selector"])
         generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
+        if st.get("prefetched"):  # drawn for an async step that never ran: sampled now, on the current policy
+            sampler.prefetch(st["prefetched"], [pool[i]["prompt"] for i in st["prefetched"]], session.step, 0)
     bar = session.progress("rl")
     row: dict = {}
-    while session.step < cfg.steps:
-        with session.timed() as dt, session.step_guard():
-            # sampling and the short-sequence update reuse the same mid-size buffers: keep them on the heap
-            with heap_allocator(cfg.malloc_mmap_threshold):
-                batch = collect_batch(model, tokenizer, pool, stream, selector, reward_fn, correct_fn, task, rl,
-                                      session.step, generator)
-                if session.needs_backward:
-                    upd = policy_update(model, session.optimizer, session.scheduler, batch, rl, pad_id=pad_id,
-                                        micro_batch=cfg.micro_batch_size, chunk_size=recipe.loss.chunk_size,
-                                        max_grad_norm=recipe.optim.max_grad_norm, dist=session.dist)
-                else:
-                    upd = zeroth_order_update(model, tokenizer, session.optimizer, session.scheduler, batch,
-                                              reward_fn, task, rl, generator)
-        session.step += 1
-        totals.add(batch.stats, upd, rl, dt[0])
-        row = step_metrics(session.step, batch.stats, upd, rl, session.scheduler.get_last_lr()[0], dt[0])
-        row.update(tokens_generated=totals.tokens_generated, rss_bytes=session.memory.sample(), elapsed_s=totals.elapsed_s)
-        session.log(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", pass1=f"{row['pass@1']:.2f}",
-                        len=f"{row['completion_len']:.0f}", used=f"{upd.sequences_trained}/{batch.stats.rollouts}")
-        bar.update(1)
-        if session.should_save():
-            session.save_checkpoint({"totals": dataclasses.asdict(totals), "stream": stream.state_dict(),
-                                     "selector": selector.state_dict(), "generator": generator.get_state().tolist()})
+    try:
+        while session.step < cfg.steps:
+            row, upd, batch, dt = _rl_step(session, sampler, pool, stream, selector, reward_fn, correct_fn, task,
+                                           generator, pad_id)
+            totals.add(batch.stats, upd, rl, dt)
+            row.update(tokens_generated=totals.tokens_generated, rss_bytes=session.memory.sample(),
+                       elapsed_s=totals.elapsed_s)
+            if workers is not None:
+                row["adapter_bytes_sent"] = sampler.bytes_sent
+            session.log(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", pass1=f"{row['pass@1']:.2f}",
+                            len=f"{row['completion_len']:.0f}", used=f"{upd.sequences_trained}/{batch.stats.rollouts}")
+            bar.update(1)
+            if session.should_save():
+                session.save_checkpoint({"totals": dataclasses.asdict(totals), "stream": stream.state_dict(),
+                                         "selector": selector.state_dict(), "generator": generator.get_state().tolist(),
+                                         "prefetched": sampler.pending})
+    finally:
+        if workers is not None:
+            workers.close()
     bar.close()
-    return session.finish(totals=_ledger_totals(session.step, totals), flops=rl_flops(model, totals, rl),
-                          data_files=[recipe.data.train] if recipe.data.train else [],
-                          extra={"kind": "rl", "final_metrics": row, "num_layers": causal_lm(model).config.num_hidden_layers,
-                                 "longest_prompt_tokens": longest_prompt})
+    extra = {"kind": "rl", "final_metrics": row, "num_layers": causal_lm(model).config.num_hidden_layers,
+             "longest_prompt_tokens": longest_prompt}
+    if workers is not None:
+        extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
+                                    "adapter_bytes_sent": sampler.bytes_sent, "ray_address": rl.ray_address}
+    return session.finish(totals=ledger_totals(session.step, totals), flops=rl_flops(model, totals, rl),
+                          data_files=[recipe.data.train] if recipe.data.train else [], extra=extra)
 
 
-def _ledger_totals(steps: int, t: RLTotals) -> dict:
-    rollouts = {k: v for k, v in dataclasses.asdict(t).items() if k != "elapsed_s"}
-    return {"steps": steps, "tokens_processed": t.tokens_generated + t.prompt_tokens, "trainable_tokens": t.tokens_trained,
-            "wall_time_s": t.elapsed_s, "rollouts": rollouts}
+def _start_workers(session: RunSession):
+    from leantune.rl.workers import RolloutPool
+
+    rl = session.recipe.rl
+    session.info(f"starting {rl.rollout_workers} Ray rollout worker(s)"
+                 + (f" on {rl.ray_address}" if rl.ray_address else " (local Ray)"))
+    return RolloutPool(session.recipe, num_workers=rl.rollout_workers, address=rl.ray_address, init=rl.init,
+                       threads_per_worker=session.recipe.train.threads)
 
 
-def rl_flops(model, t: RLTotals, rl: RLConfig) -> dict:
-    """FLOPs: rollouts are one forward pass over the prefilled prompts (each distinct prompt once) and the
-    generated tokens (the LM head only on the rows that sample); the update is forward + backward over each
-    micro-batch's distinct prompts and the completions of the sequences trained, the LM head on completion
-    tokens only (LoRA-aware, as for SFT). No-grad reference/old-policy passes (rl.beta > 0,
-    rl.updates_per_batch > 1) are not counted."""
-    seq = round(rl.max_new_tokens + t.prompt_tokens / max(1, t.rollouts_generated + t.zo_rollouts))
-    rollout = ledger_mod.zeroth_order_flops(
-        ledger_mod.flops_from_model(model, tokens=t.tokens_generated + t.prefill_tokens, loss_tokens=t.tokens_generated,
-                                    seq_len=seq), forward_passes=1)
-    update = ledger_mod.flops_from_model(model, tokens=t.update_tokens, loss_tokens=t.tokens_trained, seq_len=seq)
-    return {"total": rollout["total"] + update["total"], "rollouts": rollout["total"], "update": update["total"],
-            "method": "estimate: rollouts = one forward pass per prompt/generated token; update = " + update["method"]}
+def _rl_step(session: RunSession, sampler: Sampler, pool, stream, selector, reward_fn, correct_fn, task, generator,
+             pad_id: int):
+    """One RL step: sample (and, async, start the next step's sampling), update. Returns (row, update, batch, s)."""
+    recipe, cfg, rl, model = session.recipe, session.recipe.train, session.recipe.rl, session.model
+    with session.timed() as dt, session.step_guard():
+        # sampling and the short-sequence update reuse the same mid-size buffers: keep them on the heap
+        with heap_allocator(cfg.malloc_mmap_threshold):
+            async_batch = sampler.pending != []
+            sampler.begin_step()
+            batch = collect_batch(sampler, pool, stream, selector, reward_fn, correct_fn, rl, session.step)
+            if rl.async_rollouts and session.step + 1 < cfg.steps:
+                skipped_before = selector.skipped
+                cand = next_candidates(stream, selector, rl.prompts_per_step, session.step + 1)
+                sampler.prefetch(cand, [pool[i]["prompt"] for i in cand], session.step + 1,
+                                 selector.skipped - skipped_before)
+            if session.needs_backward:
+                upd = policy_update(model, session.optimizer, session.scheduler, batch, rl, pad_id=pad_id,
+                                    micro_batch=cfg.micro_batch_size, chunk_size=recipe.loss.chunk_size,
+                                    max_grad_norm=recipe.optim.max_grad_norm, dist=session.dist,
+                                    behaviour=async_batch)
+            else:
+                upd = zeroth_order_update(model, session.tokenizer, session.optimizer, session.scheduler, batch,
+                                          reward_fn, task, rl, generator)
+    session.step += 1
+    row = step_metrics(session.step, batch.stats, upd, rl, session.scheduler.get_last_lr()[0], dt[0])
+    return row, upd, batch, dt[0]
+
+
