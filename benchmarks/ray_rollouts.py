@@ -25,7 +25,7 @@ from leantune.config import Recipe
 from leantune.rl.rollout import sample_groups
 from leantune.rl.workers import RolloutPool
 from leantune.tasks import get_task
-from leantune.train.sft import setup_model
+from leantune.train.session import setup_model
 
 
 def cpu_model() -> str:

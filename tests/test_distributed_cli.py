@@ -88,7 +88,8 @@ def test_two_process_rl_step_equals_one(tiny_model_dir, tmp_path):
         raw = tiny_recipe(tiny_model_dir, prompts, tmp_path / name, train={"steps": 2, "micro_batch_size": 2, "seed": 0},
                           optim={"lr": 5e-2, "scheduler": "constant"})
         raw["rl"] = {"rewards": {"rl_helpers:digit_share": 1.0}, "group_size": 4, "prompts_per_step": 3,
-                     "max_new_tokens": 6, "dynamic_sampling": False, "prompt_selection": {"enabled": False}}
+                     "max_new_tokens": 6, "dynamic_sampling": False, "overlong_filter": False,
+                     "prompt_selection": {"enabled": False}}
         _leantune("rl", str(_recipe_file(tmp_path, raw, name)), "--nproc", str(nproc))
         runs[name] = tmp_path / name
     for key in ("loss", "reward_mean", "grad_norm"):

@@ -15,7 +15,7 @@ from leantune.config import Recipe  # noqa: E402
 from leantune.models.tiny import save_tiny_model  # noqa: E402
 from leantune.rl.rollout import sample_groups  # noqa: E402
 from leantune.rl.workers import RolloutPool, chunk_bounds  # noqa: E402
-from leantune.train.sft import setup_model  # noqa: E402
+from leantune.train.session import setup_model  # noqa: E402
 
 PROMPTS = ["What is 2 + 3?", "hi", "a longer prompt, left padded in a batch", "7 + 8 =", "x"]
 KW = dict(group_size=3, max_new_tokens=10, temperature=1.0, top_p=0.95, stop=[], fold_adapter=True)

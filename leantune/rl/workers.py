@@ -5,7 +5,7 @@ Why this shape (AWorld, arXiv 2508.20404: rollouts dominate agentic RL's wall ti
 many workers while one learner updates the policy):
 
 - Each actor builds the frozen base **once** from the recipe, with the same code as the trainer
-  (`leantune.train.sft.setup_model`: load, optional quantization, the LoRA adapter). Per call it receives
+  (`leantune.train.session.setup_model`: load, optional quantization, the LoRA adapter). Per call it receives
   only the adapter's trainable weights, put once into Ray's object store (`RolloutPool.put_adapter`) and
   fetched by each actor that does not hold them yet -- kilobytes to a few megabytes for LoRA, instead of the
   whole model.
@@ -94,7 +94,7 @@ class RolloutWorker:
     def __init__(self, recipe: dict, init: str | None, threads: int | None):
         if threads:
             torch.set_num_threads(threads)
-        from leantune.train.sft import setup_model
+        from leantune.train.session import setup_model
 
         self.model, self.tokenizer, *_ = setup_model(Recipe.model_validate(recipe), init=init)
         self.loaded: str | None = None  # object id of the adapter weights now in the model
