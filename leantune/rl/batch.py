@@ -100,6 +100,7 @@ class Sampler:
         self.dist, self.pool = dist, pool
         self.weights = None
         self.bytes_sent = 0
+        self.sync_seconds = 0.0  # putting the adapter into the object store + the workers fetching and loading it
         self._prefetched = None  # (step, prompts, handle)
 
     def begin_step(self) -> None:
@@ -135,6 +136,7 @@ class Sampler:
         self._prefetched = None
         ro = handle.result()
         self.bytes_sent += ro.extra.get("adapter_bytes_sent", 0)
+        self.sync_seconds += ro.extra.get("sync_seconds", 0.0)
         return cand, ro, skipped
 
     def __call__(self, prompts: list[str], step: int, sampling_round: int) -> Rollouts:
@@ -142,6 +144,7 @@ class Sampler:
         if self.pool is not None:
             ro = self.pool.sample_groups(self.weights, prompts, seeds=seeds, task=self.rl.task, **self._kwargs())
             self.bytes_sent += ro.extra.get("adapter_bytes_sent", 0)
+            self.sync_seconds += ro.extra.get("sync_seconds", 0.0)
             return ro
         if self.dist is None or not self.dist.is_distributed:
             return self._local(prompts, seeds)

@@ -259,7 +259,7 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
             row.update(tokens_generated=totals.tokens_generated, rss_bytes=session.memory.sample(),
                        elapsed_s=totals.elapsed_s)
             if workers is not None:
-                row["adapter_bytes_sent"] = sampler.bytes_sent
+                row.update(adapter_bytes_sent=sampler.bytes_sent, adapter_sync_s=sampler.sync_seconds)
             session.log(row)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", pass1=f"{row['pass@1']:.2f}",
                             len=f"{row['completion_len']:.0f}", used=f"{upd.sequences_trained}/{batch.stats.rollouts}")
@@ -276,7 +276,8 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
              "longest_prompt_tokens": longest_prompt}
     if workers is not None:
         extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
-                                    "adapter_bytes_sent": sampler.bytes_sent, "ray_address": rl.ray_address}
+                                    "adapter_bytes_sent": sampler.bytes_sent, "adapter_sync_s": sampler.sync_seconds,
+                                    "ray_address": rl.ray_address}
     return session.finish(totals=ledger_totals(session.step, totals), flops=rl_flops(model, totals, rl),
                           data_files=[recipe.data.train] if recipe.data.train else [], extra=extra)
 
