@@ -113,13 +113,14 @@ def cmd_plan(args) -> int:
     console = Console(width=max(100, Console().width))
     if not args.memory:
         if args.json:
-            print(json.dumps({"peak_bytes": plan.peak, "peak_phase": plan.peak_phase, "phases": plan.totals,
+            print(json.dumps({"what": plan.label, "device": plan.device, "peak_bytes": plan.peak,
+                              "peak_phase": plan.peak_phase, "phases": plan.totals,
                               "terms": {k: {"bytes": v, "how": how} for k, (v, how) in plan.terms.items()},
                               "notes": plan.notes}, indent=1))
             return 0
         console.print(f"model: {recipe.model.path} ({shape.model_type}, {shape.params / 1e6:.1f}M params, "
                       f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; from the {kind} config, no weights read)")
-        table = Table(title=f"predicted peak RSS {gib(plan.peak)} (phase: {plan.peak_phase})")
+        table = Table(title=f"{plan.label} {gib(plan.peak)} (phase: {plan.peak_phase})")
         for col, just in (("term", "left"), ("size", "right"), ("how", "left")):
             table.add_column(col, justify=just)
         for name, (nbytes, how) in plan.terms.items():

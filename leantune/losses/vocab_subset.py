@@ -83,9 +83,9 @@ def top_token_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def softmax_mass(hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
-    """(V,) float64: Σ_i softmax(h_i · Wᵀ) over the rows of ``hidden`` (N, H) -- where the model puts its
-    probability at those positions. No gradient; peak extra memory chunk_size x V fp32 plus an fp32 copy
-    of ``weight`` (V, H) when it is not fp32.
+    """(V,) float64 on the CPU: Σ_i softmax(h_i · Wᵀ) over the rows of ``hidden`` (N, H) -- where the model
+    puts its probability at those positions. No gradient; peak extra memory chunk_size x V fp32 plus an fp32
+    copy of ``weight`` (V, H) when it is not fp32, on their device (a GPU's chunk sums come back as V floats).
 
     >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # (V=3, H=2)
     >>> softmax_mass(torch.tensor([[9.0, 0.0], [0.0, 9.0]]), w).round(decimals=2).tolist()
@@ -96,13 +96,13 @@ def softmax_mass(hidden: torch.Tensor, weight: torch.Tensor, *, chunk_size: int 
         mass = torch.zeros(w.shape[0], dtype=torch.float64)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].detach().float()  # (C, H)
-            mass += torch.softmax(h @ w.T, dim=-1).sum(0).double()  # (C, V) -> (V,)
+            mass += torch.softmax(h @ w.T, dim=-1).sum(0).cpu().double()  # (C, V) -> (V,); no float64 on MPS
     return mass
 
 
 def embedding_neighbour_candidates(weight: torch.Tensor, seeds: torch.Tensor, k: int, *, chunk_size: int = 8192) -> torch.Tensor:
-    """(min(k, V),) sorted int64 ids: the seeds first, then the tokens whose output-embedding rows have
-    the highest cosine similarity to their nearest seed.
+    """(min(k, V),) sorted int64 ids on the CPU: the seeds first, then the tokens whose output-embedding rows
+    have the highest cosine similarity to their nearest seed (computed on ``weight``'s device).
 
     weight: (V, H) LM-head weight; seeds: (S0,) int64 token ids (S0 <= k keeps them all).
     Peak extra memory: chunk_size x S0 similarities plus an fp32 (V, H) normalized copy of ``weight``.
@@ -119,14 +119,15 @@ def embedding_neighbour_candidates(weight: torch.Tensor, seeds: torch.Tensor, k:
         raise ValueError("embedding_neighbour_candidates: need at least one seed token")
     with torch.no_grad():
         unit = F.normalize(weight.detach().float(), dim=1)  # (V, H)
+        seeds = seeds.to(unit.device)
         anchors = unit.index_select(0, seeds)  # (S0, H)
-        score = torch.empty(vocab)  # (V,) cosine to the nearest seed
+        score = torch.empty(vocab, device=unit.device)  # (V,) cosine to the nearest seed
         for start in range(0, vocab, chunk_size):
             score[start : start + chunk_size] = (unit[start : start + chunk_size] @ anchors.T).amax(dim=1)
         score[seeds] = float("inf")  # seeds always win, even against duplicate embeddings
         # Stable sort on -score: among equal scores the lower id comes first, so the result is deterministic.
         order = torch.sort(-score, stable=True).indices
-    return order[: min(k, vocab)].sort().values
+    return order[: min(k, vocab)].sort().values.cpu()
 
 
 def build_candidates(source: str, k: int, *, weight: torch.Tensor | None, all_counts: torch.Tensor,
@@ -158,7 +159,8 @@ def build_candidates(source: str, k: int, *, weight: torch.Tensor | None, all_co
 
 def vocab_subset(candidates: torch.Tensor, labels: torch.Tensor | Sequence[torch.Tensor], *,
                  ignore_index: int = -100) -> torch.Tensor:
-    """(S,) sorted unique int64: ``candidates`` ∪ every label != ignore_index (one tensor or several).
+    """(S,) sorted unique int64: ``candidates`` ∪ every label != ignore_index (one tensor or several), on the
+    labels' device (candidates built on the CPU join a GPU batch's labels there).
 
     Passing all micro-batches of an optimizer step gives every micro-batch the same subset, so gradient
     accumulation still equals one large batch.
@@ -166,9 +168,11 @@ def vocab_subset(candidates: torch.Tensor, labels: torch.Tensor | Sequence[torch
     >>> vocab_subset(torch.tensor([7, 2]), torch.tensor([[3, -100], [2, 9]])).tolist()
     [2, 3, 7, 9]
     """
-    parts = [candidates.reshape(-1).long()]
-    for lab in [labels] if isinstance(labels, torch.Tensor) else labels:
-        lab = lab.reshape(-1).long()
+    labels = [labels] if isinstance(labels, torch.Tensor) else list(labels)
+    device = labels[0].device if labels else candidates.device
+    parts = [candidates.reshape(-1).long().to(device)]
+    for lab in labels:
+        lab = lab.reshape(-1).long().to(device)
         parts.append(lab[lab != ignore_index])
     return torch.cat(parts).unique(sorted=True)
 

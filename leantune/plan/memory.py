@@ -64,6 +64,8 @@ class Calibration:
         ``N x (3 I + 4 H) x dtype bytes``.
     mezo_restore_fraction: MeZO's exception list for bit-exact restore, as a fraction of the trainable
         bytes (2-15% measured in ``leantune.optim.mezo``).
+    cuda_context_bytes: device memory of the CUDA context (device plans only): NOT measured, an estimate
+        (``CUDA_CONTEXT_NOTE`` says where it comes from); ``benchmarks/gpu_check.py`` reports the measured value.
     """
 
     runtime_bytes: int = 414 * MiB
@@ -74,9 +76,16 @@ class Calibration:
     backward_workspace: float = 1.0
     forward_workspace: float = 1.0
     mezo_restore_fraction: float = 0.15
+    cuda_context_bytes: int = 512 * MiB
 
 
 CALIBRATION = Calibration()
+
+CUDA_CONTEXT_NOTE = (
+    "CUDA context + loaded kernels: a labelled ESTIMATE, not measured here (no GPU in this repo's runs). "
+    "pytorch/pytorch#34323 reports 781 MB in nvidia-smi for a process that only initialized CUDA (eager "
+    "module loading); torch's default CUDA_MODULE_LOADING=LAZY (CUDA >= 11.7) loads kernels on first use, "
+    "so it is usually smaller. Outside torch.cuda.max_memory_allocated(); benchmarks/gpu_check.py measures it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +425,12 @@ class MemoryPlan:
 
     phases: dict[str, dict[str, tuple[int, str]]]
     notes: list[str] = field(default_factory=list)
+    device: str = "cpu"  # the device type whose memory is planned: "cpu" (RSS) or "cuda" (device memory)
+
+    @property
+    def label(self) -> str:
+        """What the peak is: "predicted peak RSS" (CPU) or "predicted peak device memory (cuda)"."""
+        return "predicted peak RSS" if self.device == "cpu" else f"predicted peak device memory ({self.device})"
 
     @property
     def totals(self) -> dict[str, int]:
@@ -474,15 +489,27 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     ``mode``: "sft" (``leantune train``) or "rl" (``leantune rl``: rollouts, then policy updates on
     prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
     ``data.max_length`` (an upper bound on the rendered prompt).
+
+    A recipe that trains on CUDA (``train.device`` cuda / cuda:N, or auto on a machine with CUDA) is planned
+    in device memory instead (``plan.device == "cuda"``): the host-only terms (the Python/torch runtime, the
+    tokenizer, a GGUF reader's residue, from_pretrained's host-side load, mapped-file pages) are left out,
+    the weights are their tensors' bytes once moved, and a CUDA context estimate is added
+    (``Calibration.cuda_context_bytes``).
     """
+    from leantune.models.precision import device_type
+
     recipe = with_init_adapter(recipe)
+    on_device = device_type(recipe.train.device) == "cuda"
     e = DTYPE_BYTES[recipe.model.compute_dtype]
     full = trains_base(recipe)
     mezo = recipe.optim.name == "mezo"
     runtime = (cal.runtime_bytes - (cal.peft_bytes if full else 0) + cal.tokenizer_bytes_per_token * shape.vocab
                + (cal.gguf_resident_bytes if source_kind == "gguf" else 0))
-    weights = resident_weight_bytes(shape, recipe.model.compute_dtype, recipe.quant.bits, recipe.quant.group_size,
-                                    source_kind, recipe.quant.embedding_bits)
+    if on_device:  # moved to the device after loading (and quantizing) on the host: the tensors' bytes only
+        weights = weight_bytes(shape, e, recipe.quant.bits, recipe.quant.group_size, recipe.quant.embedding_bits)
+    else:
+        weights = resident_weight_bytes(shape, recipe.model.compute_dtype, recipe.quant.bits, recipe.quant.group_size,
+                                        source_kind, recipe.quant.embedding_bits)
     adapter = trainable_bytes(shape, recipe)
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
@@ -502,15 +529,20 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     loss_note = _loss_note(rows, recipe.loss.chunk_size, shape, e, cols, head)
     r, dropout = recipe.adapter.r, recipe.adapter.dropout > 0
 
-    base = {"runtime": (runtime, "python + torch + transformers + peft + tokenizer (measured)"),
-            "weights": (weights, _weights_note(shape, recipe, e, source_kind))}
+    weights_note = _weights_note(shape, recipe, e, source_kind, on_device)
     phases: dict[str, dict[str, tuple[int, str]]] = {}
-    phases["load"] = {
-        # the tokenizer loads after the model
-        "runtime": (cal.runtime_bytes - (cal.peft_bytes if full else 0), "python + torch + transformers + peft"),
-        "load": (load_extra_bytes(shape, recipe.model.compute_dtype, source_kind, cal),
-                 f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.compute_dtype})"),
-    }
+    if on_device:
+        base = {"cuda_context": (cal.cuda_context_bytes, CUDA_CONTEXT_NOTE), "weights": (weights, weights_note)}
+        phases["load"] = dict(base)  # from_pretrained runs on the host; the device gets the finished weights
+    else:
+        base = {"runtime": (runtime, "python + torch + transformers + peft + tokenizer (measured)"),
+                "weights": (weights, weights_note)}
+        phases["load"] = {
+            # the tokenizer loads after the model
+            "runtime": (cal.runtime_bytes - (cal.peft_bytes if full else 0), "python + torch + transformers + peft"),
+            "load": (load_extra_bytes(shape, recipe.model.compute_dtype, source_kind, cal),
+                     f"from_pretrained ({source_kind}, {shape.file_dtype or 'dtype unknown'} on disk -> {recipe.model.compute_dtype})"),
+        }
     adapter_note = (f"{trainable_elements(shape, recipe):,} trainable x "
                     f"{e if full else 4} B ({'full' if full else f'LoRA r={r}'})")
     # Full fine-tuning trains the weights themselves: no separate adapter bytes.
@@ -585,13 +617,20 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             note = f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights with the LoRA delta folded in"
             phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e, note)
 
-    plan = MemoryPlan(phases)
-    if (recipe.quant.bits or recipe.quant.embedding_bits) and plan.peak_phase == "load":
+    plan = MemoryPlan(phases, device="cuda" if on_device else "cpu")
+    if on_device:
+        plan.notes.append("device memory: the per-layer activation terms are the formula traced on the CPU's kernels "
+                          "(CUDA's SDPA kernels save differently), not yet checked against a GPU measurement; "
+                          "host RSS (runtime, tokenizer, loading) is not in this plan")
+        if recipe.quant.embedding_bits and shape.tied:
+            plan.notes.append("counts a tied quantized head once: after model.to(device) call "
+                              "leantune.quant.retie_quantized_head, else its codes are on the device twice")
+    if not on_device and (recipe.quant.bits or recipe.quant.embedding_bits) and plan.peak_phase == "load":
         plan.notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
                           "so quantization lowers the training phases only")
     if not rl and masked:
         plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
-    if recipe.train.allocator != "system":
+    if recipe.train.allocator != "system" and not on_device:
         plan.notes.append(f"calibrated on glibc's malloc; with train.allocator={recipe.train.allocator} the leantune "
                           "command runs on a caching malloc, which keeps the step's freed buffers: measured +4% "
                           "(tbbmalloc) and +9% (jemalloc) peak on SmolLM2 LoRA SFT at seq 1024, but on the demo "
@@ -600,14 +639,14 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     return plan
 
 
-def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str) -> str:
+def _weights_note(shape: ModelShape, recipe: Recipe, e: int, source_kind: str, on_device: bool = False) -> str:
     q = "; ".join(part for part in (
         f"linears (not lm_head) INT{recipe.quant.bits}" if recipe.quant.bits else "",
         f"embedding/lm_head INT{recipe.quant.embedding_bits}" if recipe.quant.embedding_bits else "") if part)
     if not q:
         return f"{shape.params:,} params x {e} B ({recipe.model.compute_dtype})"
     q += f", g={recipe.quant.group_size}"
-    if source_kind != "gguf" and shape.file_dtype in (None, recipe.model.compute_dtype) and shape.file_bytes:
+    if not on_device and source_kind != "gguf" and shape.file_dtype in (None, recipe.model.compute_dtype) and shape.file_bytes:
         return f"the mapped {shape.file_dtype} file (pages read to quantize stay resident) + {q}"
     return f"{shape.params:,} params; {q}, the rest {recipe.model.compute_dtype}"
 

@@ -18,6 +18,7 @@ from leantune.quant.weight_only import (
     quantize_groupwise,
     quantize_model,
     register_quant_lora,
+    retie_quantized_head,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "quantize_groupwise",
     "quantize_model",
     "register_quant_lora",
+    "retie_quantized_head",
 ]

@@ -447,7 +447,8 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 64,
     RL sampling and ``model(...).logits`` a transient full-precision copy (``dense_head_weight`` /
     ``QuantLinear.forward``).
 
-    Shared buffers are not re-tied by ``model.to(...)``: quantize on the device the model trains on.
+    Shared buffers are not re-tied by ``model.to(...)`` (``Module.to`` converts each module's buffers on their
+    own): call ``retie_quantized_head(model)`` after moving the model, or quantize on the training device.
     """
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ValueError("the model already carries LoRA layers: quantize the base model before apply_adapter")
@@ -462,6 +463,7 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 64,
     if type(head) is nn.Linear:
         if tied:  # the same buffers: the table is stored once, as the tied Parameter was
             qhead = QuantLinear(qemb.quantized(), head.bias, weight_dtype=head.weight.dtype)
+            qhead.tied_to_embedding = True  # model.to(device) unties buffers: retie_quantized_head
             stats += QuantStats(1, _nbytes(head.bias), _nbytes(qhead.bias))
         else:
             qhead = QuantLinear.from_linear(head, bits, group_size, scale_dtype)
@@ -470,6 +472,23 @@ def quantize_embeddings(model: nn.Module, bits: int, group_size: int = 64,
         model.set_output_embeddings(qhead)
     del emb, head  # the last references: the full-precision table is freed here
     return stats
+
+
+def retie_quantized_head(model: nn.Module) -> bool:
+    """Point a tied quantized LM head's buffers back at the input embedding's; returns whether it did.
+
+    ``quantize_embeddings`` on a tied model gives the head (``QuantLinear``) the embedding's own codes, scales
+    and offsets. ``model.to("cuda")`` converts each module's buffers separately, so afterwards the head holds
+    a copy: the same values, the table stored twice on the device, and ``dequantize_model`` (export) no longer
+    sees them as one. Call this after moving the model; a no-op (False) for an untied or unquantized head.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not (isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
+            and getattr(head, "tied_to_embedding", False)):
+        return False
+    for name in ("qweight", "scale", "offset"):
+        setattr(head, name, getattr(emb, name))  # nn.Module.__setattr__ replaces the registered buffer
+    return True
 
 
 @torch.no_grad()
