@@ -108,6 +108,8 @@ def init_distributed(device: torch.device | str = "cpu", timeout_s: float = DEFA
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world_size <= 1:
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # so cuda:N's memory statistics are the ones the ledger reads
         return DistContext(rank=0, world_size=1, local_rank=0, backend=None, device=device)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")

@@ -35,7 +35,8 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
         for i in progress_bar(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
             rendered = [render_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
             texts = [text for text, _ in rendered]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=rendered[0][1])
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=rendered[0][1]).to(
+                next(model.parameters()).device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

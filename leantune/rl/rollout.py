@@ -173,7 +173,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     cdf = probs.float().cumsum(dim=-1)  # (n, V)
     total = cdf[:, -1:]  # (n, 1)
     if uniforms is None:
-        uniforms = torch.rand(total.shape, generator=generator, device=probs.device)  # (n, 1)
+        # drawn on the generator's device (the CPU: checkpoints stay device-independent), then moved
+        uniforms = torch.rand(total.shape, generator=generator).to(probs.device)  # (n, 1)
     u = uniforms.reshape(total.shape).to(device=probs.device, dtype=total.dtype) * total  # (n, 1), in [0, total)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # never == total after rounding
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)  # (n,)

@@ -29,12 +29,17 @@ from leantune.atomic import atomic_write_bytes, fsync_dir
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
@@ -83,6 +88,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Return (trainable tensors, optimizer/scheduler/rng payload, state)."""
     trainable = load_file(str(path / "trainable.safetensors"))
     # Our own file, and weights_only refuses arbitrary pickled objects anyway.
-    payload = torch.load(path / "optimizer.pt", weights_only=True)
+    payload = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     state = json.loads((path / "state.json").read_text())
     return trainable, payload, state

@@ -115,6 +115,9 @@ def setup_model(recipe: Recipe, init: str | None = None, device: torch.device | 
         model = apply_adapter(model, recipe.adapter, seed=recipe.train.seed)
     if device is not None and device.type != "cpu":
         model.to(device)
+        from leantune.quant import retie_quantized_head
+
+        retie_quantized_head(model)  # .to() gives a tied quantized head its own copy of the codes
     n_ckpt = set_activation_checkpointing(model, recipe.train.activation_checkpointing)
     model.train()
     release_free_memory()  # what loading and quantizing freed: a caching malloc would keep it all run long
