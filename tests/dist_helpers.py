@@ -33,7 +33,8 @@ from leantune.distributed import (
     wrap_for_training,
 )
 from leantune.models.tiny import tiny_model, tiny_tokenizer
-from leantune.train.sft import lm_loss_sum, loss_weight_total, set_activation_checkpointing
+from leantune.train.session import set_activation_checkpointing
+from leantune.train.sft import lm_loss_sum, loss_weight_total
 
 GLOBAL_ACCUM = 4  # micro-batches per optimizer step over all ranks
 MICRO_BATCH = 2
