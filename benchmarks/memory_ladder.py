@@ -179,7 +179,7 @@ def run_row(spec: dict, mon) -> dict:
     model = get_peft_model(model, lora)
     n_ckpt = 0
     if ckpt:
-        from leantune.train.sft import set_activation_checkpointing
+        from leantune.train.session import set_activation_checkpointing
 
         n_ckpt = set_activation_checkpointing(model, "all")
     spill = None

@@ -69,7 +69,7 @@ def loss_error(model, tokenizer, train_file: Path, valid_file: Path, sources: li
         vocab_subset,
         vocab_subset_cross_entropy,
     )
-    from leantune.train.sft import calibration_softmax_mass
+    from leantune.losses.subset_setup import calibration_softmax_mass
 
     lm = causal_lm(model)
     weight = lm.get_output_embeddings().weight.detach().float()  # (V, H)
