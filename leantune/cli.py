@@ -1,13 +1,13 @@
 """The ``leantune`` command line.
 
     leantune [--quiet | --verbose] COMMAND ...   (--version prints the version)
-    leantune train RECIPE.yaml [key.sub=value ...] [--resume]
-    leantune rl RECIPE.yaml [key.sub=value ...] [--resume]
+    leantune train RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
+    leantune rl RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
     leantune rft RECIPE.yaml [key.sub=value ...]
     leantune plan RECIPE.yaml [key.sub=value ...] [--memory 2GB [--out FILE]] [--json]
     leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl)
     leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
-    leantune report RUN_DIR
+    leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
     leantune validate RECIPE.yaml [RECIPE.yaml ...]
     leantune demo [--out DIR] [--quick] [--rl]
     leantune make-data TASK --out DIR [--train N] [--valid N]
@@ -231,6 +231,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _run_command(sub, name: str, help: str, example: str, func, *, resume: bool = True, processes: bool = True):
+    """A subcommand that runs a trainer from a recipe: RECIPE [overrides] [--resume] [--nproc N]."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
+    c.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    if resume:
+        c.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    if processes:
+        c.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
+                       "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
+    c.set_defaults(func=func)
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leantune", description="Memory-lean post-training with an honest ledger.")
     p.add_argument("--version", action="version", version=f"leantune {version()}", help="print the version and exit")
@@ -241,28 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            help="one of the commands below; `leantune COMMAND -h` for its options")
 
-    t = sub.add_parser("train", help="supervised fine-tuning (LoRA or full) from a recipe")
-    t.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=50")
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    t.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
-                   "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
-    t.set_defaults(func=cmd_train)
-
-    rl = sub.add_parser("rl", help="RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe")
-    rl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
-    rl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.group_size=4 train.steps=20")
-    rl.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    rl.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
-                   "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
-    rl.set_defaults(func=cmd_rl)
-
-    rf = sub.add_parser("rft", help="expert iteration: sample, keep verified completions, fine-tune, repeat")
-    rf.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
-    rf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rft.rounds=2")
-    rf.set_defaults(func=cmd_rft)
+    _run_command(sub, "train", "supervised fine-tuning (LoRA or full) from a recipe", "optim.lr=1e-4 train.steps=50",
+                 cmd_train)
+    _run_command(sub, "rl", "RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe",
+                 "rl.group_size=4 train.steps=20", cmd_rl)
+    _run_command(sub, "rft", "expert iteration: sample, keep verified completions, fine-tune, repeat", "rft.rounds=2",
+                 cmd_rft, resume=False, processes=False)
 
     pl = sub.add_parser("plan", help="predict peak memory from the recipe (no weights loaded); --memory: settings that fit")
     pl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
