@@ -102,20 +102,25 @@ def test_two_process_rl_step_equals_one(tiny_model_dir, tmp_path):
 def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tiny_model_dir, sft_data, tmp_path):
     common = dict(adapter={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                   optim={"lr": 1e-2, "scheduler": "constant"})
+    steps = 30  # enough that the kill lands mid-run (a step with its checkpoint takes tens of ms here)
     straight = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "straight",
-                           train={"steps": 6, "micro_batch_size": 2, "save_every": 1, "seed": 0}, **common)
+                           train={"steps": steps, "micro_batch_size": 2, "save_every": 1, "seed": 0}, **common)
     _leantune("train", str(_recipe_file(tmp_path, straight, "straight")), "--nproc", "2")
     killed = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "killed",
-                         train={"steps": 6, "micro_batch_size": 2, "save_every": 1, "seed": 0, "dist_timeout_s": 30},
+                         train={"steps": steps, "micro_batch_size": 2, "save_every": 1, "seed": 0,
+                                "dist_timeout_s": 30},
                          **common)
     path = _recipe_file(tmp_path, killed, "killed")
     proc = subprocess.Popen([sys.executable, "-m", "leantune", "train", str(path), "--nproc", "2"], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 180
-    while time.time() < deadline and not (ckpts / "step-00000002").exists():  # two steps in: kill rank 1
-        time.sleep(0.2)
-    assert (ckpts / "step-00000002").exists(), "the run never reached step 2"
+    while time.time() < deadline and not (ckpts / "latest").exists():  # a first checkpoint: kill rank 1
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first checkpoint (exit {proc.returncode}):\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    assert (ckpts / "latest").exists(), "the run never wrote a checkpoint"
     victims = subprocess.run(["pgrep", "-f", f"leantune train {path}"], capture_output=True, text=True).stdout.split()
     ranks = {}
     for pid in victims:
@@ -136,4 +141,4 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tiny_model_dir, sft_
     _assert_same_weights(tmp_path / "killed/adapter/adapter_model.safetensors",
                          tmp_path / "straight/adapter/adapter_model.safetensors", rel=0)
     ledger = json.loads((tmp_path / "killed" / "ledger.json").read_text())
-    assert ledger["extra"]["resumed"] is True and ledger["totals"]["steps"] == 6
+    assert ledger["extra"]["resumed"] is True and ledger["totals"]["steps"] == steps
