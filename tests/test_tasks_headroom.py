@@ -197,6 +197,40 @@ def test_multistep_accepts_equivalent_forms_and_rejects_others():
         assert multistep.verify(completion, answer) is ok, completion
 
 
+# The comparison recorded in docs/tasks.md: (a, b, equivalent?, normalization says, math-verify says)
+FORMS = [
+    ("1/2", "0.5", True, True, True), ("1/2", r"\frac{1}{2}", True, True, True), ("0.5", r"\frac{1}{2}", True, True, True),
+    (r"\dfrac{1}{2}", "0.50", True, True, True), ("1,000", "1000", True, True, True), ("1000", "1000.00", True, True, True),
+    ("x=3", "3", True, False, True), ("3", "x = 3", True, False, True), ("$42$", "42", True, True, True),
+    ("-3", "$-3$", True, True, True), (r"\text{(B)}", "(B)", True, True, True), ("12", "12.", True, True, True),
+    ("50%", "50", True, False, True), (r"\sqrt{4}", "2", True, False, True), ("2^{3}", "8", True, False, True),
+    ("1e3", "1000", True, False, False), ("3.0", "3", True, True, True), (r"\frac{6}{4}", r"\frac{3}{2}", True, True, True),
+    ("10 dollars", "10", True, False, False), (r"\$10", "10", True, False, True), ("27\\text{ cookies}", "27", True, False, True),
+    ("1/2", "0.51", False, False, False), ("1,000", "100", False, False, False), ("3", "x=4", False, False, False),
+    ("12", "21", False, False, False), ("0.5", "5", False, False, False), ("2", "-2", False, False, False),
+]
+
+
+def test_multistep_normalization_on_the_recorded_forms():
+    for a, b, _, ours, _ in FORMS:
+        assert multistep.answers_match(a, b, use_math_verify=False) is ours, (a, b)
+
+
+def test_multistep_math_verify_on_the_recorded_forms():
+    pytest.importorskip("math_verify")
+    for a, b, _, ours, theirs in FORMS:
+        assert multistep.answers_match(a, b, use_math_verify=True) is (ours or theirs), (a, b)
+    assert multistep.verify("<think>2 * 21 = 42</think>\n#### x = 42", "42")
+
+
+def test_multistep_math_verify_required_but_missing_is_an_error():
+    if multistep._math_verify() is not None:
+        pytest.skip("math-verify is installed")
+    with pytest.raises(ImportError, match="leantune\\[math\\]"):
+        multistep.answers_match("x = 3", "3", use_math_verify=True)
+    assert multistep.answers_match("x = 3", "3") is False  # the default falls back to normalization
+
+
 # --------------------------------------------------------------------------------------------
 # Code: hidden tests in the sandbox
 

@@ -10,10 +10,10 @@ keep intermediate results. Every problem is a dict with
 * ``answer``: the exact result as a string (an integer; every division is exact).
 
 The verifier reads the last ``\\boxed{...}`` or the text after the last ``####``
-(:func:`leantune.rl.rewards.extract_math_answer`) and compares after
-:func:`leantune.rl.rewards.normalize_math_answer` (``"1,000"`` == ``"1000"``, ``"\\frac{1}{2}"`` == ``"0.5"``);
-a bare number without either marker does not count. ``docs/tasks.md`` compares this normalization with the
-``math-verify`` package on a set of equivalent forms.
+(:func:`leantune.rl.rewards.extract_math_answer`) and compares with :func:`answers_match`:
+:func:`leantune.rl.rewards.normalize_math_answer` (``"1,000"`` == ``"1000"``, ``"\\frac{1}{2}"`` == ``"0.5"``),
+then the ``math-verify`` package when installed (it won on a tested set of equivalent forms, recorded in
+``docs/tasks.md``); a bare number without either marker does not count.
 
 Train and test problems are disjoint by construction: a problem's split is fixed by a hash of its prompt.
 
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from leantune.rl.rewards import extract_math_answer, math_answer_reward, normalize_math_answer
+from leantune.rl.rewards import extract_math_answer, normalize_math_answer
 from leantune.tasks import completion_text
 
 NAME = "multistep"
@@ -225,23 +226,75 @@ def extract_answer(completion) -> str | None:
     return extract_math_answer(completion_text(completion))
 
 
+MATH_VERIFY_MAX_CHARS = 64
+"""Longest extracted answer handed to ``math-verify`` (longer ones are compared by normalization only)."""
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:
+        return None
+    return math_verify
+
+
+def _dollars(text: str) -> str:
+    """``text`` as inline math for math-verify's parser (already ``$...$``: unchanged)."""
+    return text if len(text) > 1 and text.startswith("$") and text.endswith("$") else f"${text}$"
+
+
+def answers_match(got: str, want: str, *, use_math_verify: bool | None = None) -> bool:
+    """Whether an extracted answer equals the reference: :func:`normalize_math_answer` equality first (exact
+    fractions: ``1,000`` == ``1000``, ``0.5`` == ``\\frac{1}{2}``); failing that, the ``math-verify`` package
+    (``pip install 'leantune[math]'``), which also accepts ``x = 3`` for ``3``, ``\\text{}`` units, ``\\$10``.
+
+    ``use_math_verify``: ``None`` (default) uses it when it is installed, the answer has at most
+    :data:`MATH_VERIFY_MAX_CHARS` characters, and this is the main thread (its timeouts use ``signal.alarm``;
+    an expensive expression such as ``9^{9^{9^{9}}}`` costs its 5 s timeout); ``False`` never; ``True``
+    requires it (``ImportError`` without it). ``docs/tasks.md`` records the comparison behind this choice.
+
+    >>> answers_match("1,000", "1000"), answers_match("0.5", r"\\frac{1}{2}"), answers_match("41", "42")
+    (True, True, False)
+    >>> answers_match("x = 3", "3", use_math_verify=False)
+    False
+    """
+    if normalize_math_answer(got) == normalize_math_answer(want):
+        return True
+    if use_math_verify is False:
+        return False
+    mv = _math_verify()
+    if mv is None:
+        if use_math_verify:
+            raise ImportError("math-verify is not installed: pip install 'leantune[math]' (or math-verify)")
+        return False
+    if use_math_verify is None and (len(got) > MATH_VERIFY_MAX_CHARS or threading.current_thread() is not threading.main_thread()):
+        return False
+    try:
+        return bool(mv.verify(mv.parse(_dollars(want)), mv.parse(_dollars(got))))
+    except Exception:  # noqa: BLE001 - a parser failure on model output is a wrong answer, not a crash
+        return False
+
+
 def verify(completion, answer) -> bool:
-    """Whether the completion's ``####`` / ``\\boxed{}`` answer equals ``answer`` after normalization.
+    """Whether the completion's ``####`` / ``\\boxed{}`` answer equals ``answer`` (:func:`answers_match`).
 
     >>> verify("#### 1,000", "1000"), verify("\\\\boxed{1000.0}", "1000"), verify("1000", "1000")
     (True, True, False)
     """
     got = extract_answer(completion)
-    return got is not None and normalize_math_answer(got) == normalize_math_answer(str(answer))
+    return got is not None and answers_match(got, str(answer))
 
 
 def reward(prompts, completions, answer, **kw) -> list[float]:
-    """1.0 for a correct final answer, else 0.0 (:func:`leantune.rl.rewards.math_answer_reward`).
+    """1.0 for a correct final answer (:func:`verify`), else 0.0 (TRL reward signature).
 
     >>> reward(None, ["#### 31", "#### 30", "31"], answer="31")
     [1.0, 0.0, 0.0]
     """
-    return math_answer_reward(prompts, completions, answer)
+    answers = [answer] * len(completions) if isinstance(answer, (str, int)) else list(answer)
+    if len(answers) != len(completions):
+        raise ValueError(f"got {len(completions)} completions but {len(answers)} answers")
+    return [1.0 if verify(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
 def is_complete(text: str) -> bool:
