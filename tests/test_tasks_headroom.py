@@ -247,7 +247,10 @@ def test_code_worked_solutions_pass_their_hidden_tests_in_the_sandbox():
         assert code_task.run_hidden_tests(p["completion"], p["answer"]) == [True] * code_task.NUM_CASES, name
         assert code_task.is_complete(p["completion"])
     completions = [p["completion"] for p in problems.values()]
-    assert code_task.reward(None, completions, [p["answer"] for p in problems.values()]) == [1.0] * len(completions)
+    answers = [p["answer"] for p in problems.values()]
+    assert code_task.reward(None, completions, answers) == [1.0] * len(completions)
+    swapped = completions[1:] + completions[:1]  # each solution against another problem's tests
+    assert code_task.reward(None, swapped, answers) == [0.0] * len(completions)
 
 
 def _gcd_problem():
@@ -317,14 +320,22 @@ def test_code_forged_result_line_scores_zero():
 # Through the evaluator: task_accuracy calls verify(completion, problem["answer"])
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_task_accuracy_runs_on_a_tiny_model(name):
+@pytest.fixture(scope="module")
+def tiny_policy():
     import torch
 
-    from leantune.eval.evaluate import task_accuracy
     from leantune.models.tiny import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     tok = tiny_tokenizer(chat_template=True)
-    out = task_accuracy(tiny_model(vocab_size=len(tok)), tok, name, num_problems=2, max_new_tokens=6, batch_size=2)
+    return tiny_model(vocab_size=len(tok)), tok
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_task_accuracy_runs_on_a_tiny_model(name, tiny_policy):
+    from leantune.eval.evaluate import task_accuracy
+
+    model, tok = tiny_policy
+    out = task_accuracy(model, tok, name, num_problems=2, max_new_tokens=6, batch_size=2)
     assert out["problems"] == 2 and out["accuracy"] == 0.0 and out["task"] == name
+    assert [e["answer"] for e in out["examples"]] == [p["answer"] for p in get_task(name).generate(2, seed=1234, split="test")]

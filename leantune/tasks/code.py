@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -51,6 +53,8 @@ TEST_PERCENT = 20
 
 THINK_START, THINK_END = "<think>", "</think>"
 NUM_CASES = 7
+PARALLEL_RUNS = max(1, min(8, os.cpu_count() or 1))
+"""Sandboxed runs at a time in :func:`reward`."""
 TIMEOUT_S = 5.0
 MEMORY_MB = 256
 
@@ -362,11 +366,13 @@ def verify(completion, answer) -> bool:
 
 
 def reward(prompts, completions, answer, **kw) -> list[float]:
-    """1.0 if the completion passes every hidden case, else 0.0 (also on any sandbox failure)."""
+    """1.0 if the completion passes every hidden case, else 0.0 (also on any sandbox failure). The sandboxed
+    runs go :data:`PARALLEL_RUNS` at a time (threads waiting on child processes)."""
     answers = [answer] * len(completions) if isinstance(answer, (str, dict)) else list(answer)
     if len(answers) != len(completions):
         raise ValueError(f"got {len(completions)} completions but {len(answers)} answers")
-    return [1.0 if verify(c, a) else 0.0 for c, a in zip(completions, answers)]
+    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_RUNS, len(completions)))) as pool:
+        return [1.0 if ok else 0.0 for ok in pool.map(verify, completions, answers)]
 
 
 def is_complete(text: str) -> bool:
