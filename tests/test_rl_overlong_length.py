@@ -149,3 +149,20 @@ def test_length_aware_is_added_to_the_task_reward_in_a_loop_run(tiny_chat_model_
     assert [r["step"] for r in rows] == [1, 2] and result.ledger["totals"]["rollouts"]["rollouts_used"] > 0
     # every kept reward is task (0 or 1) + 0.5 * lam, lam in [-0.5, 0.5]
     assert all(-0.25 - 1e-9 <= r["reward_mean"] <= 1.25 + 1e-9 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The headroom tasks drive the loop: prompts and reward columns from the task generator
+
+
+@pytest.mark.parametrize("task,rewards", [("countdown", {"task_isomorphic": 1.0}), ("multistep", {"task": 1.0}),
+                                          ("code", {"task": 1.0, "length_aware": 0.5})])
+def test_rl_runs_on_each_headroom_task(tiny_chat_model_dir, tmp_path, task, rewards):
+    raw = _raw(tiny_chat_model_dir, tmp_path / task, None, task=task, rewards=rewards, num_prompts=8,
+               group_size=2, prompts_per_step=2, max_sampling_rounds=1, max_new_tokens=4, dynamic_sampling=False)
+    raw["data"] = {"max_length": 1024}  # the tiny tokenizer splits these prompts finely
+    result = train_rl(recipe_from_dict(raw), quiet=True)
+    roll = result.ledger["totals"]["rollouts"]
+    assert roll["rollouts_generated"] == 4 and roll["tokens_generated"] > 0
+    rows = [json.loads(line) for line in (tmp_path / task / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["pass@1"] == 0.0  # a random tiny model solves nothing; the verifier ran on every rollout
