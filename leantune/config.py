@@ -390,7 +390,7 @@ class RLConfig(Section):
     num_prompts: int = Field(default=512, gt=0, description="Training prompts generated from `rl.task` when data.train is unset.")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"task": 1.0},
-        description="Reward terms and their weights, summed: task (the task's verifier), length_aware (Kimi k1.5, arXiv 2501.12599: a term added to the others, lam if correct else min(0, lam)), format, overlong (DAPO's soft penalty), exact_match, math (verifiers on the rows' `answer`), or 'package.module:function' for your own.",
+        description="Reward terms and their weights, summed: task (the task's verifier), task_isomorphic (the task's verifier, kept only if the solution also solves relabelled variants of the problem, arXiv 2604.15149; countdown), length_aware (Kimi k1.5, arXiv 2501.12599: a term added to the others, lam if correct else min(0, lam)), format, overlong (DAPO's soft penalty), exact_match, math (verifiers on the rows' `answer`), or 'package.module:function' for your own.",
     )
     group_size: int = Field(default=8, gt=1, description="Completions sampled per prompt (G).")
     prompts_per_step: int = Field(default=8, gt=0, description="Prompt groups in each policy update's batch.")

@@ -606,7 +606,7 @@ def countdown_variants(completion: str, fields: dict) -> list[tuple[str, dict]]:
     """``make_variants`` for Countdown (:func:`with_isomorphic_variants`): the completion's expression with
     the same structure re-instantiated on each declared variant of its problem.
 
-    The task declares variants in ``fields["variants"]`` (as :func:`countdown_problems` does), or gives a
+    The task declares variants in ``fields["variants"]`` (as :func:`leantune.tasks.countdown.countdown_problems` does), or gives a
     reference ``fields["solution"]`` from which two are made (:func:`relabel_countdown`); with neither there
     are no variants. Every literal of the expression that is one of the given numbers is replaced by its
     relabelled value (equal numbers relabel equally, so it does not matter which occurrence a literal
@@ -672,6 +672,10 @@ class RewardSpec:
 
 REWARDS: dict[str, RewardSpec] = {
     "task": RewardSpec(lambda rl, correct: correct, "the task's verifier: 1.0 if correct, else 0.0", needs_task=True),
+    "task_isomorphic": RewardSpec(
+        lambda rl, correct: _isomorphic_task_reward(rl.task, correct),
+        "the task's verifier, kept only if the completion also solves relabelled variants of its problem "
+        "(isomorphic perturbation testing, arXiv 2604.15149; tasks with make_variants: countdown)", needs_task=True),
     "length_aware": RewardSpec(
         lambda rl, correct: length_aware(correct, rl.group_size),
         "Kimi k1.5 length reward (arXiv 2501.12599), added as a weighted term: per group, lam = 0.5 - "
@@ -687,6 +691,13 @@ REWARDS: dict[str, RewardSpec] = {
 }
 
 
+def _isomorphic_task_reward(task_name: str, correct: RewardFn) -> RewardFn:
+    """``correct`` guarded by the task's own ``make_variants`` (:func:`with_isomorphic_variants`)."""
+    from leantune.tasks import get_task
+
+    return with_isomorphic_variants(correct, get_task(task_name).make_variants)
+
+
 def check_reward_names(rewards: dict[str, float], task: str | None) -> None:
     """ValueError for a recipe's `rl.rewards` that cannot be built (the config validator calls this)."""
     unknown = [n for n in rewards if n not in REWARDS and ":" not in n]
@@ -699,6 +710,13 @@ def check_reward_names(rewards: dict[str, float], task: str | None) -> None:
             raise ValueError(f"{needing[0]!r} is built from rl.task's verifier; set rl.task")
         if not any(":" in n or REWARDS[n].verifier is not None for n in rewards):
             raise ValueError("name a verifier: set rl.task, or use an 'exact_match', 'math' or 'module:function' reward")
+    elif "task_isomorphic" in rewards:
+        from leantune.tasks import available_tasks, get_task
+
+        if not callable(getattr(get_task(task), "make_variants", None)):
+            having = [t for t in available_tasks() if callable(getattr(get_task(t), "make_variants", None))]
+            raise ValueError(f"'task_isomorphic' needs a task that declares isomorphic variants (make_variants); "
+                             f"rl.task={task!r} does not. Tasks that do: {', '.join(having)}")
 
 
 def import_reward(spec: str) -> RewardFn:

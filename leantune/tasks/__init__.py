@@ -1,12 +1,16 @@
 """Bundled verifiable tasks: problem generators with worked solutions, answer checkers and rewards.
 
 Each task is a module exposing ``NAME``, ``generate(n, seed, split)``, ``extract_answer``,
-``verify``, ``reward`` and ``write_jsonl``.
+``verify(completion, answer)``, ``reward``, ``is_complete`` and ``write_jsonl``; optionally
+``make_variants`` (isomorphic variants of a problem, arXiv 2604.15149: the ``task_isomorphic`` reward).
+Every generated problem holds ``prompt``, ``completion`` (a worked solution) and ``answer`` (a string:
+whatever ``verify`` needs, e.g. a JSON object for countdown and code), so ``verify(completion,
+problem["answer"])`` checks any task. ``docs/tasks.md`` describes each task.
 
 >>> get_task("arithmetic").NAME
 'arithmetic'
 >>> available_tasks()
-['addition', 'arithmetic']
+['addition', 'arithmetic', 'code', 'countdown', 'multistep']
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from types import ModuleType
 _TASKS = {
     "addition": "leantune.tasks.addition",
     "arithmetic": "leantune.tasks.arithmetic",
+    "code": "leantune.tasks.code",
+    "countdown": "leantune.tasks.countdown",
+    "multistep": "leantune.tasks.multistep",
 }
 
 
@@ -37,7 +44,7 @@ def get_task(name: str) -> ModuleType:
     >>> get_task("arithmatic")
     Traceback (most recent call last):
     ...
-    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: addition, arithmetic
+    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: addition, arithmetic, code, countdown, multistep
     """
     key = str(name).strip().lower()
     if key not in _TASKS:
