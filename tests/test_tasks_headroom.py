@@ -288,9 +288,11 @@ def test_code_rejects_wrong_and_hacked_solutions():
     got = {k: code_task.verify(v, p["answer"]) for k, v in wrong.items()}
     assert got == {k: False for k in wrong}
     assert code_task.verify(_with_reference(p, entry, "return _ref(*a)"), p["answer"])  # another correct program
-    # the assert-style reward is fooled by the early exit; the task's verifier is not (above)
+    # the assert-style reward is not fooled by the early exit either: a nonce printed after each test must appear
     asserts = [f"assert {entry}({', '.join(map(repr, a))}) == {e}" for a, e in zip(tests["cases"], tests["expected"])]
-    assert code_reward(None, [wrong["exit_early"]], [asserts]) == [1.0]
+    assert code_reward(None, [wrong["exit_early"]], [asserts]) == [0.0]
+    right = _with_reference(p, entry, "return _ref(*a)")
+    assert code_reward(None, [right], [asserts]) == [1.0]
 
 
 def test_code_sandbox_failures_score_zero():

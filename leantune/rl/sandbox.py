@@ -63,6 +63,7 @@ import functools
 import json
 import math
 import os
+import secrets
 import re
 import select
 import selectors
@@ -656,7 +657,8 @@ def code_reward(prompts, completions, tests, *, timeout_s: float = 5.0, memory_m
     completion (a dataset column); a suite is a list of tests or an ``{"inputs": [...], "outputs": [...]}``
     dict, and a single dict applies to every completion. A test is either ``{"input": stdin, "output":
     expected stdout}`` (compared line by line, trailing whitespace ignored) or a string of Python appended
-    to the code (e.g. ``"assert add(2, 3) == 5"``) that passes when the program exits with status 0.
+    to the code (e.g. ``"assert add(2, 3) == 5"``) that passes when the program runs past it and exits with
+    status 0 (a nonce printed after the test must be the last line: exiting early does not pass).
 
     A sandbox limit (timeout, output flood, CPU, memory, setup failure) scores the whole completion 0 and
     skips its remaining tests; an ordinary failure (wrong output, exception) fails only that test.
@@ -679,8 +681,11 @@ def code_reward(prompts, completions, tests, *, timeout_s: float = 5.0, memory_m
         passed = 0
         for test in suite:
             if isinstance(test, str):
-                result = run_code(code + "\n\n" + test + "\n", timeout_s=timeout_s, memory_mb=memory_mb)
-                good = result.ok
+                # the test passes only if the program runs past it: a fresh nonce printed after the test, so an
+                # early exit with status 0 (os._exit(0), sys.exit()) before the assertion does not pass
+                nonce = secrets.token_hex(16)
+                result = run_code(f"{code}\n\n{test}\nprint({nonce!r})\n", timeout_s=timeout_s, memory_mb=memory_mb)
+                good = result.ok and result.stdout.rstrip().splitlines()[-1:] == [nonce]
             else:
                 result = run_code(code, stdin=str(test.get("input", "")), timeout_s=timeout_s, memory_mb=memory_mb)
                 good = result.ok and _same_output(result.stdout, str(test.get("output", "")))
