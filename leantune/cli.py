@@ -247,7 +247,10 @@ def cmd_data_dedup(args) -> int:
         cfg = DedupConfig(exact=not args.no_exact, near=None if args.threshold == 0 else args.threshold,
                           num_perm=args.num_perm, shingle=args.shingle, seed=args.seed)
     except ValidationError as err:
-        raise UserError("data dedup: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        flags = {"near": "--threshold", "num_perm": "--num-perm", "shingle": "--shingle"}
+        raise UserError("data dedup: " + "; ".join(
+            f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
+            for e in err.errors())) from None
     report = dedup_file(args.input, args.output, cfg, fields=args.field or None, split=args.split, report_path=args.report)
     print(summary_line(report, args.input, args.output))
     for c in report.clusters[: args.show]:

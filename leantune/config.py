@@ -81,6 +81,12 @@ class DedupConfig(Section):
     )
     seed: int = Field(default=0, description="Seed of the MinHash permutations (same seed, same decisions).")
 
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.exact and self.near is None:
+            raise ValueError("exact is false and near is null, so nothing would be removed; enable one, or set data.dedup: null")
+        return self
+
 
 class DataConfig(Section):
     """Where the examples come from and how they become tokens (docs/data.md has a recipe per source)."""

@@ -213,6 +213,8 @@ def test_cli_bad_input_writes_nothing(tmp_path, capsys):
     assert "JSON Lines" in capsys.readouterr().err
     assert main(["data", "dedup", str(good), str(out), "--shingle", "tokens:3"]) == 2
     assert main(["data", "dedup", str(good), str(out), "--threshold", "1.5"]) == 2
+    assert main(["data", "dedup", str(good), str(out), "--threshold", "0", "--no-exact"]) == 2
+    assert "nothing would be removed" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.glob(".*tmp")) == []
 
 
@@ -229,6 +231,8 @@ def test_recipe_dedup_section_validates():
         recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"shingle": "words"}}})
     with pytest.raises(RecipeError, match="data.dedup.near"):
         recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"near": 0}}})
+    with pytest.raises(RecipeError, match="nothing would be removed"):
+        recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"exact": False, "near": None}}})
 
 
 def _dup_data(tmp_path):
