@@ -12,7 +12,7 @@ differs (so the deduplicated run spends its steps on fewer, distinct rows). Meas
 ``--suffix`` completion tokens, ``align="completion"``): the extractable rate on the repeated rows, on the
 unique rows and on the held-out rows, and the mean held-out loss.
 
-    PYTHONPATH=. python benchmarks/memorization.py                 # tiny 2-layer model, full fine-tuning, ~1 min
+    PYTHONPATH=. python benchmarks/memorization.py                 # tiny 2-layer model, full fine-tuning, ~5 min
     PYTHONPATH=. python benchmarks/memorization.py --real          # SmolLM2-135M-Instruct, LoRA (slow)
 
 Prints one JSON object.
@@ -100,6 +100,16 @@ def run(args, data: dict[str, Path], model_path: str, out: Path, dedup: dict | N
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AVX512-BF16 (Linux; else what `platform` knows)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{name} ({'has' if 'avx512_bf16' in info else 'no'} avx512_bf16)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (builtin) with LoRA instead of the tiny model")
@@ -136,7 +146,7 @@ def main() -> None:
             "dedup": run(args, data, model_path, tmp / "dedup", {"exact": True, "near": args.near, "num_perm": 128}),
         }
     print(json.dumps({"model": "builtin:smollm2-135m-instruct (LoRA r=16)" if args.real else "tiny 2-layer Llama, hidden 64 (full)",
-                      "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                      "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
                       "settings": vars(args), "runs": runs}, indent=1))
 
 
