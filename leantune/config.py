@@ -581,7 +581,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an optional section set to null (data.dedup: null)
+                node[p] = {}
+            nxt = node[p]
             if not isinstance(nxt, dict):
                 raise RecipeError(f"override {item!r}: {p!r} is not a section")
             node = nxt

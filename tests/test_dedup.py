@@ -231,6 +231,10 @@ def test_recipe_dedup_section_validates():
         recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"shingle": "words"}}})
     with pytest.raises(RecipeError, match="data.dedup.near"):
         recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"near": 0}}})
+    from leantune.config import apply_overrides
+
+    raw = apply_overrides({"data": {"train": "t.jsonl", "dedup": None}}, ["data.dedup.near=0.6"])
+    assert raw["data"]["dedup"] == {"near": 0.6}  # an override under a null section creates it
     with pytest.raises(RecipeError, match="nothing would be removed"):
         recipe_from_dict({**base, "data": {"train": "t.jsonl", "dedup": {"exact": False, "near": None}}})
 
