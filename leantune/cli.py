@@ -5,12 +5,13 @@
     leantune rl RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
     leantune rft RECIPE.yaml [key.sub=value ...]
     leantune plan RECIPE.yaml [key.sub=value ...] [--memory 2GB [--out FILE]] [--json]
-    leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl)
+    leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl | --memorization [--prefix 32 --suffix 32])
     leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
     leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
     leantune validate RECIPE.yaml [RECIPE.yaml ...]
     leantune demo [--out DIR] [--quick] [--rl]
     leantune make-data TASK --out DIR [--train N] [--valid N]
+    leantune data dedup IN OUT [--threshold 0.8] [--num-perm 128] [--shingle words:3] [--report FILE.json]
 
 Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
 Results (JSON, tables, the ledger summary) go to stdout; diagnostics go to stderr through ``leantune.log``.
@@ -178,6 +179,16 @@ def cmd_eval(args) -> int:
 
     from leantune.eval.evaluate import evaluate_target
 
+    if args.memorization:
+        from leantune.eval.memorization import evaluate_memorization
+
+        result = evaluate_memorization(args.target, heldout=args.heldout, prefix=args.prefix, suffix=args.suffix,
+                                       samples=args.samples, seed=args.seed, align=args.align,
+                                       batch_size=args.batch_size, dtype=args.dtype)
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.heldout:
+        raise UserError("eval: --heldout goes with --memorization")
     result = evaluate_target(
         args.target, task=args.task, data=args.data, num_problems=args.num_problems,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
@@ -221,6 +232,35 @@ def cmd_make_data(args) -> int:
     paths = write_task_data(args.task, Path(args.out), args.train, args.valid, seed=args.seed)
     for split, path in paths.items():
         log.info("wrote %s: %s", split, path)
+    return 0
+
+
+def cmd_data_dedup(args) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from leantune.config import DedupConfig
+    from leantune.data.dedup import dedup_file, summary_line
+
+    try:
+        cfg = DedupConfig(exact=not args.no_exact, near=None if args.threshold == 0 else args.threshold,
+                          num_perm=args.num_perm, shingle=args.shingle, seed=args.seed)
+    except ValidationError as err:
+        flags = {"near": "--threshold", "num_perm": "--num-perm", "shingle": "--shingle"}
+        raise UserError("data dedup: " + "; ".join(
+            f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" if e["loc"] else e["msg"].removeprefix("Value error, ")
+            for e in err.errors())) from None
+    report = dedup_file(args.input, args.output, cfg, fields=args.field or None, split=args.split, report_path=args.report)
+    print(summary_line(report, args.input, args.output))
+    for c in report.clusters[: args.show]:
+        removed = ", ".join(f"{r.location} (J~{r.jaccard:.2f})" for r in c.removed[:5])
+        more = f" and {len(c.removed) - 5} more" if len(c.removed) > 5 else ""
+        print(f"  cluster {c.id} [{c.kind}]: kept {c.kept.location}; removed {removed}{more}")
+    if args.report:
+        log.info("wrote %s", args.report)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.as_dict().items() if k != "clusters"}, indent=1))
     return 0
 
 
@@ -280,16 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override (repeatable)")
     v.set_defaults(func=cmd_validate)
 
-    e = sub.add_parser("eval", help="accuracy on a verifiable task, or loss/perplexity on data")
+    e = sub.add_parser("eval", help="accuracy on a verifiable task, loss/perplexity on data, or memorization of a run's data")
     e.add_argument("target", help="a run directory, a model directory, a .gguf file or builtin:NAME")
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--task", help="verifiable task name, e.g. arithmetic")
     g.add_argument("--data", help="JSONL/Parquet file for mean loss and perplexity")
+    g.add_argument("--memorization", action="store_true",
+                   help="k-extractable memorization (arXiv 2202.07646) of a run's training data and the held-out minus "
+                   "train loss gap (docs/dedup.md); needs a run directory")
+    e.add_argument("--prefix", type=int, default=32, help="--memorization: prompt tokens taken from each example (default 32)")
+    e.add_argument("--suffix", type=int, default=32,
+                   help="--memorization: tokens greedy decoding must reproduce exactly to count as extracted (default 32)")
+    e.add_argument("--samples", type=int, default=100,
+                   help="--memorization: training (and held-out) examples sampled, seeded (default 100)")
+    e.add_argument("--heldout", default=None,
+                   help="--memorization: held-out data for the control rate and the loss gap (default: the run's data.eval)")
+    e.add_argument("--align", choices=["start", "completion"], default="start",
+                   help="--memorization: window at the example's first token (start) or suffix = the first completion "
+                   "tokens (completion); default start")
+    e.add_argument("--seed", type=int, default=0, help="--memorization: seed of the example sample (default 0)")
     e.add_argument("--num-problems", type=int, default=50, help="--task: held-out problems to score (default 50)")
     e.add_argument("--max-new-tokens", type=int, default=48,
                    help="--task: greedy completion budget per problem, in tokens (default 48)")
     e.add_argument("--batch-size", type=int, default=16,
-                   help="prompts generated together (--task) or examples per forward pass (--data); default 16")
+                   help="prompts generated together (--task, --memorization) or examples per forward pass (--data); default 16")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype of the model (default: the run's model.dtype, else float32)")
     e.set_defaults(func=cmd_eval)
@@ -315,6 +369,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--valid", type=int, default=64, help="validation problems (held-out split)")
     m.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
     m.set_defaults(func=cmd_make_data)
+
+    da = sub.add_parser("data", help="data tools: dedup (remove exact and near-duplicate rows)")
+    dsub = da.add_subparsers(dest="data_command", required=True, metavar="TOOL", help="`leantune data TOOL -h` for its options")
+    dd = dsub.add_parser("dedup", help="remove exact and near-duplicate rows (MinHash), keeping the first; see docs/dedup.md")
+    dd.add_argument("input", metavar="IN", help="rows to read: any source data.train takes (.jsonl, .parquet, .csv, .json, "
+                    ".arrow, a save_to_disk directory, a hub dataset id)")
+    dd.add_argument("output", metavar="OUT", help="JSON Lines file for the kept rows, as read (written atomically; nothing is "
+                    "written if any row is bad)")
+    dd.add_argument("--threshold", type=float, default=0.8,
+                    help="remove a row whose estimated Jaccard similarity with an earlier row is >= this (0 < t <= 1; "
+                    "lower removes more); 0: exact duplicates only (default 0.8)")
+    dd.add_argument("--num-perm", type=int, default=128,
+                    help="MinHash permutations: closer estimates (error ~ 1/sqrt(N)) for more time and memory (default 128)")
+    dd.add_argument("--shingle", default="words:3",
+                    help="set elements: words:N (word N-grams, prose) or chars:N (character N-grams, short or numeric "
+                    "text); default words:3")
+    dd.add_argument("--no-exact", action="store_true",
+                    help="skip the exact (normalized-text hash) pass; identical rows are still near-duplicates at J=1")
+    dd.add_argument("--field", action="append", metavar="NAME",
+                    help="compare these fields (repeatable, in order) instead of messages or prompt + completion")
+    dd.add_argument("--split", default=None, help="split of IN when it has several (default: train, or the only one)")
+    dd.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations (default 0)")
+    dd.add_argument("--report", metavar="FILE.json", default=None,
+                    help="write every cluster (kept row, removed rows with file:line, Jaccard estimates) as JSON")
+    dd.add_argument("--show", type=int, default=5, metavar="N", help="clusters to print (default 5)")
+    dd.add_argument("--json", action="store_true", help="also print the counts and settings as JSON")
+    dd.set_defaults(func=cmd_data_dedup)
 
     d = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2-135M on arithmetic, offline")
     d.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")

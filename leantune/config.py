@@ -65,6 +65,29 @@ class ModelConfig(Section):
         return resolve_dtype(self.dtype, self._device_type)
 
 
+class DedupConfig(Section):
+    """Duplicate removal before tokenization, keeping the first occurrence (docs/dedup.md, leantune.data.dedup).
+    Repeated examples are what a model memorizes (arXiv 2202.07646, 2507.09937)."""
+
+    exact: bool = Field(default=True, description="Remove rows whose normalized text (NFKC, casefolded, whitespace collapsed) equals an earlier row's.")
+    near: float | None = Field(
+        default=0.8, gt=0, le=1,
+        description="Remove rows whose estimated Jaccard similarity (MinHash over `shingle` sets) with any earlier row is >= this. null: exact only. Lower removes more.",
+    )
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations: more = a closer Jaccard estimate (error ~ 1/sqrt(num_perm)), more time and memory per row.")
+    shingle: str = Field(
+        default="words:3", pattern=r"^(words|chars):[1-9][0-9]*$",
+        description="What the sets are made of: words:N (word N-grams, for prose) or chars:N (character N-grams, for short or numeric text).",
+    )
+    seed: int = Field(default=0, description="Seed of the MinHash permutations (same seed, same decisions).")
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.exact and self.near is None:
+            raise ValueError("exact is false and near is null, so nothing would be removed; enable one, or set data.dedup: null")
+        return self
+
+
 class DataConfig(Section):
     """Where the examples come from and how they become tokens (docs/data.md has a recipe per source)."""
 
@@ -99,6 +122,10 @@ class DataConfig(Section):
     think_start: str = Field(default="<think>", description="Marker opening the thinking span inside a completion.")
     think_end: str = Field(default="</think>", description="Marker closing the thinking span; the rest is the answer span.")
     shuffle: bool = Field(default=True, description="Shuffle training examples every epoch (seeded).")
+    dedup: DedupConfig | None = Field(
+        default=None,
+        description="SFT: remove exact and near-duplicate training rows before tokenization, e.g. {exact: true, near: 0.8}; the counts go to the ledger (totals.data). null: keep every row. data.eval is not deduplicated.",
+    )
 
     @model_validator(mode="after")
     def _splits_and_columns(self):
@@ -554,7 +581,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an optional section set to null (data.dedup: null)
+                node[p] = {}
+            nxt = node[p]
             if not isinstance(nxt, dict):
                 raise RecipeError(f"override {item!r}: {p!r} is not a section")
             node = nxt

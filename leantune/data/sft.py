@@ -41,7 +41,8 @@ from typing import Literal
 
 import torch
 
-from leantune.config import DataConfig, SpanWeights
+from leantune.config import DataConfig, DedupConfig, SpanWeights
+from leantune.data.dedup import DedupReport, Deduplicator, dedup_texts, record_text
 from leantune.data.records import DataError, Record, read_records
 
 SPAN_PROMPT, SPAN_THINK, SPAN_ANSWER = 0, 1, 2
@@ -60,7 +61,8 @@ class Example:
 
 @dataclass
 class DataStats:
-    """Counts over one loaded file. Token counts are over the kept examples, after truncation."""
+    """Counts over one loaded file. Token counts are over the kept examples, after truncation.
+    ``records == examples + dropped + dedup_exact + dedup_near``."""
 
     records: int = 0
     examples: int = 0
@@ -70,6 +72,9 @@ class DataStats:
     prompt_tokens: int = 0
     think_tokens: int = 0
     answer_tokens: int = 0
+    dedup_exact: int = 0  # removed by data.dedup as exact duplicates of an earlier row (before tokenization)
+    dedup_near: int = 0  # removed by data.dedup as near-duplicates (MinHash Jaccard >= data.dedup.near)
+    dedup_clusters: int = 0  # kept rows that had duplicates removed
 
     def trainable_tokens(self, weights: SpanWeights) -> int:
         """Tokens whose span weight is > 0, i.e. ``labels != -100`` in :func:`collate` (before the shift).
@@ -241,12 +246,28 @@ def _all_dropped(path, stats: DataStats, cfg: DataConfig) -> DataError:
     )
 
 
+def dedup_records(records: list[Record], cfg: DedupConfig) -> tuple[list[Record], DedupReport]:
+    """``records`` without the exact and near duplicates ``cfg`` (``data.dedup``) finds, first kept
+    (:mod:`leantune.data.dedup`), and the report of what was removed."""
+    report = dedup_texts([record_text(r.data, r.source) for r in records], [r.source for r in records], cfg)
+    return [records[i] for i in report.kept], report
+
+
+def _count_dedup(stats: DataStats, report: DedupReport) -> None:
+    stats.records += report.exact_removed + report.near_removed
+    stats.dedup_exact += report.exact_removed
+    stats.dedup_near += report.near_removed
+    stats.dedup_clusters += len(report.clusters)
+
+
 def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig,
                       role: Literal["train", "eval"] = "train") -> tuple[Sequence[Example], DataStats]:
     """Read ``path`` (any source of :mod:`leantune.data.sources`) and tokenize every record into an :class:`Example`.
 
     ``role`` says whether ``path`` is data.train or data.eval: it picks ``cfg.split`` or ``cfg.eval_split``
-    and the default split rule. ``cfg.columns`` renames dataset columns first. With ``cfg.streaming`` the
+    and the default split rule. ``cfg.columns`` renames dataset columns first. With ``cfg.dedup`` (training
+    data only) exact and near duplicates are removed before tokenization, first occurrence kept, and counted
+    in the stats (``dedup_exact``, ``dedup_near``, ``dedup_clusters``). With ``cfg.streaming`` the
     examples are a :class:`StreamedExamples` (same items, tokenized on access) after one validating pass
     that computes the same :class:`DataStats`; otherwise a list.
 
@@ -259,6 +280,9 @@ def load_sft_examples(path: str | Path, tokenizer, cfg: DataConfig,
         return _load_streamed(path, tokenizer, cfg, role, eos)
     records = read_records(path, cfg.format, split=cfg.split_for(role), columns=cfg.columns, role=role)
     stats = DataStats()
+    if cfg.dedup is not None and role == "train":
+        records, report = dedup_records(records, cfg.dedup)
+        _count_dedup(stats, report)
     examples = []
     for rec, tokenized in zip(records, _tokenize_records(records, tokenizer, cfg, eos)):
         _count(stats, tokenized)
@@ -320,6 +344,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
     rows = open_rows(path, cfg.split_for(role), role, cfg.columns)
     check = mapped_check(lambda data, where: check_record(data, where, cfg.format), cfg.columns)
     stats, keys = DataStats(), array("q")
+    dedup = Deduplicator(cfg.dedup) if cfg.dedup is not None and role == "train" else None
 
     def flush(batch: list[tuple[int, Record]]) -> None:
         for (key, _), tokenized in zip(batch, _tokenize_records([r for _, r in batch], tokenizer, cfg, eos)):
@@ -330,10 +355,15 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
 
     batch: list[tuple[int, Record]] = []
     for key, data, where in rows.scan():
-        batch.append((key, check(data, where)))
+        record = check(data, where)
+        if dedup is not None and not dedup.add(record_text(record.data, where), where):
+            continue
+        batch.append((key, record))
         if len(batch) == chunk:
             flush(batch)
     flush(batch)
+    if dedup is not None:
+        _count_dedup(stats, dedup.report())
     if stats.records == 0:
         raise DataError(f"{path}: no records (the file is empty or has only blank lines). Add at least one record.")
     if not keys:

@@ -163,7 +163,8 @@ def evaluate_target(target: str, *, task: str | None = None, data: str | None = 
     from leantune.train.sft import evaluate_loss
 
     recipe = _run_recipe(Path(target)) if Path(target).is_dir() else None
-    data_cfg = (recipe.data if recipe else DataConfig(train=data)).model_copy(update={"train": data})
+    # data.dedup is for training; the data evaluated is scored as it is
+    data_cfg = (recipe.data if recipe else DataConfig(train=data)).model_copy(update={"train": data, "dedup": None})
     weights = recipe.loss.weights if recipe else SpanWeights()
     examples, stats = load_sft_examples(data, tok, data_cfg)
     out = evaluate_loss(model, examples, tok.pad_token_id, weights, batch_size, chunk_size=1024)
