@@ -338,16 +338,14 @@ def selective_layer_saved_bytes(spec: LayerSpec, linears: list[LinearSpec], shap
                                 seq: int, dtype_bytes: int, r: int) -> int:
     """Bytes one decoder layer keeps from forward to backward under selective checkpointing
     (``leantune.train.selective``), N = batch x seq tokens: its input (N x H x e, the checkpoint's), the
-    output of every matmul -- each of the layer's ``linears`` (N x out x e) and, for a LoRA-adapted one,
-    lora_A's (N x r x 4) and lora_B's (N x out x 4) (PEFT runs the adapter in fp32) -- and the SDPA
-    kernel's output (N x n_h d x e) and logsumexp (N x n_h x 4). Norms, SiLU, rotary, casts, dropout and
-    the K/V repeat are recomputed in backward, so neither the mask nor dropout's noise is kept."""
+    output of every full-width matmul -- each of the layer's ``linears`` (N x out x e) and, for a
+    LoRA-adapted one, lora_A's (N x r x 4; PEFT runs the adapter in fp32) -- and the SDPA kernel's output
+    (N x n_h d x e) and logsumexp (N x n_h x 4). Norms, SiLU, rotary, casts, dropout, the K/V repeat and
+    lora_B's rank-r product are recomputed in backward, so neither the mask nor dropout's noise is kept."""
     n, e = batch * seq, dtype_bytes
     total = n * shape.hidden * e
     for lin in linears:
-        total += n * lin.out_features * e
-        if lin.short in spec.adapted:
-            total += n * r * 4 + n * lin.out_features * 4
+        total += n * lin.out_features * e + (n * r * 4 if lin.short in spec.adapted else 0)
     return total + n * shape.heads * shape.head_dim * e + n * shape.heads * 4
 
 
@@ -613,13 +611,15 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                                    "activations": (saved, act_note),
                                    "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
                                             loss_note + " + grad of hidden")}
-        # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
-        # checkpointed one is recomputed first), gradients exist for what lies above i. A selective layer's
-        # cache is counted beside its recomputed tensors, though some are the same (an upper bound).
+        # Decoder backward, top layer down: at layer i, layers < i still hold their saved tensors, layer i
+        # its own (a checkpointed one: its input + what its recomputation saves; a selective layer's cache
+        # is handed to the recomputation, which keeps what backward needs and drops the rest: checked against
+        # live bytes in backward in tests/test_selective.py), gradients exist for what lies above i.
         bwd = backward_workspace_bytes(shape, n, e, cal)
         per_grad, top_grad = layer_trainable_bytes(shape, recipe)
         grads_at = [grads if recipe.train.grad_accum > 1 else top_grad + sum(per_grad[i + 1:]) for i in range(shape.layers)]
-        at = [sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) + grads_at[i] for i in range(shape.layers)]
+        ckpt_input = 0 if offload else layer_input
+        at = [sum(stored[:i]) + (ckpt_input + kept[i] if ckpt[i] else stored[i]) + grads_at[i] for i in range(shape.layers)]
         i = max(range(shape.layers), key=at.__getitem__)
         phases["decoder backward"] = {**base, **trainables,
                                       "gradients": (grads_at[i], "accumulated over micro-batches" if recipe.train.grad_accum > 1

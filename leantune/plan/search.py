@@ -387,8 +387,8 @@ def choose_activation_checkpointing(recipe: Recipe, mode: str | None = None, ava
     fits = [o for o in options if o[1] <= budget]
     if fits:
         t, peak, value, chosen = min(fits, key=lambda o: o[0])
-        return chosen, (f"train.activation_checkpointing={value}: not set; the fastest setting (cost x{t:.2f}) whose "
-                        f"predicted peak {gib(peak)} fits {gib(budget)} ({why})")
+        return chosen, (f"train.activation_checkpointing={value}: not set; the fastest setting (time x{t / options[0][0]:.2f} "
+                        f"of off) whose predicted peak {gib(peak)} fits {gib(budget)} ({why})")
     t, peak, value, chosen = min(options, key=lambda o: (o[1], o[0]))
     return chosen, (f"train.activation_checkpointing={value}: not set; no setting is predicted to fit {gib(budget)} "
                     f"({why}), {value} has the smallest predicted peak, {gib(peak)}")

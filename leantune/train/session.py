@@ -83,7 +83,7 @@ def set_activation_checkpointing(model, policy) -> int:
     lm = causal_lm(model)
     kwargs = {"use_reentrant": False}  # works with frozen embeddings (no input grads needed)
     if policy == "selective":  # transformers hands these to torch.utils.checkpoint.checkpoint
-        kwargs["context_fn"] = selective_context_fn
+        kwargs["context_fn"] = selective_context_fn(model)
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
