@@ -213,8 +213,8 @@ class TrainConfig(Section):
     activation_checkpointing: Literal["off", "all", "selective"] | int | None = Field(
         default=None,
         description="Recompute layer activations in backward: off, all, every k-th layer (int k), or selective (every "
-        "layer keeps its matmul and attention outputs and recomputes only norms, activations, rotary and elementwise "
-        "ops: memory between off and all, little extra compute). all: less memory, ~30% more compute. null (the "
+        "layer keeps its matmul and attention outputs and recomputes only norms, activations, rotary, elementwise "
+        "ops and LoRA's rank-r product: memory between off and all, less extra compute; docs/planning.md). all: less memory, ~30% more compute. null (the "
         "default): chosen at run start, the fastest setting the planner predicts to fit memory.budget, or 80% of the "
         "available RAM (free device memory on CUDA); the ledger records the choice and why (extra.auto_choices). "
         "YAML's unquoted off/false/no mean off, on/true/yes mean all.",
