@@ -4,8 +4,8 @@
     python benchmarks/selective_checkpointing.py --hidden 576 --layers 4 --seq 256 --json out.json
 
 For each policy (off, selective, all) it builds the same seeded LoRA model (r 8 on every linear, fp32),
-times forward + backward of one micro-batch ``--repeats`` times after a warm-up (process CPU time is not
-used: wall time of the step, median), and measures the bytes the forward leaves alive for backward (the
+times forward + backward of one micro-batch ``--repeats`` times after a warm-up, the policies
+interleaved (wall time of the step, median), and measures the bytes the forward leaves alive for backward (the
 storages its ops created that are still referenced once the output is reduced to a scalar; the method of
 ``tests/test_selective.py``), next to the planner's prediction of the same quantity. ``recompute_fraction``
 = (selective - off) / (all - off) step time: the share of full checkpointing's recompute that selective
@@ -74,18 +74,13 @@ def kept_bytes(model, ids) -> int:
     return sum(live.values())
 
 
-def step_seconds(model, ids, repeats: int) -> list[float]:
+def step_seconds(model, ids) -> float:
     from leantune.adapters.lora import causal_lm
 
-    decoder = causal_lm(model).get_decoder()
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        decoder(input_ids=ids, use_cache=False).last_hidden_state.float().square().mean().backward()
-        if i:  # the first is the warm-up
-            times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return times
+    t0 = time.perf_counter()
+    causal_lm(model).get_decoder()(input_ids=ids, use_cache=False).last_hidden_state.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def predicted_layer_bytes(model, policy: str, batch: int, seq: int) -> int:
@@ -124,14 +119,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    rows = {}
-    for policy in POLICIES:
-        model = build(args, policy)
-        times = step_seconds(model, ids, args.repeats)
-        rows[policy] = {"step_s_median": statistics.median(times), "step_s": times, "kept_bytes": kept_bytes(model, ids),
-                        "predicted_layer_bytes": predicted_layer_bytes(model, policy, args.batch, args.seq)}
-        del model
-        gc.collect()
+    models = {p: build(args, p) for p in POLICIES}
+    times = {p: [] for p in POLICIES}
+    for i in range(args.repeats + 1):  # interleaved, so load from other processes hits every policy alike
+        for p in POLICIES:
+            t = step_seconds(models[p], ids)
+            if i:  # the first round is the warm-up
+                times[p].append(t)
+    rows = {p: {"step_s_median": statistics.median(times[p]), "step_s": times[p], "kept_bytes": kept_bytes(models[p], ids),
+                "predicted_layer_bytes": predicted_layer_bytes(models[p], p, args.batch, args.seq)} for p in POLICIES}
     off, sel, full = (rows[p]["step_s_median"] for p in POLICIES)
     result = {"config": vars(args), "torch": torch.__version__, "rows": rows,
               "recompute_fraction": (sel - off) / (full - off) if full > off else None,

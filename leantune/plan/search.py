@@ -14,8 +14,12 @@ other jobs were loading -- indicative, not precise), each relative to the same r
 
 - checkpointing: ``1 + ckpt x (checkpointed layers / layers)``: all layers 1.35x (every 2nd: 1.26x);
 - selective checkpointing (every layer; matmul and attention outputs kept, the rest recomputed):
-  ``1 + ckpt x selective``, ``selective`` the share of full checkpointing's recompute time it still pays
-  (SELECTIVE_NOTE says how it was measured);
+  ``1 + ckpt x selective``, ``selective`` the share of full checkpointing's recompute time it still pays:
+  0.26 and 0.41 in two runs of ``benchmarks/selective_checkpointing.py`` (a SmolLM2-shaped random Llama:
+  hidden 576, intermediate 1536, 9/3 heads, 4 layers, LoRA r=8 on every linear, fp32, 4 x 256 tokens,
+  1 thread, on the 2-core VM under a load average of ~9 -- noisy); 0.34 is their mean. On the tiny test
+  Llama (hidden 64) selective is slower than ``all`` (61 vs 44 ms a step, off 23): the Python dispatch
+  of the selective checkpoint costs more per op than such small ops do;
 - offloaded checkpoints (``train.offload_checkpoints``, SFT only): 1.02x (``benchmarks/memory_ladder.py``,
   SmolLM2 seq 2048, 2 threads, quiet: 61.0 -> 59.7 tokens/s);
 - quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
@@ -57,7 +61,7 @@ class CostModel:
     """Relative-cost factors; see the module docstring for how each was measured."""
 
     ckpt: float = 0.35
-    selective: float = 0.5
+    selective: float = 0.34
     offload: float = 1.02
     int8: float = 1.07
     int4: float = 1.16
