@@ -419,3 +419,11 @@ def test_a_run_with_plenty_of_memory_chooses_off(tiny_model_dir, sft_data, tmp_p
     assert ledger["recipe"]["train"]["activation_checkpointing"] == "off"
     print(ledger["extra"]["auto_choices"]["train.activation_checkpointing"])  # the docs quote this line
     assert "fits" in ledger["extra"]["auto_choices"]["train.activation_checkpointing"]
+
+
+def test_null_without_the_device_to_measure_plans_off(tiny_model_dir, tmp_path):
+    """Planning a CUDA recipe on a machine without CUDA: nothing to measure, planned as off, said so."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")
+    chosen, note = choose_activation_checkpointing(_recipe(tiny_model_dir, tmp_path, train={"device": "cuda"}), mode="sft")
+    assert chosen.train.activation_checkpointing == "off" and "cannot be measured here" in note

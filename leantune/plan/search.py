@@ -382,7 +382,11 @@ def choose_activation_checkpointing(recipe: Recipe, mode: str | None = None, ava
         except (ModelLoadError, OSError, ValueError) as err:  # the load reports it properly, if it fails too
             return with_policy("off"), (f"train.activation_checkpointing=off: not set, and the planner could not read "
                                         f"the model to choose ({err})")
-    budget, why = auto_budget(recipe, available)
+    try:
+        budget, why = auto_budget(recipe, available)
+    except ValueError as err:  # e.g. planning a CUDA recipe on a machine without one: no memory to measure
+        return with_policy("off"), (f"train.activation_checkpointing=off: not set, and the memory to choose for "
+                                    f"cannot be measured here ({err}); a run chooses on its own machine")
     options = []
     for value in CHECKPOINT_CHOICES:
         candidate = with_policy(value)
