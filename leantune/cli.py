@@ -169,8 +169,11 @@ def cmd_validate(args) -> int:
     from leantune.config import load_recipe
 
     for path in args.recipes:
-        load_recipe(path, args.overrides)
+        recipe = load_recipe(path, args.overrides)
         print(f"ok  {path}")
+        if recipe.train.activation_checkpointing is None:
+            print("    train.activation_checkpointing: null -- chosen at run start: the fastest setting the planner "
+                  "predicts to fit memory.budget, or 80% of the available memory (`leantune plan` shows the choice)")
     return 0
 
 

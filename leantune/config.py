@@ -237,9 +237,14 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(default=4, gt=0, description="Examples per forward/backward.")
     grad_accum: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
     seed: int = Field(default=0, description="Seeds data order, adapter init and dropout.")
-    activation_checkpointing: Literal["off", "all"] | int = Field(
-        default="off",
-        description="Recompute layer activations in backward: off, all, or every k-th layer (int k). Less memory, ~30% more compute. YAML's unquoted off/false/no mean off, on/true/yes mean all.",
+    activation_checkpointing: Literal["off", "all", "selective"] | int | None = Field(
+        default=None,
+        description="Recompute layer activations in backward: off, all, every k-th layer (int k), or selective (every "
+        "layer keeps its matmul and attention outputs and recomputes only norms, activations, rotary, elementwise "
+        "ops and LoRA's rank-r product: memory between off and all, less extra compute; docs/planning.md). all: less memory, ~30% more compute. null (the "
+        "default): chosen at run start, the fastest setting the planner predicts to fit memory.budget, or 80% of the "
+        "available RAM (free device memory on CUDA); the ledger records the choice and why (extra.auto_choices). "
+        "YAML's unquoted off/false/no mean off, on/true/yes mean all.",
     )
     offload_checkpoints: bool = Field(
         default=False,
@@ -318,9 +323,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _offload_needs_checkpointing(self):
-        if self.offload_checkpoints and self.activation_checkpointing == "off":
+        if self.offload_checkpoints and self.activation_checkpointing in ("off", None):
             raise ValueError("offload_checkpoints: the inputs of checkpointed layers are what it moves to a file; "
-                             "set train.activation_checkpointing (all, or every k-th layer)")
+                             "set train.activation_checkpointing (all, selective, or every k-th layer)")
         return self
 
 

@@ -49,7 +49,7 @@ FOREIGN_NAMES: dict[str, ForeignName] = {
     "max_steps": ForeignName("train.steps", _HF),
     "seed": ForeignName("train.seed", _HF),
     "output_dir": ForeignName("train.output_dir", _HF),
-    "gradient_checkpointing": ForeignName("train.activation_checkpointing", _HF, "off, all, or every k-th layer"),
+    "gradient_checkpointing": ForeignName("train.activation_checkpointing", _HF, "off, all, selective, or every k-th layer; null: chosen at run start"),
     "logging_steps": ForeignName("train.log_every", _HF),
     "save_steps": ForeignName("train.save_every", _HF),
     "eval_steps": ForeignName("train.eval_every", _HF),

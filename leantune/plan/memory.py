@@ -14,7 +14,8 @@ on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against s
 - gradients: one per trainable element, same dtype; optimizer: AdamW 2 states per trainable element
   plus one trainable-sized temporary in its foreach step; MeZO none (plus its restore list);
 - activations: what autograd saves per decoder layer (``layer_saved_bytes``), or only the layer input
-  for checkpointed layers, which are recomputed one at a time in backward;
+  for checkpointed layers, which are recomputed one at a time in backward (selective checkpointing: the
+  input + the layer's matmul and attention outputs, ``selective_layer_saved_bytes``);
 - loss workspace: ``linear_cross_entropy`` materializes ``chunk x V`` fp32 logits twice (logits and
   their exp) for ``chunk = min(loss.chunk_size, loss-carrying rows)``; with ``loss.vocab_subset`` V
   becomes S = at most k candidates + the loss rows' targets, plus the (S x H) rows it gathers; a
@@ -325,11 +326,27 @@ def layer_trainable_bytes(shape: ModelShape, recipe: Recipe) -> tuple[list[int],
 
 
 def checkpointed_layers(policy, layers: int) -> list[bool]:
-    """Which layers ``set_activation_checkpointing`` checkpoints: none, all, or every k-th (i % k == 0)."""
-    if policy == "off":
+    """Which layers ``set_activation_checkpointing`` checkpoints: none ('off', or None: not chosen yet, planned
+    as off), all ('all' and 'selective'), or every k-th (i % k == 0)."""
+    if policy in ("off", None):
         return [False] * layers
-    k = 1 if policy == "all" else int(policy)
+    k = 1 if policy in ("all", "selective") else int(policy)
     return [i % k == 0 for i in range(layers)]
+
+
+def selective_layer_saved_bytes(spec: LayerSpec, linears: list[LinearSpec], shape: ModelShape, batch: int,
+                                seq: int, dtype_bytes: int, r: int) -> int:
+    """Bytes one decoder layer keeps from forward to backward under selective checkpointing
+    (``leantune.train.selective``), N = batch x seq tokens: its input (N x H x e, the checkpoint's), the
+    output of every full-width matmul -- each of the layer's ``linears`` (N x out x e) and, for a
+    LoRA-adapted one, lora_A's (N x r x 4; PEFT runs the adapter in fp32) -- and the SDPA kernel's output
+    (N x n_h d x e) and logsumexp (N x n_h x 4). Norms, SiLU, rotary, casts, dropout, the K/V repeat and
+    lora_B's rank-r product are recomputed in backward, so neither the mask nor dropout's noise is kept."""
+    n, e = batch * seq, dtype_bytes
+    total = n * shape.hidden * e
+    for lin in linears:
+        total += n * lin.out_features * e + (n * r * 4 if lin.short in spec.adapted else 0)
+    return total + n * shape.heads * shape.head_dim * e + n * shape.heads * 4
 
 
 def shared_saved_bytes(shape: ModelShape, seq: int, dtype_bytes: int) -> int:
@@ -563,17 +580,26 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             n * shape.hidden * e + loss_saved_bytes(shape, batch, seq, rows, e) + lws, loss_note)}
     else:
         specs = layer_specs(shape, recipe)
-        ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
+        policy = recipe.train.activation_checkpointing
+        ckpt = checkpointed_layers(policy, shape.layers)
         kept = [layer_saved_bytes(s, shape, batch, seq, e, r, dropout, masked) for s in specs]
-        # checkpoint: the layer input only -- or nothing with offload_checkpoints (it lives in a file; one
-        # layer input is resident at a time, being written in forward or read back by the recomputation)
+        layer_input = n * shape.hidden * e
+        # checkpoint: the layer input only (selective: + its matmul and attention outputs) -- the input not
+        # even that with offload_checkpoints (it lives in a file; one layer input is resident at a time,
+        # being written in forward or read back by the recomputation)
+        if policy == "selective":
+            linears = [[lin for lin in shape.linears if lin.layer == i] for i in range(shape.layers)]
+            ckpt_kept = [selective_layer_saved_bytes(s, linears[i], shape, batch, seq, e, r) for i, s in enumerate(specs)]
+        else:
+            ckpt_kept = [layer_input] * shape.layers
         offload = recipe.train.offload_checkpoints
-        stored = [(0 if offload else n * shape.hidden * e) if c else k for c, k in zip(ckpt, kept)]
-        resident = n * shape.hidden * e if offload else 0
+        stored = [(c_k - (layer_input if offload else 0)) if c else k for c, c_k, k in zip(ckpt, ckpt_kept, kept)]
+        resident = layer_input if offload else 0
         outside = (shared_saved_bytes(shape, seq, e) + final_norm_saved_bytes(shape, n, e, full) + (n * 8 if full else 0)
                    + resident)
         saved = sum(stored) + outside
-        act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed{' (inputs in a file)' if offload else ''}, "
+        how = " (selective: matmul and attention outputs kept)" if policy == "selective" else ""
+        act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed{how}{' (inputs in a file)' if offload else ''}, "
                     f"B={batch} x T={seq}{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
         acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
         lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
@@ -585,12 +611,15 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                                    "activations": (saved, act_note),
                                    "loss": (lsaved + lws + batch * (seq - 1) * shape.hidden * e + head_grad,
                                             loss_note + " + grad of hidden")}
-        # Decoder backward, top layer down: at layer i, layers <= i still hold their saved tensors (a
-        # checkpointed one is recomputed first), gradients exist for what lies above i.
+        # Decoder backward, top layer down: at layer i, layers < i still hold their saved tensors, layer i
+        # its own (a checkpointed one: its input + what its recomputation saves; a selective layer's cache
+        # is handed to the recomputation, which keeps what backward needs and drops the rest: checked against
+        # live bytes in backward in tests/test_selective.py), gradients exist for what lies above i.
         bwd = backward_workspace_bytes(shape, n, e, cal)
         per_grad, top_grad = layer_trainable_bytes(shape, recipe)
         grads_at = [grads if recipe.train.grad_accum > 1 else top_grad + sum(per_grad[i + 1:]) for i in range(shape.layers)]
-        at = [sum(stored[: i + 1]) + (kept[i] if ckpt[i] else 0) + grads_at[i] for i in range(shape.layers)]
+        ckpt_input = 0 if offload else layer_input
+        at = [sum(stored[:i]) + (ckpt_input + kept[i] if ckpt[i] else stored[i]) + grads_at[i] for i in range(shape.layers)]
         i = max(range(shape.layers), key=at.__getitem__)
         phases["decoder backward"] = {**base, **trainables,
                                       "gradients": (grads_at[i], "accumulated over micro-batches" if recipe.train.grad_accum > 1
@@ -618,6 +647,9 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e, note)
 
     plan = MemoryPlan(phases, device="cuda" if on_device else "cpu")
+    if recipe.train.activation_checkpointing is None and not mezo:
+        plan.notes.append("train.activation_checkpointing is null: planned as off; a run chooses at its start the "
+                          "fastest setting predicted to fit (leantune.plan.search.choose_activation_checkpointing)")
     if on_device:
         plan.notes.append("device memory: the per-layer activation terms are the formula traced on the CPU's kernels "
                           "(CUDA's SDPA kernels save differently), not yet checked against a GPU measurement; "

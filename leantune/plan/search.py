@@ -13,6 +13,13 @@ SmolLM2-135M fp32, LoRA r=8 on q/k/v/o, micro-batch 4 x 256 tokens, 1 thread, on
 other jobs were loading -- indicative, not precise), each relative to the same run without the change:
 
 - checkpointing: ``1 + ckpt x (checkpointed layers / layers)``: all layers 1.35x (every 2nd: 1.26x);
+- selective checkpointing (every layer; matmul and attention outputs kept, the rest recomputed):
+  ``1 + ckpt x selective``, ``selective`` the share of full checkpointing's recompute time it still pays:
+  0.26 and 0.41 in two runs of ``benchmarks/selective_checkpointing.py`` (a SmolLM2-shaped random Llama:
+  hidden 576, intermediate 1536, 9/3 heads, 4 layers, LoRA r=8 on every linear, fp32, 4 x 256 tokens,
+  1 thread, on the 2-core VM under a load average of ~9 -- noisy); 0.34 is their mean. On the tiny test
+  Llama (hidden 64) selective is slower than ``all`` (61 vs 44 ms a step, off 23): the Python dispatch
+  of the selective checkpoint costs more per op than such small ops do;
 - offloaded checkpoints (``train.offload_checkpoints``, SFT only): 1.02x (``benchmarks/memory_ladder.py``,
   SmolLM2 seq 2048, 2 threads, quiet: 61.0 -> 59.7 tokens/s);
 - quantized base: INT8 1.07x, INT4 1.16x (dequantize in every forward and backward);
@@ -54,6 +61,7 @@ class CostModel:
     """Relative-cost factors; see the module docstring for how each was measured."""
 
     ckpt: float = 0.35
+    selective: float = 0.34
     offload: float = 1.02
     int8: float = 1.07
     int4: float = 1.16
@@ -66,6 +74,9 @@ class CostModel:
 
 COST = CostModel()
 
+# The activation-checkpointing settings the search and the run-start choice try, least recompute first.
+CHECKPOINT_CHOICES = ("off", 4, 2, "selective", "all")
+
 
 def step_cost(recipe: Recipe, shape: ModelShape, cost: CostModel = COST) -> float:
     """Relative time per token of training progress for ``recipe`` (an absolute scale; compare ratios)."""
@@ -73,8 +84,9 @@ def step_cost(recipe: Recipe, shape: ModelShape, cost: CostModel = COST) -> floa
     if recipe.optim.name == "mezo":
         t *= cost.mezo_step * cost.mezo_steps
     else:
-        ckpt = checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)
-        t *= 1 + cost.ckpt * sum(ckpt) / shape.layers
+        policy = recipe.train.activation_checkpointing
+        ckpt = checkpointed_layers(policy, shape.layers)
+        t *= 1 + cost.ckpt * (cost.selective if policy == "selective" else 1.0) * sum(ckpt) / shape.layers
         if recipe.train.offload_checkpoints:
             t *= cost.offload
     if recipe.quant.bits:
@@ -116,7 +128,8 @@ def knob_values(recipe: Recipe, rl: bool = False) -> dict[str, list]:
     effective = t.micro_batch_size * t.grad_accum
     lora = a.method == "lora"
     return {
-        "train.activation_checkpointing": list(dict.fromkeys([t.activation_checkpointing, "off", 4, 2, "all"])),
+        "train.activation_checkpointing": [v for v in dict.fromkeys([t.activation_checkpointing, *CHECKPOINT_CHOICES])
+                                           if v is not None],
         "train.offload_checkpoints": [t.offload_checkpoints] if rl else list(dict.fromkeys([t.offload_checkpoints, False, True])),
         "train.micro_batch_size": sorted({d for d in _divisors(effective) if d <= t.micro_batch_size} | {t.micro_batch_size}),
         "loss.chunk_size": sorted({recipe.loss.chunk_size, 1024, 256, 64}),
@@ -137,7 +150,9 @@ def _variant(recipe: Recipe, values: dict) -> tuple[Recipe, dict]:
     if values["optim.name"] == "mezo":  # no backward: checkpointing changes nothing, keep it as written
         values["train.activation_checkpointing"] = recipe.train.activation_checkpointing
         values["train.offload_checkpoints"] = recipe.train.offload_checkpoints
-    if values["train.activation_checkpointing"] == "off":  # nothing to offload
+    if recipe.train.activation_checkpointing is None and values["train.activation_checkpointing"] == "off":
+        values["train.activation_checkpointing"] = None  # left to the run: it chooses off wherever off fits
+    if values["train.activation_checkpointing"] in ("off", None):  # nothing to offload
         values["train.offload_checkpoints"] = False
     for key, value in values.items():
         section, name = key.split(".", 1)
@@ -158,6 +173,8 @@ def _notes(recipe: Recipe, changes: dict) -> list[str]:
         notes.append(f"LoRA rank {recipe.adapter.r} -> {changes['adapter.r']}: fewer trainable parameters, may learn less")
     if changes.get("optim.name") == "mezo":
         notes.append("MeZO: no gradients; needs many more steps and a different lr (see optim.name help)")
+    if changes.get("train.activation_checkpointing") == "selective":
+        notes.append("selective checkpointing: matmul and attention outputs kept, norms/activations/rotary recomputed")
     if changes.get("train.offload_checkpoints"):
         notes.append("checkpointed layer inputs in a file in the run directory (one write and one read per step)")
     if changes.get("quant.bits"):
@@ -278,13 +295,111 @@ class BudgetError(PlanError):
 
 def plan_recipe(recipe: Recipe, cal: Calibration = CALIBRATION, mode: str | None = None
                 ) -> tuple[MemoryPlan, ModelShape, str]:
-    """Plan ``recipe`` from its model's config alone: (plan, shape, source kind)."""
+    """Plan ``recipe`` from its model's config alone: (plan, shape, source kind). A recipe that leaves
+    ``train.activation_checkpointing`` null is planned with what a run would choose now
+    (``choose_activation_checkpointing``), and the plan's notes say so."""
     from leantune.models.loading import resolve_source
     from leantune.plan.model_shape import model_shape
 
     shape = model_shape(recipe.model)
     kind = resolve_source(recipe.model).kind
-    return plan_memory(recipe, shape, kind, cal, mode), shape, kind
+    note = None
+    if recipe.train.activation_checkpointing is None and recipe.optim.name != "mezo":
+        recipe, note = choose_activation_checkpointing(recipe, mode=mode, shape=shape, source_kind=kind, cal=cal)
+    plan = plan_memory(recipe, shape, kind, cal, mode)
+    if note:
+        plan.notes.insert(0, note)
+    return plan, shape, kind
+
+
+# ----------------------------------------------------------------------------------------------
+# The run-start choice of activation checkpointing (train.activation_checkpointing: null)
+
+AUTO_BUDGET_FRACTION = 0.8  # of the memory available at run start, when memory.budget is not set
+
+
+def available_memory(recipe: Recipe) -> tuple[int, str]:
+    """(bytes, what) this process may use now: free device memory (``torch.cuda.mem_get_info``) when the
+    recipe trains on CUDA, else the host's available RAM (``psutil.virtual_memory().available``) shared
+    by the processes torchrun starts on this host (``LOCAL_WORLD_SIZE``)."""
+    import os
+
+    from leantune.models.precision import device_type, resolve_device
+
+    if device_type(recipe.train.device) == "cuda":
+        import torch
+
+        local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        device = resolve_device(recipe.train.device, local_rank=local)
+        free, _total = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    import psutil
+
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    avail = psutil.virtual_memory().available
+    return avail // procs, "available RAM" + (f" / {procs} processes on this host" if procs > 1 else "")
+
+
+def auto_budget(recipe: Recipe, available: int | None = None) -> tuple[int, str]:
+    """(bytes, why) of the budget the run-start choice fits: ``memory.budget`` when set, else
+    ``AUTO_BUDGET_FRACTION`` of ``available`` (default: ``available_memory(recipe)``, measured now)."""
+    if recipe.memory.budget is not None:
+        return recipe.memory.budget_bytes, f"memory.budget {recipe.memory.budget}"
+    what = "available memory"
+    if available is None:
+        available, what = available_memory(recipe)
+    budget = int(AUTO_BUDGET_FRACTION * available)
+    return budget, f"{AUTO_BUDGET_FRACTION:.0%} of {gib(available)} {what}"
+
+
+def choose_activation_checkpointing(recipe: Recipe, mode: str | None = None, available: int | None = None,
+                                    shape: ModelShape | None = None, source_kind: str | None = None,
+                                    cal: Calibration = CALIBRATION, cost: CostModel = COST) -> tuple[Recipe, str]:
+    """(recipe, note): the recipe with ``train.activation_checkpointing`` set, and why.
+
+    A value set in the recipe is kept as it is, always (note: "set in the recipe"). For null, each of
+    ``CHECKPOINT_CHOICES`` is planned (``plan_memory``, config only) and the one with the least predicted
+    time (``step_cost``) whose peak fits ``auto_budget`` is taken; when none fits, the one with the smallest
+    peak (the run may still fit: the plan assumes the worst case; ``memory.budget`` refuses such a run
+    later, in ``check_budget``). A model whose shape cannot be read is left at off, and the note says why.
+    ``available``: bytes to take instead of measuring (tests); ``mode`` as in ``plan_memory``.
+    """
+    policy = recipe.train.activation_checkpointing
+    if policy is not None:
+        return recipe, f"train.activation_checkpointing={policy}: set in the recipe"
+
+    def with_policy(value) -> Recipe:
+        new = recipe.model_copy(update={"train": recipe.train.model_copy(update={"activation_checkpointing": value})})
+        object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep is_rl()
+        return new
+
+    if shape is None or source_kind is None:
+        from leantune.models.loading import ModelLoadError, resolve_source
+        from leantune.plan.model_shape import model_shape
+
+        try:
+            shape, source_kind = model_shape(recipe.model), resolve_source(recipe.model).kind
+        except (ModelLoadError, OSError, ValueError) as err:  # the load reports it properly, if it fails too
+            return with_policy("off"), (f"train.activation_checkpointing=off: not set, and the planner could not read "
+                                        f"the model to choose ({err})")
+    try:
+        budget, why = auto_budget(recipe, available)
+    except ValueError as err:  # e.g. planning a CUDA recipe on a machine without one: no memory to measure
+        return with_policy("off"), (f"train.activation_checkpointing=off: not set, and the memory to choose for "
+                                    f"cannot be measured here ({err}); a run chooses on its own machine")
+    options = []
+    for value in CHECKPOINT_CHOICES:
+        candidate = with_policy(value)
+        options.append((step_cost(candidate, shape, cost), plan_memory(candidate, shape, source_kind, cal, mode).peak,
+                        value, candidate))
+    fits = [o for o in options if o[1] <= budget]
+    if fits:
+        t, peak, value, chosen = min(fits, key=lambda o: o[0])
+        return chosen, (f"train.activation_checkpointing={value}: not set; the fastest setting (time x{t / options[0][0]:.2f} "
+                        f"of off) whose predicted peak {gib(peak)} fits {gib(budget)} ({why})")
+    t, peak, value, chosen = min(options, key=lambda o: (o[1], o[0]))
+    return chosen, (f"train.activation_checkpointing={value}: not set; no setting is predicted to fit {gib(budget)} "
+                    f"({why}), {value} has the smallest predicted peak, {gib(peak)}")
 
 
 def check_budget(recipe: Recipe, recipe_path: str | None = None, top: int = 3, mode: str | None = None

@@ -72,19 +72,24 @@ class TrainResult:
 
 
 def set_activation_checkpointing(model, policy) -> int:
-    """Checkpoint decoder layers: 'off', 'all', or every k-th layer (int). Returns how many layers."""
-    if policy == "off":
+    """Checkpoint decoder layers: 'off' (or None, not yet chosen), 'all', 'selective' (every layer, keeping its
+    matmul and attention outputs: ``leantune.train.selective``), or every k-th layer (int). Returns how many."""
+    if policy in ("off", None):
         return 0
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from leantune.train.selective import selective_context_fn
+
     lm = causal_lm(model)
     kwargs = {"use_reentrant": False}  # works with frozen embeddings (no input grads needed)
+    if policy == "selective":  # transformers hands these to torch.utils.checkpoint.checkpoint
+        kwargs["context_fn"] = selective_context_fn(model)
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
-    k = 1 if policy == "all" else int(policy)
+    k = 1 if policy in ("all", "selective") else int(policy)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % k == 0
     return sum(layer.gradient_checkpointing for layer in layers)
@@ -152,6 +157,7 @@ class RunSession:
         self.totals: dict = {}  # energy and peak memory of earlier (killed) segments of this run
         self.quant = None
         self.checkpointed_layers = 0
+        self.auto_choices: dict[str, str] = {}  # setting -> why, for what the recipe left to the run (ledger extra)
         self.metrics: ledger_mod.MetricsLog | None = None
         self.sinks: list = []
 
@@ -161,6 +167,12 @@ class RunSession:
     def setup(self) -> RunSession:
         recipe, cfg = self.recipe, self.recipe.train
         recipe.require_for(self.command)
+        if cfg.activation_checkpointing is None and self.model is None:  # null: the fastest setting that fits
+            from leantune.plan.search import choose_activation_checkpointing
+
+            self.recipe, note = choose_activation_checkpointing(recipe, mode=PLAN_MODE.get(self.command))
+            recipe, cfg = self.recipe, self.recipe.train
+            self.auto_choices["train.activation_checkpointing"] = note
         if recipe.memory.budget is not None and self.command in PLAN_MODE:
             from leantune.plan.search import check_budget
 
@@ -173,6 +185,8 @@ class RunSession:
         self.dist = init_distributed(resolve_device(cfg.device, local_rank=local), timeout_s=cfg.dist_timeout_s)
         self.device = self.dist.device
         self._check_processes()
+        for note in self.auto_choices.values():
+            self.info(note)
         self._prepare_run_dir()
         self.sinks = self._start_trackers()  # before the model loads: a missing tracker package fails early
         self.memory = ledger_mod.PeakMemory().start()
@@ -367,7 +381,8 @@ class RunSession:
                 flops = {**flops, "total": all_reduce_sum(flops["total"], self.dist), "summed_over_ranks": world}
             energy["joules"] = all_reduce_sum(energy["joules"], self.dist)
             energy["note"] = (energy.get("note", "") + "; summed over ranks").lstrip("; ")
-        extra = {**extra, "resumed": self.resumed_from is not None, "quant": self.quant,
+        extra = {**extra, **({"auto_choices": self.auto_choices} if self.auto_choices else {}),
+                 "resumed": self.resumed_from is not None, "quant": self.quant,
                  "device": str(self.device),
                  "distributed": {"world_size": world, "backend": self.dist.backend,
                                  "parallel": self.recipe.train.parallel if world > 1 else None,

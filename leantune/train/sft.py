@@ -243,7 +243,9 @@ def _train(session: RunSession) -> TrainResult:
     flops = ledger_mod.flops_from_model(
         model, tokens=totals["tokens"], loss_tokens=totals["trainable_tokens"],
         seq_len=stats.tokens / max(1, stats.examples),  # mean example length, for the attention term
-        checkpoint_fraction=session.checkpointed_layers / max(1, causal_lm(model).config.num_hidden_layers),
+        # selective checkpointing recomputes no full-width matmul (only LoRA B's rank-r product): none billed
+        checkpoint_fraction=0.0 if cfg.activation_checkpointing == "selective"
+        else session.checkpointed_layers / max(1, causal_lm(model).config.num_hidden_layers),
         lm_head_rows=round(sum(subset_rows) / len(subset_rows)) if subset_rows else None,
     )
     if not session.needs_backward:
