@@ -87,6 +87,7 @@ def sft_arm(name: str, work: Path, model: str, data: Path, steps: int, seq: int,
         "loss": {"chunk_size": 256},
         "optim": {"lr": 1e-4, "scheduler": "constant"},
         "train": {"steps": steps, "micro_batch_size": 4, "grad_accum": accum, "seed": 0, "parallel": parallel,
+                  "activation_checkpointing": "off",
                   "threads": 2 // nproc, "output_dir": str(work / name), "progress": False, "allocator": "system",
                   "log_every": 1},
     }
