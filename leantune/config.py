@@ -479,7 +479,7 @@ class DPOConfig(Section):
     )
     precompute_reference: bool = Field(
         default=False,
-        description="Score every pair under the reference once, without gradients, before training (two floats per pair, kept in memory and in checkpoints) instead of a no-grad reference forward per step: one pass over the data up front for ~1/3 less compute per step. Required with adapter.method: full or dpo.init (the reference is then the starting model, which a disabled adapter cannot give). Unused by simpo.",
+        description="Score every pair under the reference once, without gradients, before training (two floats per pair, kept in memory and in checkpoints) instead of a no-grad reference forward every step: one pass over the data up front, then each step runs the policy only. Required with adapter.method: full or dpo.init (the reference is then the starting model, which a disabled adapter cannot give). Unused by simpo.",
     )
     init: str | None = Field(
         default=None,
