@@ -59,13 +59,11 @@ def pair_logps(model, pairs: list[Pair], *, pad_id: int, chunk_size: int
     return sums[0::2], sums[1::2], tokens[0::2], tokens[1::2]
 
 
+@contextlib.contextmanager
 def reference_context(model, disable_adapter: bool):
     """No gradient, and the adapter disabled when the reference is the base (a PEFT model's own switch)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    if disable_adapter:
-        stack.enter_context(model.disable_adapter())
-    return stack
+    with torch.no_grad(), model.disable_adapter() if disable_adapter else contextlib.nullcontext():
+        yield
 
 
 def precompute_reference(model, pairs: list[Pair], *, batch_size: int, pad_id: int, chunk_size: int,
@@ -252,9 +250,10 @@ def _train_dpo(session: RunSession, records: list[PairRecord]) -> TrainResult:
     bar.close()
     return session.finish(totals=_ledger_totals(session.step, totals, stats), flops=_dpo_flops(model, totals, stats),
                           data_files=[recipe.data.train],
-                          extra={"kind": "dpo", "loss": dpo.loss, "beta": beta, "final_metrics": row,
-                                 "reference": ("none" if not entry.needs_reference else "precomputed"
-                                               if dpo.precompute_reference else "adapter disabled")})
+                          extra={"kind": "dpo", "final_metrics": row,
+                                 "preference": {"loss": dpo.loss, "beta": beta, "reference": (
+                                     "none" if not entry.needs_reference else "precomputed"
+                                     if dpo.precompute_reference else "adapter disabled")}})
 
 
 def _ledger_totals(steps: int, t: DPOTotals, stats) -> dict:
