@@ -390,3 +390,38 @@ def test_shipped_recipe_validates_and_opens_with_its_command():
     assert main(["validate", str(path)]) == 0
     first = path.read_text().splitlines()[0]
     assert first.startswith("# leantune make-data addition --pairs") and "leantune dpo recipes/dpo_smollm2.yaml" in first
+
+
+@pytest.mark.slow  # ~30 s each: torchrun starts two processes
+@pytest.mark.parametrize("precompute", [False, True], ids=["live_reference", "precomputed_reference"])
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_dir, pair_data, precompute):
+    """`leantune dpo --nproc 2` (torchrun, gloo): 2 ranks x grad_accum 1 == 1 rank x grad_accum 2, per-step
+    loss and metrics and the final adapter; the precomputed table is scored half per rank and gathered."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    for name, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
+        raw = _recipe(tiny_model_dir, pair_data, tmp_path / name, train={"steps": 2, "micro_batch_size": 3,
+                      "grad_accum": accum, "threads": 1, "allocator": "system"},
+                      dpo={"beta": 0.5, "precompute_reference": precompute})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        proc = subprocess.run([sys.executable, "-m", "leantune", "dpo", str(path), "--nproc", str(nproc)], env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "pairs"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("one", "two"))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
