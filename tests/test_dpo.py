@@ -361,6 +361,37 @@ def test_precomputed_reference_gives_the_live_first_step(tmp_path, tiny_model_di
     assert abs(losses[False][1][1]) > 1e-3  # the second step sees a moved policy: the rewards are not trivially 0
 
 
+def test_init_from_an_sft_run_makes_that_policy_the_reference(tmp_path, tiny_model_dir, pair_data, sft_data):
+    """dpo.init + precomputed reference: at step 1 the policy *is* the reference (loss log 2, margins 0) although
+    its adapter is trained (a disabled adapter would give the base instead, and a different loss)."""
+    from conftest import tiny_recipe
+    from leantune.train.sft import train
+
+    sft = tiny_recipe(tiny_model_dir, sft_data, tmp_path / "sft", train={"steps": 3})
+    train(recipe_from_dict(sft), quiet=True)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "sft" / "adapter" / "adapter_model.safetensors"))
+    assert any(float(t.abs().max()) > 1e-3 for k, t in trained.items() if "lora_B" in k)  # not the base any more
+    raw = _recipe(tiny_model_dir, pair_data, tmp_path / "dpo", train={"steps": 1},
+                  dpo={"beta": 0.5, "init": str(tmp_path / "sft"), "precompute_reference": True})
+    train_dpo(recipe_from_dict(raw), quiet=True)
+    (row,) = _metrics(tmp_path / "dpo")
+    assert row["loss"] == pytest.approx(0.693147, abs=1e-5) and row["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(RecipeError, match="precompute_reference"):
+        recipe_from_dict({**raw, "dpo": {"init": str(tmp_path / "sft")}})
+
+
+def test_simpo_full_finetuning_runs_without_a_reference(tmp_path, tiny_model_dir, pair_data):
+    raw = _recipe(tiny_model_dir, pair_data, tmp_path / "run", adapter={"method": "full"}, optim={"lr": 1e-4},
+                  train={"steps": 2}, dpo={"loss": "simpo", "gamma": 0.5, "beta": None})
+    result = train_dpo(recipe_from_dict(raw), quiet=True)
+    rows = _metrics(tmp_path / "run")
+    assert [m["step"] for m in rows] == [1, 2] and all(m["loss"] > 0 for m in rows)
+    assert result.ledger["totals"]["preference"]["reference_tokens"] == 0
+    assert result.ledger["extra"]["preference"] == {"loss": "simpo", "beta": 2.0, "reference": "none"}
+
+
 def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                                 {"prompt": "a", "chosen": "same", "rejected": "same"}])
