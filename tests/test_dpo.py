@@ -216,7 +216,7 @@ def test_accumulation_one_big_micro_batch_equals_single_pairs(tiny_model_dir):
     model, tok = _lora_model(tiny_model_dir)
     pairs = _pairs(tok, n=4)
     dpo = DPOConfig(loss="dpo")
-    kw = dict(beta=0.3, num_pairs=4, pad_id=tok.pad_token_id, chunk_size=8, reference=None, live_reference=True)
+    kw = dict(beta=0.3, num_pairs=4, pad_id=tok.pad_token_id, chunk_size=8, reference=None)
     big = dpo_step(model, [[0, 1, 2, 3]], pairs, dpo, **kw)
     g_big = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -286,8 +286,14 @@ def pair_data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", rows)
 
 
-def _recipe(model_dir, data, out, **sections) -> dict:
-    raw = {"model": {"path": str(model_dir)}, "data": {"train": str(data), "max_length": 64},
+@pytest.fixture(scope="module")
+def pair_eval(tmp_path_factory):
+    rows = answer_pairs([{**p, "completion": f"The answer is {p['answer']}"} for p in generate(6, seed=1, split="test")])
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "eval.jsonl", rows)
+
+
+def _recipe(model_dir, data_file, out, **sections) -> dict:
+    raw = {"model": {"path": str(model_dir)}, "data": {"train": str(data_file), "max_length": 64},
            "adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
            "loss": {"chunk_size": 16}, "optim": {"lr": 1e-2, "scheduler": "constant"},
            "train": {"steps": 3, "micro_batch_size": 4, "seed": 0, "output_dir": str(out), "progress": False},
@@ -303,15 +309,18 @@ def _metrics(run) -> list[dict]:
     return [m for m in rows if isinstance(m.get("step"), int) and "rewards/margins" in m]
 
 
-def test_cli_dpo_end_to_end(tmp_path, tiny_model_dir, pair_data):
+def test_cli_dpo_end_to_end(tmp_path, tiny_model_dir, pair_data, pair_eval):
     from safetensors.torch import load_file
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_recipe(tiny_model_dir, pair_data, tmp_path / "run")))
-    assert main(["dpo", str(path), "train.steps=3", "train.grad_accum=2"]) == 0
+    assert main(["dpo", str(path), "train.steps=3", "train.grad_accum=2", f"data.eval={pair_eval}",
+                 "train.eval_every=2"]) == 0
     run = tmp_path / "run"
     rows = _metrics(run)
     assert [m["step"] for m in rows] == [1, 2, 3]
+    assert ["eval_loss" in m for m in rows] == [False, True, True]  # every 2 steps and at the end
+    assert all(f"eval_{k}" in rows[2] for k in TRL_NAMES)
     for m in rows:
         assert m["loss"] > 0 and m["tokens_per_s"] > 0 and all(k in m for k in TRL_NAMES)
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: adapter B = 0, policy == reference
@@ -347,16 +356,17 @@ def test_resume_equals_uninterrupted_with_precomputed_reference(tmp_path, tiny_m
             torch.testing.assert_close(p, q, msg=n)
 
 
-def test_precomputed_reference_gives_the_live_first_step(tmp_path, tiny_model_dir, pair_data):
+def test_precomputed_reference_gives_the_live_first_step(tmp_path, tiny_model_dir, pair_data, pair_eval):
     losses = {}
     for pre in (False, True):
-        raw = _recipe(tiny_model_dir, pair_data, tmp_path / f"run{pre}", train={"steps": 2},
-                      dpo={"beta": 0.5, "loss": "ipo", "precompute_reference": pre})
+        raw = _recipe(tiny_model_dir, pair_data, tmp_path / f"run{pre}", train={"steps": 2, "eval_every": 1},
+                      data={"eval": str(pair_eval)}, dpo={"beta": 0.5, "loss": "ipo", "precompute_reference": pre})
         train_dpo(recipe_from_dict(raw), quiet=True)
-        losses[pre] = [(m["loss"], m["rewards/chosen"]) for m in _metrics(tmp_path / f"run{pre}")]
+        losses[pre] = [(m["loss"], m["rewards/chosen"], m["eval_loss"]) for m in _metrics(tmp_path / f"run{pre}")]
     assert len(losses[False]) == len(losses[True]) == 2
-    for (live_loss, live_reward), (pre_loss, pre_reward) in zip(losses[False], losses[True]):
+    for (live_loss, live_reward, live_eval), (pre_loss, pre_reward, pre_eval) in zip(losses[False], losses[True]):
         assert pre_loss == pytest.approx(live_loss, rel=1e-5)
+        assert pre_eval == pytest.approx(live_eval, rel=1e-5)  # the eval pairs' table too
         assert pre_reward == pytest.approx(live_reward, abs=1e-4)  # sums of ~50 fp32 log-probs, padded differently
     assert abs(losses[False][1][1]) > 1e-3  # the second step sees a moved policy: the rewards are not trivially 0
 

@@ -119,40 +119,73 @@ def _decoder_tokens(pairs: list[Pair], shared: bool) -> tuple[int, int]:
     return prompt + completion, completion
 
 
-def dpo_step(model, micro: list[list[int]], pairs: list[Pair], dpo: DPOConfig, *, beta: float, num_pairs: float,
-             pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None,
-             live_reference: bool, shared_prompts: bool = True) -> StepResult:
-    """Backward over one optimizer step's micro-batches (pair indices) on this process; the caller steps.
+def micro_batch_loss(model, pairs: list[Pair], idx: list[int], dpo: DPOConfig, *, beta: float, num_pairs: float,
+                     pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None
+                     ) -> tuple[torch.Tensor, PreferenceStats, bool]:
+    """(loss, stats, whether the reference ran) of pairs ``idx``: the loss of ``dpo.loss`` divided by ``num_pairs``.
 
-    ``reference``: the precomputed (chosen, rejected) table, indexed by pair; else, when the loss needs one and
-    ``live_reference``, the adapter-disabled model scores each micro-batch first. ``num_pairs``: the step's pairs
-    over every micro-batch and process, the loss's normalizer.
+    ``reference``: the precomputed (chosen, rejected) table, indexed by pair; None: when the loss needs a
+    reference, the adapter-disabled model scores the micro-batch first (no gradient).
     """
     entry = PREFERENCE_LOSSES[dpo.loss]
+    batch = [pairs[i] for i in idx]
+    ref_c = ref_r = None
+    live = entry.needs_reference and reference is None
+    if entry.needs_reference and reference is not None:
+        ref_c, ref_r = (torch.tensor([table[i] for i in idx]) for table in reference)
+    elif live:
+        with reference_context(model, disable_adapter=True):
+            ref_c, ref_r, _, _ = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
+    c, r, c_tok, r_tok = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
+    if ref_c is not None:
+        ref_c, ref_r = ref_c.to(c), ref_r.to(c)
+    loss, stats = entry.fn(c, r, ref_c, ref_r, c_tok, r_tok, beta=beta, gamma=dpo.gamma,
+                           label_smoothing=dpo.label_smoothing, num_pairs=num_pairs)
+    return loss, stats, live
+
+
+def dpo_step(model, micro: list[list[int]], pairs: list[Pair], dpo: DPOConfig, *, beta: float, num_pairs: float,
+             pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None,
+             shared_prompts: bool = True) -> StepResult:
+    """Backward over one optimizer step's micro-batches (pair indices) on this process; the caller steps.
+    ``num_pairs``: the step's pairs over every micro-batch and process, the loss's normalizer; ``reference`` as
+    in `micro_batch_loss`."""
     out = StepResult(0.0, PreferenceStats(), 0, 0, 0, 0)
     for idx in micro:
-        batch = [pairs[i] for i in idx]
-        ref_c = ref_r = None
-        if entry.needs_reference and reference is not None:
-            ref_c, ref_r = (torch.tensor([table[i] for i in idx]) for table in reference)
-        elif entry.needs_reference and live_reference:
-            with reference_context(model, disable_adapter=True):
-                ref_c, ref_r, _, _ = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
-            n, k = _decoder_tokens(batch, shared=True)  # no grad: always prompt-shared
-            out.reference_tokens += n
-            out.reference_completion_tokens += k
-        c, r, c_tok, r_tok = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
-        if ref_c is not None:
-            ref_c, ref_r = ref_c.to(c), ref_r.to(c)
-        loss, st = entry.fn(c, r, ref_c, ref_r, c_tok, r_tok, beta=beta, gamma=dpo.gamma,
-                            label_smoothing=dpo.label_smoothing, num_pairs=num_pairs)
+        loss, stats, ran_reference = micro_batch_loss(model, pairs, idx, dpo, beta=beta, num_pairs=num_pairs,
+                                                      pad_id=pad_id, chunk_size=chunk_size, reference=reference)
         loss.backward()
         out.loss += float(loss.detach())
-        out.stats = out.stats + st
+        out.stats = out.stats + stats
+        batch = [pairs[i] for i in idx]
         n, k = _decoder_tokens(batch, shared=shared_prompts)
         out.tokens += n
         out.completion_tokens += k
+        if ran_reference:
+            n, k = _decoder_tokens(batch, shared=True)  # no grad: always prompt-shared
+            out.reference_tokens += n
+            out.reference_completion_tokens += k
     return out
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[Pair], dpo: DPOConfig, *, beta: float, pad_id: int, chunk_size: int,
+                   batch_size: int, reference: tuple[list[float], list[float]] | None) -> dict[str, float]:
+    """The loss and TRL's metrics, mean over ``pairs`` (held out), no gradient, eval mode: ``eval_loss``,
+    ``eval_rewards/chosen``, ... (TRL's eval names)."""
+    was_training = model.training
+    model.eval()
+    loss, stats = 0.0, PreferenceStats()
+    try:
+        for start in range(0, len(pairs), batch_size):
+            idx = list(range(start, min(start + batch_size, len(pairs))))
+            part, st, _ = micro_batch_loss(model, pairs, idx, dpo, beta=beta, num_pairs=len(pairs), pad_id=pad_id,
+                                           chunk_size=chunk_size, reference=reference)
+            loss += float(part)
+            stats = stats + st
+    finally:
+        model.train(was_training)
+    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in stats.as_metrics().items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,13 +201,42 @@ def train_dpo(recipe: Recipe, *, resume: bool = False, quiet: bool = False, mode
     """
     recipe.require_for("dpo")
     records = read_pair_rows(recipe.data.train, recipe.data)
+    eval_records = read_pair_rows(recipe.data.eval, recipe.data, role="eval") if recipe.data.eval else []
     session = RunSession(recipe, "dpo", resume=resume, quiet=quiet, recipe_path=recipe_path, model=model,
                          tokenizer=tokenizer, init=recipe.dpo.init)
     with session:
-        return _train_dpo(session, records)
+        return _train_dpo(session, records, eval_records)
 
 
-def _train_dpo(session: RunSession, records: list[PairRecord]) -> TrainResult:
+def _reference_table(session: RunSession, pairs: list[Pair], key: str, totals: DPOTotals, pad_id: int
+                     ) -> tuple[list[float], list[float]]:
+    """The precomputed reference of ``pairs``: from the checkpoint's ``key`` when resuming, else scored now.
+
+    The reference is the starting policy: the base for a fresh LoRA adapter (its B is zero), the loaded adapter
+    for dpo.init, the initial weights for full fine-tuning."""
+    saved = session.trainer_state.get(key)
+    if saved is not None:
+        if len(saved["chosen"]) != len(pairs):
+            raise RecipeError(f"{len(pairs)} pairs now, {len(saved['chosen'])} when this run started; the data "
+                              "changed. Resume with the original data or start a new run.")
+        return saved["chosen"], saved["rejected"]
+    if session.step > 0:  # resumed from a checkpoint that holds no table: the starting policy is gone
+        raise RecipeError(f"{session.resumed_from}: this checkpoint holds no precomputed reference for {key}; it can "
+                          "only be scored by the starting policy. Start a new run (or drop data.eval).")
+    t0 = time.perf_counter()
+    table = precompute_reference(session.model, pairs, batch_size=session.recipe.train.micro_batch_size,
+                                 pad_id=pad_id, chunk_size=session.recipe.loss.chunk_size, disable_adapter=False,
+                                 dist=session.dist)
+    totals.reference_s += time.perf_counter() - t0
+    for p in pairs:
+        n, k = _decoder_tokens([p], shared=True)
+        totals.reference_tokens += n
+        totals.reference_completion_tokens += k
+    session.info(f"reference: {len(pairs)} pairs scored in {time.perf_counter() - t0:.1f}s")
+    return table
+
+
+def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: list[PairRecord]) -> TrainResult:
     recipe, cfg, dpo, model, dist = session.recipe, session.recipe.train, session.recipe.dpo, session.model, session.dist
     tokenizer = session.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -188,25 +250,14 @@ def _train_dpo(session: RunSession, records: list[PairRecord]) -> TrainResult:
     chunk = recipe.loss.chunk_size
     state = session.trainer_state
     totals = DPOTotals(**state["totals"]) if state.get("totals") else DPOTotals()
-    reference = None
+    eval_pairs = tokenize_pairs(eval_records, tokenizer, recipe.data)[0] if eval_records else []
+    if eval_records and not eval_pairs:
+        raise DataError(f"{recipe.data.eval}: every pair is longer than data.max_length={recipe.data.max_length}")
+    reference = eval_reference = None
     if entry.needs_reference and dpo.precompute_reference:
-        if state.get("reference") is not None:  # resumed: the table the run started with
-            reference = (state["reference"]["chosen"], state["reference"]["rejected"])
-            if len(reference[0]) != len(pairs):
-                raise RecipeError(f"{recipe.data.train}: {len(pairs)} pairs now, {len(reference[0])} when this run "
-                                  "started; the data changed. Resume with the original data or start a new run.")
-        else:
-            t0 = time.perf_counter()
-            # the reference is the starting policy: the base for a fresh LoRA adapter (its B is zero), the
-            # loaded adapter for dpo.init, the initial weights for full fine-tuning
-            reference = precompute_reference(model, pairs, batch_size=cfg.micro_batch_size, pad_id=pad_id,
-                                             chunk_size=chunk, disable_adapter=False, dist=dist)
-            totals.reference_s += time.perf_counter() - t0
-            for i in range(len(pairs)):
-                n, k = _decoder_tokens([pairs[i]], shared=True)
-                totals.reference_tokens += n
-                totals.reference_completion_tokens += k
-            session.info(f"reference: {len(pairs)} pairs scored in {totals.reference_s:.1f}s")
+        reference = _reference_table(session, pairs, "reference", totals, pad_id)
+        if eval_pairs:
+            eval_reference = _reference_table(session, eval_pairs, "eval_reference", totals, pad_id)
     shared = session.checkpointed_layers == 0
     params = [p for p in model.parameters() if p.requires_grad]
     order = list(range(len(pairs)))
@@ -219,7 +270,7 @@ def _train_dpo(session: RunSession, records: list[PairRecord]) -> TrainResult:
         num_pairs = all_reduce_sum(sum(len(m) for m in micro), dist)
         with session.timed() as dt, session.step_guard():
             res = dpo_step(model, micro, pairs, dpo, beta=beta, num_pairs=num_pairs, pad_id=pad_id, chunk_size=chunk,
-                           reference=reference, live_reference=True, shared_prompts=shared)
+                           reference=reference, shared_prompts=shared)
             if dist.world_size > 1:
                 all_reduce_gradients(params, dist)
                 res.loss = all_reduce_sum(res.loss, dist)
@@ -241,15 +292,19 @@ def _train_dpo(session: RunSession, records: list[PairRecord]) -> TrainResult:
         row = {"step": session.step, "loss": res.loss, "lr": lr, "grad_norm": grad_norm, **res.stats.as_metrics(),
                "pairs": totals.pairs, "tokens": totals.tokens, "tokens_per_s": res.tokens / max(dt[0], 1e-9),
                "rss_bytes": rss, "elapsed_s": totals.elapsed_s}
-        session.log(row)
+        if eval_pairs and ((cfg.eval_every and session.step % cfg.eval_every == 0) or session.step == cfg.steps):
+            row.update(evaluate_pairs(model, eval_pairs, dpo, beta=beta, pad_id=pad_id, chunk_size=chunk,
+                                      batch_size=cfg.micro_batch_size, reference=eval_reference))
+        session.log(row, force="eval_loss" in row)
         bar.set_postfix(loss=f"{res.loss:.4f}", acc=f"{row['rewards/accuracies']:.2f}", rss=f"{rss / 2**30:.2f}G")
         bar.update(1)
         if session.should_save():
-            session.save_checkpoint({"totals": dataclasses.asdict(totals), "reference": None if reference is None
-                                     else {"chosen": reference[0], "rejected": reference[1]}})
+            session.save_checkpoint({"totals": dataclasses.asdict(totals), **{
+                key: None if table is None else {"chosen": table[0], "rejected": table[1]}
+                for key, table in (("reference", reference), ("eval_reference", eval_reference))}})
     bar.close()
     return session.finish(totals=_ledger_totals(session.step, totals, stats), flops=_dpo_flops(model, totals, stats),
-                          data_files=[recipe.data.train],
+                          data_files=[recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else []),
                           extra={"kind": "dpo", "final_metrics": row,
                                  "preference": {"loss": dpo.loss, "beta": beta, "reference": (
                                      "none" if not entry.needs_reference else "precomputed"
