@@ -548,6 +548,9 @@ class Recipe(Section):
                 raise RecipeError("data.train: leantune dpo needs preference pairs (rows with prompt, chosen, rejected)")
             if self.optim.name != "adamw":
                 raise RecipeError(f"optim.name: {self.optim.name} is not supported by leantune dpo; use adamw")
+            if self.memory.budget is not None:
+                raise RecipeError("memory.budget: leantune plan has no DPO memory model yet, so the budget cannot be "
+                                  "checked for leantune dpo; remove it (or plan the SFT recipe as a lower bound)")
             if problem := self.dpo_problem():
                 raise RecipeError(problem)
 

@@ -422,6 +422,8 @@ def test_recipe_rules():
     full_sft = recipe_from_dict({**base, "adapter": {"method": "full"}})  # an SFT recipe is not judged as DPO...
     with pytest.raises(RecipeError, match="precompute_reference"):
         full_sft.require_for("dpo")  # ...until it is run with leantune dpo
+    with pytest.raises(RecipeError, match="memory.budget"):  # refused, never silently ignored
+        recipe_from_dict({**base, "memory": {"budget": "2GB"}}).require_for("dpo")
 
 
 def test_shipped_recipe_validates_and_opens_with_its_command():
