@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from conftest import write_jsonl
@@ -19,7 +18,7 @@ from leantune.cli import main
 from leantune.config import AdapterConfig, DataConfig, DPOConfig, ModelConfig, RecipeError, recipe_from_dict
 from leantune.data.preference import Pair, answer_pairs, check_pair_row, load_pairs, read_pair_rows, tokenize_pairs
 from leantune.data.records import DataError
-from leantune.losses.preference import PREFERENCE_LOSSES, PreferenceStats, dpo_loss, ipo_loss, simpo_loss
+from leantune.losses.preference import PREFERENCE_LOSSES, PreferenceStats, dpo_loss, simpo_loss
 from leantune.models.loading import load_model_and_tokenizer
 from leantune.tasks.addition import generate
 from leantune.train.dpo import dpo_step, pair_logps, reference_context, train_dpo
