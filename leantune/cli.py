@@ -4,13 +4,15 @@
     leantune train RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
     leantune rl RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
     leantune rft RECIPE.yaml [key.sub=value ...]
+    leantune dpo RECIPE.yaml [key.sub=value ...] [--resume]
     leantune plan RECIPE.yaml [key.sub=value ...] [--memory 2GB [--out FILE]] [--json]
     leantune eval RUN_DIR|MODEL (--task NAME | --data FILE.jsonl | --memorization [--prefix 32 --suffix 32])
     leantune export RUN_DIR --merged OUT_DIR [--adapter OUT_DIR]
     leantune report RUN_DIR [RUN_DIR ...] [--out DIR]
     leantune validate RECIPE.yaml [RECIPE.yaml ...]
     leantune demo [--out DIR] [--quick] [--rl]
-    leantune make-data TASK --out DIR [--train N] [--valid N]
+    leantune dpo RECIPE.yaml [key.sub=value ...] [--resume] [--nproc N]
+    leantune make-data TASK --out DIR [--train N] [--valid N] [--pairs]
     leantune data dedup IN OUT [--threshold 0.8] [--num-perm 128] [--shingle words:3] [--report FILE.json]
 
 Errors a user can fix (bad recipe, bad data, missing model) print one clear message and exit 2.
@@ -74,6 +76,19 @@ def cmd_rl(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
+    if _is_rank_zero():
+        print(summarize_ledger(result.ledger))
+        log.info("run directory: %s", recipe.train.output_dir)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from leantune.config import load_recipe
+    from leantune.ledger import summarize_ledger
+    from leantune.train.dpo import train_dpo
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train_dpo(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
     if _is_rank_zero():
         print(summarize_ledger(result.ledger))
         log.info("run directory: %s", recipe.train.output_dir)
@@ -232,7 +247,7 @@ def cmd_report(args) -> int:
 def cmd_make_data(args) -> int:
     from leantune.demo import write_task_data
 
-    paths = write_task_data(args.task, Path(args.out), args.train, args.valid, seed=args.seed)
+    paths = write_task_data(args.task, Path(args.out), args.train, args.valid, seed=args.seed, pairs=args.pairs)
     for split, path in paths.items():
         log.info("wrote %s: %s", split, path)
     return 0
@@ -303,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                  cmd_train)
     _run_command(sub, "rl", "RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe",
                  "rl.group_size=4 train.steps=20", cmd_rl)
+    _run_command(sub, "dpo", "preference optimization (DPO / IPO / SimPO) on chosen/rejected pairs from a recipe",
+                 "dpo.loss=ipo dpo.beta=0.5 train.steps=20", cmd_dpo)
     _run_command(sub, "rft", "expert iteration: sample, keep verified completions, fine-tune, repeat", "rft.rounds=2",
                  cmd_rft, resume=False, processes=False)
 
@@ -371,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--train", type=int, default=2000, help="training problems")
     m.add_argument("--valid", type=int, default=64, help="validation problems (held-out split)")
     m.add_argument("--seed", type=int, default=0, help="seed of the problem generator (default 0)")
+    m.add_argument("--pairs", action="store_true",
+                   help="preference pairs for `leantune dpo` instead: prompt, chosen = the worked solution, rejected = "
+                   "the same with a wrong final answer")
     m.set_defaults(func=cmd_make_data)
 
     da = sub.add_parser("data", help="data tools: dedup (remove exact and near-duplicate rows)")
@@ -424,12 +444,12 @@ def version() -> str:
 
 
 def _switch_allocator(args, argv: list[str]) -> None:
-    """train / rl / rft / demo: re-execute this command on the recipe's ``train.allocator`` (a caching malloc,
+    """train / rl / rft / dpo / demo: re-execute this command on the recipe's ``train.allocator`` (a caching malloc,
     ``leantune.allocator``) before any work starts. A recipe that does not load is left to the command to
     report."""
     from leantune.allocator import reexec_with
 
-    if args.command in ("train", "rl", "rft"):
+    if args.command in ("train", "rl", "rft", "dpo"):
         from leantune.config import load_recipe
 
         try:
@@ -459,7 +479,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Called without ``argv`` (the ``leantune`` program itself), train / rl / rft / demo
+    """Run one command. Called without ``argv`` (the ``leantune`` program itself), train / rl / rft / dpo / demo
     first switch to the recipe's malloc by re-executing; called with ``argv`` (tests, scripts), never."""
     import warnings
 

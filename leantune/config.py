@@ -493,6 +493,32 @@ class RFTConfig(Section):
     steps_per_round: int = Field(default=20, gt=0, description="SFT optimizer steps on the accepted union each round.")
 
 
+class DPOConfig(Section):
+    """Preference optimization (`leantune dpo`) on chosen/rejected pairs; steps come from `train.steps`."""
+
+    loss: Literal["dpo", "ipo", "simpo"] = Field(
+        default="dpo",
+        description="dpo: -log sigmoid(beta x log-ratio margin) (arXiv 2305.18290); ipo: squared loss to a margin of 1/(2 beta) on token-averaged log-ratios (arXiv 2310.12036); simpo: length-normalized log-probs, no reference model, target margin gamma (arXiv 2405.14734).",
+    )
+    beta: float | None = Field(
+        default=None, gt=0,
+        description="dpo: inverse temperature of the implicit reward; ipo: the regularization tau; simpo: reward scale. null: the loss's usual value (dpo 0.1, ipo 0.1, simpo 2.0).",
+    )
+    gamma: float = Field(default=0.5, ge=0, description="simpo only: target reward margin between chosen and rejected.")
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5,
+        description="dpo and simpo: probability that a pair's label is flipped (conservative DPO); 0 trusts every label. Not defined for ipo.",
+    )
+    precompute_reference: bool = Field(
+        default=False,
+        description="Score every pair under the reference once, without gradients, before training (two floats per pair, kept in memory and in checkpoints) instead of a no-grad reference forward every step: one pass over the data up front, then each step runs the policy only. Required with adapter.method: full or dpo.init (the reference is then the starting model, which a disabled adapter cannot give). Unused by simpo.",
+    )
+    init: str | None = Field(
+        default=None,
+        description="A finished LoRA run directory (e.g. from `leantune train`): training starts from its adapter, and the reference is that starting policy (needs precompute_reference unless the loss has no reference).",
+    )
+
+
 class Recipe(Section):
     model: ModelConfig
     data: DataConfig
@@ -504,6 +530,7 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rl: RLConfig = Field(default_factory=RLConfig, description="Used by `leantune rl` and `leantune rft` only.")
     rft: RFTConfig = Field(default_factory=RFTConfig, description="Used by `leantune rft` only.")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Used by `leantune dpo` only.")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Budget checked by `leantune train` and `leantune plan`.")
 
     @model_validator(mode="after")
@@ -548,6 +575,41 @@ class Recipe(Section):
                 check_reward_names(self.rl.rewards, self.rl.task)
             except ValueError as err:
                 raise RecipeError(f"rl.rewards: {err}") from None
+        if command == "dpo":
+            if self.data.train is None:
+                raise RecipeError("data.train: leantune dpo needs preference pairs (rows with prompt, chosen, rejected)")
+            if self.optim.name != "adamw":
+                raise RecipeError(f"optim.name: {self.optim.name} is not supported by leantune dpo; use adamw")
+            if self.memory.budget is not None:
+                raise RecipeError("memory.budget: leantune plan has no DPO memory model yet, so the budget cannot be "
+                                  "checked for leantune dpo; remove it (or plan the SFT recipe as a lower bound)")
+            if problem := self.dpo_problem():
+                raise RecipeError(problem)
+
+    def dpo_problem(self) -> str | None:
+        """What makes the dpo section unusable with the rest of the recipe, or None."""
+        from leantune.losses.preference import PREFERENCE_LOSSES
+
+        dpo = self.dpo
+        if PREFERENCE_LOSSES[dpo.loss].needs_reference and not dpo.precompute_reference:
+            if self.adapter.method != "lora":
+                return (f"dpo.loss: {dpo.loss} compares against a reference, which is the base with the adapter "
+                        "disabled; full fine-tuning has none: set dpo.precompute_reference: true")
+            if dpo.init is not None:
+                return ("dpo.init: the reference is the starting (initialized) policy, which a disabled adapter "
+                        "cannot give: set dpo.precompute_reference: true")
+        if dpo.loss == "ipo" and dpo.label_smoothing:
+            return "dpo.label_smoothing: IPO's squared loss has no label-noise form; set it to 0 or use dpo / simpo"
+        if dpo.init is not None and self.adapter.method != "lora":
+            return "dpo.init starts from a LoRA adapter; use adapter.method: lora"
+        return None
+
+    @model_validator(mode="after")
+    def _dpo_consistent(self):
+        # only a recipe that writes a dpo section is checked here; `leantune dpo` checks every recipe (require_for)
+        if "dpo" in self.model_fields_set and (problem := self.dpo_problem()):
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _stages_ordered(self):

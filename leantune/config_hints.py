@@ -92,6 +92,9 @@ FOREIGN_NAMES: dict[str, ForeignName] = {
     "num_iterations": ForeignName("rl.updates_per_batch", "TRL"),
     "mask_truncated_completions": ForeignName("rl.overlong_filter", "TRL"),
     "reward_weights": ForeignName("rl.rewards", "TRL", "a mapping reward name -> weight"),
+    # preference optimization (TRL DPOConfig / CPOConfig)
+    "precompute_ref_log_probs": ForeignName("dpo.precompute_reference", "TRL"),
+    "simpo_gamma": ForeignName("dpo.gamma", "TRL"),
 }
 
 

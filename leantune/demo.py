@@ -66,8 +66,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def write_task_data(task_name: str, out_dir: Path, n_train: int, n_valid: int, seed: int = 0) -> dict[str, Path]:
-    """Write train/valid JSONL in the ``messages`` shape (the tokenizer's chat template applies)."""
+def write_task_data(task_name: str, out_dir: Path, n_train: int, n_valid: int, seed: int = 0,
+                    pairs: bool = False) -> dict[str, Path]:
+    """Write train/valid JSONL in the ``messages`` shape (the tokenizer's chat template applies); with ``pairs``,
+    preference rows for `leantune dpo` instead: the worked solution (chosen) vs a wrong final answer (rejected)."""
+    from leantune.data.preference import answer_pairs
     from leantune.tasks import get_task
 
     task = get_task(task_name)
@@ -77,10 +80,12 @@ def write_task_data(task_name: str, out_dir: Path, n_train: int, n_valid: int, s
         rows = task.generate(n, seed=s, split=part)
         path = out_dir / f"{split}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
+        records = answer_pairs(rows, seed=s) if pairs else [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in rows]
         with open(tmp, "w") as f:
-            for r in rows:
-                msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
-                f.write(json.dumps({"messages": msgs}) + "\n")
+            for r in records:
+                f.write(json.dumps(r) + "\n")
         tmp.replace(path)
         paths[split] = path
     return paths
