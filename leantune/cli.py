@@ -52,13 +52,26 @@ def _user_errors():
     return tuple(errors)
 
 
-def cmd_train(args) -> int:
+TRAINERS = {  # command -> (module, function); each takes (recipe, *, quiet, ...) and returns a TrainResult
+    "train": ("leantune.train.sft", "train"),
+    "rl": ("leantune.train.rl", "train_rl"),
+    "dpo": ("leantune.train.dpo", "train_dpo"),
+    "rft": ("leantune.train.rft", "train_rft"),
+}
+
+
+def cmd_run(args) -> int:
+    """train / rl / dpo / rft: load the recipe, run the trainer, print the ledger's summary (rank 0)."""
+    import importlib
+
     from leantune.config import load_recipe
     from leantune.ledger import summarize_ledger
-    from leantune.train.sft import train
 
+    module, name = TRAINERS[args.command]
+    trainer = getattr(importlib.import_module(module), name)
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
+    kwargs = {"resume": args.resume, "recipe_path": args.recipe} if hasattr(args, "resume") else {}
+    result = trainer(recipe, quiet=args.quiet, **kwargs)
     if _is_rank_zero():
         print(summarize_ledger(result.ledger))
         log.info("run directory: %s", recipe.train.output_dir)
@@ -67,44 +80,6 @@ def cmd_train(args) -> int:
 
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
-
-
-def cmd_rl(args) -> int:
-    from leantune.config import load_recipe
-    from leantune.ledger import summarize_ledger
-    from leantune.train.rl import train_rl
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train_rl(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
-    if _is_rank_zero():
-        print(summarize_ledger(result.ledger))
-        log.info("run directory: %s", recipe.train.output_dir)
-    return 0
-
-
-def cmd_dpo(args) -> int:
-    from leantune.config import load_recipe
-    from leantune.ledger import summarize_ledger
-    from leantune.train.dpo import train_dpo
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train_dpo(recipe, resume=args.resume, recipe_path=args.recipe, quiet=args.quiet)
-    if _is_rank_zero():
-        print(summarize_ledger(result.ledger))
-        log.info("run directory: %s", recipe.train.output_dir)
-    return 0
-
-
-def cmd_rft(args) -> int:
-    from leantune.config import load_recipe
-    from leantune.ledger import summarize_ledger
-    from leantune.train.rft import train_rft
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train_rft(recipe, quiet=args.quiet)
-    print(summarize_ledger(result.ledger))
-    log.info("run directory: %s", recipe.train.output_dir)
-    return 0
 
 
 def cmd_plan(args) -> int:
@@ -289,7 +264,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _run_command(sub, name: str, help: str, example: str, func, *, resume: bool = True, processes: bool = True):
+def _run_command(sub, name: str, help: str, example: str, *, resume: bool = True, processes: bool = True):
     """A subcommand that runs a trainer from a recipe: RECIPE [overrides] [--resume] [--nproc N]."""
     c = sub.add_parser(name, help=help)
     c.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")
@@ -300,7 +275,7 @@ def _run_command(sub, name: str, help: str, example: str, func, *, resume: bool 
         c.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="run on N processes on this machine: re-launches itself with torchrun (DDP or FSDP2, "
                        "train.parallel); the same as torchrun --standalone --nproc-per-node N -m leantune ...")
-    c.set_defaults(func=func)
+    c.set_defaults(func=cmd_run)
     return c
 
 
@@ -314,14 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            help="one of the commands below; `leantune COMMAND -h` for its options")
 
-    _run_command(sub, "train", "supervised fine-tuning (LoRA or full) from a recipe", "optim.lr=1e-4 train.steps=50",
-                 cmd_train)
+    _run_command(sub, "train", "supervised fine-tuning (LoRA or full) from a recipe", "optim.lr=1e-4 train.steps=50")
     _run_command(sub, "rl", "RL with verifiable rewards (GRPO / DAPO / Dr.GRPO) from a recipe",
-                 "rl.group_size=4 train.steps=20", cmd_rl)
+                 "rl.group_size=4 train.steps=20")
     _run_command(sub, "dpo", "preference optimization (DPO / IPO / SimPO) on chosen/rejected pairs from a recipe",
-                 "dpo.loss=ipo dpo.beta=0.5 train.steps=20", cmd_dpo)
+                 "dpo.loss=ipo dpo.beta=0.5 train.steps=20")
     _run_command(sub, "rft", "expert iteration: sample, keep verified completions, fine-tune, repeat", "rft.rounds=2",
-                 cmd_rft, resume=False, processes=False)
+                 resume=False, processes=False)
 
     pl = sub.add_parser("plan", help="predict peak memory from the recipe (no weights loaded); --memory: settings that fit")
     pl.add_argument("recipe", help="recipe YAML file (leantune validate checks it without loading a model)")

@@ -54,6 +54,40 @@ def get_task(name: str) -> ModuleType:
     return importlib.import_module(_TASKS[key])
 
 
+def distinct_problems(name: str, n: int, seed: int, split: str, splits: tuple[str, ...], templates: dict,
+                      chosen, make, split_of) -> list[dict]:
+    """``n`` distinct problems of ``split`` from template generators, deterministic in the arguments.
+
+    ``chosen``: template names (None: all of ``templates``); ``make(template_output) -> problem dict`` with a
+    ``prompt``; ``split_of(prompt) -> split``. A problem whose prompt was seen or belongs to the other split is
+    skipped; ValueError after too many tries, naming how many were found.
+    """
+    import random
+
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {splits}")
+    if n < 0:
+        raise ValueError("n must be >= 0")
+    names = list(chosen or templates)
+    bad = [t for t in names if t not in templates]
+    if bad:
+        raise ValueError(f"unknown template(s) {bad}; available: {', '.join(templates)}")
+    rng = random.Random(f"{name}|{seed}|{split}|{','.join(names)}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 10_000:
+            raise ValueError(f"only {len(out)} distinct {split} problems found for templates {names}; asked for {n}")
+        problem = make(templates[rng.choice(names)](rng))
+        if problem["prompt"] in seen or split_of(problem["prompt"]) != split:
+            continue
+        seen.add(problem["prompt"])
+        out.append(problem)
+    return out
+
+
 def completion_text(completion) -> str:
     """Plain text of a completion: a string, or a chat-style message / list of messages (TRL's
     conversational format).
@@ -70,4 +104,4 @@ def completion_text(completion) -> str:
     return ""
 
 
-__all__ = ["UnknownTaskError", "available_tasks", "completion_text", "get_task"]
+__all__ = ["UnknownTaskError", "available_tasks", "completion_text", "distinct_problems", "get_task"]

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from leantune.rl.sandbox import extract_code, run_code
-from leantune.tasks import completion_text
+from leantune.tasks import completion_text, distinct_problems
 
 NAME = "code"
 SPLITS = ("train", "test")
@@ -267,28 +267,7 @@ def generate(n: int, seed: int = 0, split: str = "train", *, templates: Sequence
     >>> generate(3, seed=1, split="test") == generate(3, seed=1, split="test")
     True
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if n < 0:
-        raise ValueError("n must be >= 0")
-    names = list(templates or TEMPLATES)
-    bad = [t for t in names if t not in TEMPLATES]
-    if bad:
-        raise ValueError(f"unknown template(s) {bad}; available: {', '.join(TEMPLATES)}")
-    rng = random.Random(f"{NAME}|{seed}|{split}|{','.join(names)}")
-    seen: set[str] = set()
-    out: list[dict] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 200 * n + 10_000:
-            raise ValueError(f"only {len(out)} distinct {split} problems found for templates {names}; asked for {n}")
-        problem = make_problem(TEMPLATES[rng.choice(names)](rng))
-        if problem["prompt"] in seen or split_of(problem["prompt"]) != split:
-            continue
-        seen.add(problem["prompt"])
-        out.append(problem)
-    return out
+    return distinct_problems(NAME, n, seed, split, SPLITS, TEMPLATES, templates, make_problem, split_of)
 
 
 # --------------------------------------------------------------------------------------------

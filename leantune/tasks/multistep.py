@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from leantune.rl.rewards import extract_math_answer, normalize_math_answer
-from leantune.tasks import completion_text
+from leantune.tasks import completion_text, distinct_problems
 
 NAME = "multistep"
 SPLITS = ("train", "test")
@@ -188,29 +188,11 @@ def generate(n: int, seed: int = 0, split: str = "train", *, templates: Sequence
     >>> generate(2, seed=1) == generate(2, seed=1) and generate(3, seed=1)[:2] == generate(2, seed=1)
     True
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if n < 0:
-        raise ValueError("n must be >= 0")
-    names = list(templates or TEMPLATES)
-    bad = [t for t in names if t not in TEMPLATES]
-    if bad:
-        raise ValueError(f"unknown template(s) {bad}; available: {', '.join(TEMPLATES)}")
-    rng = random.Random(f"{NAME}|{seed}|{split}|{','.join(names)}")
-    seen: set[str] = set()
-    out: list[dict] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 200 * n + 10_000:
-            raise ValueError(f"only {len(out)} distinct {split} problems found for templates {names}; asked for {n}")
-        question, steps, answer = TEMPLATES[rng.choice(names)](rng)
-        prompt = f"{question} {FORMAT}"
-        if prompt in seen or split_of(prompt) != split:
-            continue
-        seen.add(prompt)
-        out.append({"prompt": prompt, "completion": worked_solution(steps, answer), "answer": str(answer)})
-    return out
+    def make(template_output) -> dict:
+        question, steps, answer = template_output
+        return {"prompt": f"{question} {FORMAT}", "completion": worked_solution(steps, answer), "answer": str(answer)}
+
+    return distinct_problems(NAME, n, seed, split, SPLITS, TEMPLATES, templates, make, split_of)
 
 
 # --------------------------------------------------------------------------------------------
