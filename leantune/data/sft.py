@@ -30,12 +30,9 @@ dropped too. Batches are right-padded; pad positions have span ``-1``.
 
 from __future__ import annotations
 
-import random
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +40,7 @@ import torch
 
 from leantune.config import DataConfig, DedupConfig, SpanWeights
 from leantune.data.dedup import DedupReport, Deduplicator, dedup_texts, record_text
+from leantune.data.index import DiskInts, SeededPermutation
 from leantune.data.records import DataError, Record, read_records
 
 SPAN_PROMPT, SPAN_THINK, SPAN_ANSWER = 0, 1, 2
@@ -301,11 +299,11 @@ class StreamedExamples(Sequence):
     """The kept examples of a row table, tokenized on access (``len()``, ``[i]``, slices, iteration).
 
     Holds the table (a file read by offset, or memory-mapped Arrow), the row key of each kept example
-    (8 bytes each) and an LRU of the last ``cache_size`` examples -- not the data. ``[i]`` equals the
-    eager loader's ``examples[i]``.
+    (8 bytes each, on disk: :class:`DiskInts`) and an LRU of the last ``cache_size`` examples -- not the
+    data. ``[i]`` equals the eager loader's ``examples[i]``.
     """
 
-    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
+    def __init__(self, rows, keys: Sequence[int], check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
         self.rows, self.keys, self.check = rows, keys, check
         self.tokenizer, self.cfg, self.eos = tokenizer, cfg, eos
         self.cache_size = cache_size
@@ -343,7 +341,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
 
     rows = open_rows(path, cfg.split_for(role), role, cfg.columns)
     check = mapped_check(lambda data, where: check_record(data, where, cfg.format), cfg.columns)
-    stats, keys = DataStats(), array("q")
+    stats, keys = DataStats(), DiskInts()
     dedup = Deduplicator(cfg.dedup) if cfg.dedup is not None and role == "train" else None
 
     def flush(batch: list[tuple[int, Record]]) -> None:
@@ -362,6 +360,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
         if len(batch) == chunk:
             flush(batch)
     flush(batch)
+    keys.flush()
     if dedup is not None:
         _count_dedup(stats, dedup.report())
     if stats.records == 0:
@@ -410,27 +409,21 @@ def collate(examples: list[Example], pad_id: int, weights: SpanWeights) -> dict[
     }
 
 
-@lru_cache(maxsize=4)
-def _epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> array:
-    # An int64 array, 8 bytes per example (a list or tuple of ints costs ~36): with streamed examples this
-    # cache would otherwise be the largest thing that grows with the dataset. `shuffle` swaps in place
-    # with the same draws as on a list, so the permutation is the one a list gives.
-    order = array("q", range(n_examples))
-    if shuffle:
-        # A string seed is hashed with SHA-512 by `random`: stable across runs, platforms and versions.
-        random.Random(f"leantune-data:{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+def epoch_order(n_examples: int, seed: int, epoch: int, shuffle: bool) -> Sequence[int]:
     """The example indices of ``epoch`` in order: a permutation seeded by (seed, epoch), or 0..n-1.
 
-    >>> epoch_order(5, seed=0, epoch=0, shuffle=False)
+    The shuffle is a :class:`SeededPermutation`, computed one index at a time, so a batch costs the same
+    and holds no per-example memory whether the dataset has a thousand examples or a billion, and eager
+    and streamed examples see the same order.
+
+    >>> list(epoch_order(5, seed=0, epoch=0, shuffle=False))
     [0, 1, 2, 3, 4]
     >>> sorted(epoch_order(5, seed=0, epoch=1, shuffle=True))
     [0, 1, 2, 3, 4]
     """
-    return list(_epoch_order(n_examples, seed, epoch, shuffle))
+    if not shuffle:
+        return range(n_examples)
+    return SeededPermutation(n_examples, f"leantune-data:{seed}:{epoch}")
 
 
 def micro_batches_per_epoch(n_examples: int, micro_batch_size: int) -> int:
@@ -457,5 +450,5 @@ def batch_at(examples: list, micro_step: int, micro_batch_size: int, seed: int, 
         raise ValueError(f"batch_at: need micro_batch_size > 0 and micro_step >= 0, got {micro_batch_size}, {micro_step}")
     per_epoch = micro_batches_per_epoch(len(examples), micro_batch_size)
     epoch, b = divmod(micro_step, per_epoch)
-    order = _epoch_order(len(examples), seed, epoch, shuffle)
-    return [examples[i] for i in order[b * micro_batch_size : (b + 1) * micro_batch_size]]
+    order = epoch_order(len(examples), seed, epoch, shuffle)
+    return [examples[order[i]] for i in range(b * micro_batch_size, min((b + 1) * micro_batch_size, len(examples)))]

@@ -28,12 +28,12 @@ import csv
 import json
 import os
 import re
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from leantune.data.index import DiskInts
 from leantune.data.records import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -127,12 +127,13 @@ def mapped_check(check: Callable[[Any, str], Any], columns: dict[str, str] | Non
 
 @dataclass
 class JsonlRows:
-    """A JSON Lines file indexed by :meth:`scan` (byte offset and line of every record, 16 bytes each);
-    :meth:`fetch` re-reads one record. The file must not change after the scan (checked by size and mtime)."""
+    """A JSON Lines file indexed by :meth:`scan` (byte offset and line of every record, 16 bytes each, kept
+    on disk by :class:`DiskInts`); :meth:`fetch` re-reads one record. The file must not change after the scan
+    (checked by size and mtime)."""
 
     path: Path
-    offsets: array = field(default_factory=lambda: array("q"))
-    lines: array = field(default_factory=lambda: array("q"))
+    offsets: DiskInts = field(default_factory=DiskInts)
+    lines: DiskInts = field(default_factory=DiskInts)
     stamp: tuple[int, int] = (0, 0)
 
     def scan(self) -> Iterator[tuple[int, Any, str]]:
@@ -152,6 +153,8 @@ class JsonlRows:
                     self.lines.append(lineno)
                     yield len(self.offsets) - 1, data, f"{self.path}:{lineno}"
                 offset += len(line)
+        self.offsets.flush()  # the write buffers drain to disk: nothing per record stays in memory
+        self.lines.flush()
 
     def fetch(self, key: int) -> tuple[Any, str]:
         st = os.stat(self.path)
