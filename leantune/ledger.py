@@ -210,6 +210,7 @@ def build_ledger(
     energy: dict,
     extra: dict | None = None,
     started_unix: float | None = None,
+    compute: dict | None = None,
 ) -> dict:
     """The ledger dict of one run.
 
@@ -218,6 +219,8 @@ def build_ledger(
     ``TOTALS_ALIASES``); missing ones are recorded as None, extra keys are kept. ``flops`` is an
     ``estimate_train_flops`` result, ``energy`` an ``EnergyMeter.stop()`` result. ``started_unix``
     (time.time() at start) dates the start; without it the start is now minus the energy meter's wall_s.
+    ``compute`` is a :func:`leantune.compute.compute_summary` result (achieved FLOP/s and the fraction of the
+    machine's measured matmul peak).
     """
     totals = {TOTALS_ALIASES.get(k, k): v for k, v in totals.items()}
     tot = {k: totals.get(k) for k in TOTALS_KEYS} | {k: v for k, v in totals.items() if k not in TOTALS_KEYS}
@@ -243,6 +246,7 @@ def build_ledger(
         "totals": tot,
         "per_token": per_token,
         "flops": flops,
+        "compute": compute,
         "energy": energy,
         "timestamps": {
             "started_utc": _utc_iso(started_unix) if started_unix is not None else None,
@@ -268,6 +272,13 @@ def format_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _peak_text(compute: dict | None) -> str:
+    if not compute or compute.get("fraction_of_peak") is None:
+        return ""
+    return (f"; {compute['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s = {100 * compute['fraction_of_peak']:.1f}% of this "
+            f"machine's {compute['dtype']} matmul peak ({compute['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s)")
+
+
 def summarize_ledger(ledger: dict) -> str:
     """A few plain-text lines for the terminal: what ran, on what, and what it cost."""
     t, v, hw = ledger.get("totals", {}), ledger.get("versions", {}), ledger.get("hardware", {})
@@ -288,7 +299,8 @@ def summarize_ledger(ledger: dict) -> str:
         ("wall time", f"{num(t.get('wall_time_s'), '{:.1f}')} s ({num(pt.get('tokens_per_s'), '{:,.0f}')} tokens/s)"),
         ("peak memory", f"{format_bytes(t.get('peak_rss_bytes'))} RSS"
          + (f", {format_bytes(t['cuda_max_allocated_bytes'])} CUDA" if t.get("cuda_max_allocated_bytes") else "")),
-        ("compute", f"{num(fl.get('total'), '{:.3g}')} FLOPs ({fl.get('method', 'not estimated')})"),
+        ("compute", f"{num(fl.get('total'), '{:.3g}')} FLOPs ({fl.get('method', 'not estimated')})"
+         + _peak_text(ledger.get("compute"))),
         ("energy", f"{num(en.get('joules'), '{:.3g}')} J, {num(pt.get('joules_per_token'), '{:.3g}')} J/token ({en.get('method', 'not measured')}"
          + (f", {en['assumed_watts_per_core']} W/core assumed" if "assumed_watts_per_core" in en else "") + ")"),
     ]

@@ -90,6 +90,7 @@ def _plot(records: list[dict], ledger: dict | None, out: Path, title: str) -> Pa
     axes[0, 2].set_title("gradient norm")
     panel(axes[1, 0], "tokens / s", [("tokens_per_s", "tokens/s", "-")])
     axes[1, 0].set_title("throughput")
+    _peak_axis(axes[1, 0], records, ledger)
 
     ax = axes[1, 1]
     xs, ys = _series(records, "rss_bytes")
@@ -166,6 +167,26 @@ def _plot_rl(records: list[dict], out: Path, title: str) -> Path:
     return out
 
 
+def _peak_axis(ax, records: list[dict], ledger: dict | None) -> None:
+    """A right-hand axis on the throughput panel: each step's achieved FLOP/s (tokens/s x the run's
+    FLOPs per token, per process) as a percentage of the machine's measured matmul peak."""
+    compute = (ledger or {}).get("compute") or {}
+    per_token = ((ledger or {}).get("per_token") or {}).get("flops_per_token")
+    peak = compute.get("matmul_peak_flops_per_s")
+    xs, tps = _series(records, "tokens_per_s")
+    if not (xs and per_token and peak):
+        return
+    scale = per_token / compute.get("processes", 1) / peak * 100
+    if compute.get("fraction_of_peak") is not None:
+        ax.axhline(compute["fraction_of_peak"] * 100 / scale, color="gray", linestyle=":",
+                   label=f"run: {100 * compute['fraction_of_peak']:.1f}% of peak")
+        ax.legend(loc="lower right")
+    lo, hi = ax.get_ylim()
+    right = ax.twinx()
+    right.set_ylim(lo * scale, hi * scale)  # the same curve, read as % of peak
+    right.set_ylabel(f"% of {compute.get('dtype', '')} matmul peak ({peak / 1e9:,.0f} GFLOP/s)")
+
+
 def _summary_rows(records: list[dict], ledger: dict | None) -> list[tuple[str, str, str]]:
     """(metric, value, source) rows; the ledger wins over metrics where both have a number."""
     rows = []
@@ -227,6 +248,11 @@ def _summary_rows(records: list[dict], ledger: dict | None) -> list[tuple[str, s
     flops = (ledger or {}).get("flops") or {}
     if flops.get("total") is not None:
         rows.append(("compute", f"{flops['total']:.3g} FLOPs", flops.get("method", "estimate")))
+    compute = (ledger or {}).get("compute") or {}
+    if compute.get("fraction_of_peak") is not None:
+        rows.append(("achieved / matmul peak", f"{compute['achieved_flops_per_s'] / 1e9:,.1f} / "
+                     f"{compute['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s ({100 * compute['fraction_of_peak']:.1f}%)",
+                     f"ledger ({compute['dtype']}, peak probed {compute['peak_probe'].get('measured_utc', '?')})"))
     return rows
 
 

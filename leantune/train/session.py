@@ -390,12 +390,24 @@ class RunSession:
         ledger = ledger_mod.build_ledger(
             recipe=self.recipe.model_dump(mode="json"), data_files=data_files or [],
             model_location=self.model_location, seed=self.recipe.train.seed, totals=totals, flops=flops,
-            energy=energy, extra=extra)
+            energy=energy, extra=extra, compute=self._compute(flops, totals))
         if self.dist.is_main:
             ledger_mod.write_ledger(self.run_dir, ledger)
             if self.metrics is not None:
                 self.metrics.log_ledger(ledger)
         return TrainResult(ledger, self.model, self.tokenizer)
+
+    def _compute(self, flops: dict, totals: dict) -> dict | None:
+        """Achieved FLOP/s against this machine's measured matmul peak (:mod:`leantune.compute`)."""
+        from leantune.compute import compute_summary
+        from leantune.models.precision import resolve_dtype
+
+        total = flops.get("total") if isinstance(flops, dict) else None
+        if not isinstance(total, (int, float)):
+            return None
+        dtype = resolve_dtype(self.recipe.model.dtype, self.device.type)
+        return compute_summary(flops_total=total, seconds=totals.get("wall_time_s"), dtype=dtype,
+                               device=str(self.device), processes=self.dist.world_size)
 
     def cleanup(self) -> None:
         if self.metrics is not None:
