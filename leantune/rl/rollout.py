@@ -61,6 +61,12 @@ class Rollouts:
     seconds: float = 0.0
     row_steps: int = 0  # sum over decode steps of the rows still running (= tokens generated)
     extra: dict = field(default_factory=dict)
+    group_sizes: list[int] | None = None  # per prompt, when routed (`route`); 0 = not sampled. None: group_size each
+    features: torch.Tensor | None = None  # (n_p, H) the routing layer's prefill hidden state per prompt, when routed
+
+    def sizes(self, n_prompts: int) -> list[int]:
+        """Completions per prompt (group-contiguous): ``group_sizes`` when routed, else group_size each."""
+        return list(self.group_sizes) if self.group_sizes is not None else [self.group_size] * n_prompts
 
     @property
     def tokens_generated(self) -> int:
@@ -210,6 +216,8 @@ def sample_groups(
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     fold_adapter: bool = True,
+    route: Callable[[torch.Tensor], Sequence[int]] | None = None,
+    route_layer: int | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -220,6 +228,10 @@ def sample_groups(
     ``seeds``: one int per prompt; completion j of prompt i then draws from its own stream, fixed by
     (seeds[i], j) (`row_keys`), so its tokens do not depend on the rest of the batch or on the worker
     that samples it (up to float rounding of batched matmuls); ``generator`` is then unused.
+    ``route``: decide each prompt's group size after the prefill: it gets the output of decoder layer
+    ``route_layer`` (default the middle one) at each prompt's last token, (n_p, H) fp32, captured by a forward
+    hook during the prefill only, and returns one size per prompt (0 = not sampled); ``group_size`` is then
+    unused and the rollouts carry ``group_sizes`` and ``features``.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
@@ -228,11 +240,40 @@ def sample_groups(
     with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
         return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
-                              generator=generator, seeds=seeds)
+                              generator=generator, seeds=seeds, route=route, route_layer=route_layer)
+
+
+def decoder_layers(decoder) -> torch.nn.ModuleList:
+    """The decoder's block list (``decoder.layers`` for Llama/Qwen/Mistral-style models)."""
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(decoder).__name__} has no `layers` ModuleList: rl.router cannot read a middle layer")
+    return layers
+
+
+@contextlib.contextmanager
+def _last_token_capture(decoder, layer: int | None):
+    """Record the output of decoder layer ``layer`` (default: the middle one) at the last position of each row,
+    (n, H) fp32, in ``box[0]``, for the forwards run inside the block."""
+    layers = decoder_layers(decoder)
+    idx = len(layers) // 2 if layer is None else layer
+    if not 0 <= idx < len(layers):
+        raise ValueError(f"rl.router.layer={layer}: the decoder has {len(layers)} layers (0..{len(layers) - 1})")
+    box: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        hs = output[0] if isinstance(output, tuple) else output  # (n, P, H)
+        box.append(hs[:, -1].detach().float().clone())
+
+    handle = layers[idx].register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature, top_p, stop, is_complete,
-                   generator, seeds) -> Rollouts:
+                   generator, seeds, route=None, route_layer=None) -> Rollouts:
     start_time = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -244,8 +285,6 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
     dev = head_w.device
 
     distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
-    prompt_ids = [ids for ids in distinct for _ in range(group_size)]
-    n = len(prompt_ids)
     width = max(len(p) for p in distinct)
     input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
     attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
@@ -254,24 +293,44 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
         attn[i, width - len(ids):] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
 
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    ents: list[list[float]] = [[] for _ in range(n)]
-    truncated = [False] * n
-    rows = torch.arange(n, device=dev)  # cache row -> sequence index
-    keys = row_keys(seeds, group_size) if seeds is not None else None  # (n,) per-row stream keys
     cache = DynamicCache()
     cache_kw = _cache_kwarg(decoder)
+    features, group_sizes = None, None
     try:
-        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
-                      **{cache_kw: cache})
-        # one prefill per distinct prompt, then its cache rows and last hidden state G times (group-contiguous)
-        h = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)  # (n, H)
-        del out
-        cache.batch_repeat_interleave(group_size)
-        attn = attn.repeat_interleave(group_size, dim=0)  # (n, P)
-        next_pos = positions[:, -1].repeat_interleave(group_size) + 1  # (n,)
+        with _last_token_capture(decoder, route_layer) if route is not None else contextlib.nullcontext() as box:
+            out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                          **{cache_kw: cache})
+        if route is not None:  # the prefill's middle-layer state decides each prompt's group size
+            features = box[0]  # (n_p, H)
+            group_sizes = [int(s) for s in route(features)]
+            if len(group_sizes) != len(distinct) or min(group_sizes, default=0) < 0:
+                raise ValueError(f"route returned {group_sizes} for {len(distinct)} prompts: one size >= 0 each")
+        sizes = group_sizes if group_sizes is not None else [group_size] * len(distinct)
+        prompt_ids = [ids for ids, g in zip(distinct, sizes) for _ in range(g)]
+        n = len(prompt_ids)
+        src = torch.repeat_interleave(torch.arange(len(distinct)), torch.tensor(sizes, dtype=torch.long)).to(dev)  # (n,)
+        if seeds is not None:  # completion j of prompt i: key (seeds[i], j), whatever the sizes
+            keys = row_keys(seeds, max(max(sizes, default=1), 1)).view(len(distinct), -1)
+            keys = torch.cat([keys[i, :g] for i, g in enumerate(sizes)]) if n else keys.new_zeros(0)  # (n,)
+        else:
+            keys = None
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        ents: list[list[float]] = [[] for _ in range(n)]
+        truncated = [False] * n
+        rows = torch.arange(n, device=dev)  # cache row -> sequence index
         steps = row_steps = 0
+        # one prefill per distinct prompt, then its cache rows and last hidden state g_i times (group-contiguous)
+        h = out.last_hidden_state[:, -1][src]  # (n, H)
+        del out
+        if n == 0:
+            max_new_tokens = 0  # every prompt routed away: nothing to decode
+        elif group_sizes is None:
+            cache.batch_repeat_interleave(group_size)
+        else:
+            cache.batch_select_indices(src)
+        attn = attn[src]  # (n, P)
+        next_pos = positions[:, -1][src] + 1  # (n,)
         for t in range(max_new_tokens):
             logits = (h @ head_w.T).float() / temperature  # (n, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
@@ -319,6 +378,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
         group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
         entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps,
         seconds=time.perf_counter() - start_time, extra={"prefill_tokens": sum(len(p) for p in distinct)},
+        group_sizes=group_sizes, features=features,
     )
 
 

@@ -32,7 +32,7 @@ from leantune.adapters.lora import causal_lm
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
 from leantune.distributed import all_reduce_gradients, all_reduce_sum
-from leantune.rl.advantages import ADVANTAGES
+from leantune.rl.advantages import ADVANTAGES, ragged_advantages
 from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow
 from leantune.rl.bill import RLTotals, ledger_totals, rl_flops
 from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampling half of the step)
@@ -46,6 +46,7 @@ from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampli
     next_candidates,
 )
 from leantune.rl.rewards import build_rewards
+from leantune.rl.router import DifficultyRouter
 from leantune.rl.rollout import completion_logprobs, sample_groups
 from leantune.rl.selection import PromptSelector, PromptStream
 from leantune.train.session import RunSession, TrainResult
@@ -83,7 +84,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     policy's log-probs (``batch.logprobs``), as DAPO's clipping expects."""
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
-    adv = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]](torch.tensor(batch.rewards), g) if n else torch.zeros(0)
+    estimator = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]]
+    adv = ragged_advantages(estimator, torch.tensor(batch.rewards), batch.group_sizes or g) if n else torch.zeros(0)
     lengths = [len(c) for c in batch.completion_ids]
     # Overlong filtering (DAPO): a completion cut at max_new_tokens has no verdict on its ending; mask it.
     use = [not (rl.overlong_filter and t) for t in batch.truncated]
@@ -210,6 +212,12 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         "rollouts": s.rollouts, "rollouts_used": u.sequences_trained, "sampling_rounds": s.rounds,
         "prompts_skipped": s.prompts_skipped, "rollout_s": s.rollout_seconds, "step_s": dt,
     }
+    if rl.router.enabled:
+        row.update(router_prompts=s.router_prompts, router_skipped=s.router_skipped,
+                   router_rollouts_saved=s.router_rollouts_saved,
+                   router_group_size_min=min(s.router_sizes, default=None),
+                   router_group_size_max=max(s.router_sizes, default=None),
+                   router_brier=s.router_brier_sum / s.router_brier_n if s.router_brier_n else None)
     if rl.beta > 0:
         row["kl"] = u.kl
     if u.zo_rollouts:
@@ -240,13 +248,16 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     generator = torch.Generator().manual_seed(cfg.seed)
     totals = RLTotals()
     workers = _start_workers(session) if rl.rollout_workers else None
-    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers)
+    router = DifficultyRouter(rl.router, rl.group_size) if rl.router.enabled else None
+    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers, router=router)
     if session.trainer_state:  # resumed
         st = session.trainer_state
         totals = RLTotals(**st["totals"])
         stream.load_state_dict(st["stream"])
         selector.load_state_dict(st["selector"])
         generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
+        if router is not None and st.get("router"):
+            router.load_state_dict(st["router"])
         if st.get("prefetched"):  # drawn for an async step that never ran: sampled now, on the current policy
             sampler.prefetch(st["prefetched"], [pool[i]["prompt"] for i in st["prefetched"]], session.step, 0)
     bar = session.progress("rl")
@@ -267,13 +278,19 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
             if session.should_save():
                 session.save_checkpoint({"totals": dataclasses.asdict(totals), "stream": stream.state_dict(),
                                          "selector": selector.state_dict(), "generator": generator.get_state().tolist(),
-                                         "prefetched": sampler.pending})
+                                         "prefetched": sampler.pending,
+                                         **({"router": router.state_dict()} if router is not None else {})})
     finally:
         if workers is not None:
             workers.close()
     bar.close()
     extra = {"kind": "rl", "final_metrics": row, "num_layers": causal_lm(model).config.num_hidden_layers,
              "longest_prompt_tokens": longest_prompt}
+    if router is not None:
+        extra["router"] = {"rollouts_saved": totals.router_rollouts_saved, "prompts_routed": totals.router_prompts_routed,
+                           "prompts_skipped": totals.router_prompts_skipped,
+                           "brier": totals.router_brier_sum / totals.router_brier_n if totals.router_brier_n else None,
+                           "layer": rl.router.layer, "fixed_group_size": rl.group_size}
     if workers is not None:
         extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
                                     "adapter_bytes_sent": sampler.bytes_sent, "adapter_sync_s": sampler.sync_seconds,
