@@ -406,7 +406,8 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log pi(completion token | prefix) for B sequences, with gradient: (logps, entropy, mask), each (B, T).
 
     Only the hidden states that predict completion tokens reach the LM head (`linear_token_logprobs`,
@@ -416,6 +417,9 @@ def completion_logprobs(
     prompt goes through the decoder once (`_prompt_shared_hidden`); otherwise, or when the decoder
     checkpoints its layers (the cache it needs is dropped under checkpointing), one forward of prompt +
     completion per sequence (`_joint_hidden`). Both give the same values and gradients (tested).
+
+    ``grad_stats``: also the norm of d log pi / d logits at each token (`logit_grad_norm`), and the entropy
+    *with* gradient (`linear_token_stats`, chunked): returns (logps, entropy, mask, grad_norm), each (B, T).
     """
     from leantune.losses import linear_token_logprobs
 
@@ -438,10 +442,19 @@ def completion_logprobs(
         hidden = _joint_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, L, H)
         starts = torch.tensor([len(prompt_ids[i]) - 1 for i in rows.tolist()], dtype=torch.long, device=dev)
         picked = hidden[rows, starts + cols]  # (K, H): position len(p) + j - 1 predicts completion token j
-    lp, ent = linear_token_logprobs(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)  # (K,)
+    if grad_stats:
+        from leantune.losses.token_entropy import linear_token_stats, logit_grad_norm
+
+        lp, ent, sumsq = linear_token_stats(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)
+    else:
+        lp, ent = linear_token_logprobs(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)  # (K,)
+        ent = ent.detach()
     logps = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), lp)  # (B, T)
-    entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent.detach())
+    entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent)
     mask = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), torch.ones_like(lp.detach()))
+    if grad_stats:
+        gnorm = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), logit_grad_norm(lp, sumsq))
+        return logps, entropy, mask, gnorm
     return logps, entropy, mask
 
 

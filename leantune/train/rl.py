@@ -33,7 +33,7 @@ from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
 from leantune.distributed import all_reduce_gradients, all_reduce_sum
 from leantune.rl.advantages import ADVANTAGES, ragged_advantages
-from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow
+from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow, entropy_gradient_penalty
 from leantune.rl.bill import RLTotals, ledger_totals, rl_flops
 from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampling half of the step)
     Batch,
@@ -62,6 +62,7 @@ class UpdateStats:
     loss: float = 0.0
     clip_fraction: float = 0.0
     kl: float = 0.0
+    entropy_grad_corr: float | None = None  # rl.entropy_reg > 0: mean per-completion corr(entropy, logit-grad norm)
     grad_norm: float = 0.0
     sequences_trained: int = 0
     tokens_trained: int = 0
@@ -104,10 +105,11 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         return out
     device = next(iter(params)).device
 
-    def logps_of(idx, grad: bool):
+    def logps_of(idx, grad: bool, grad_stats: bool = False):
         with contextlib.nullcontext() if grad else torch.no_grad():
             return completion_logprobs(model, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
-                                       pad_id=pad_id, temperature=rl.temperature, chunk_size=chunk_size)
+                                       pad_id=pad_id, temperature=rl.temperature, chunk_size=chunk_size,
+                                       grad_stats=grad_stats)
 
     ref = {}
     if rl.beta > 0:  # the reference: this model with its adapter disabled
@@ -123,9 +125,13 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     for _ in range(rl.updates_per_batch):
         step_loss = 0.0
         for k, idx in mine:
-            logps, _, mask = logps_of(idx, grad=True)
+            logps, entropy, mask, *gnorm = logps_of(idx, grad=True, grad_stats=rl.entropy_reg > 0)
             loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
                                epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
+            if rl.entropy_reg > 0:  # CorR-PO-style term (arXiv 2605.17770), on top of whichever loss
+                reg = entropy_gradient_penalty(entropy, gnorm[0], mask, window=window)
+                loss = loss + rl.entropy_reg * reg
+                st = {**st, "entropy_grad_corr": float(reg.detach()) * window.num_sequences / len(idx)}
             loss.backward()
             step_loss += float(loss.detach())
             for key, v in st.items():
@@ -143,6 +149,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     denom = len(active) * rl.updates_per_batch
     out.clip_fraction = stats_acc.get("clip_ratio/region_mean", 0.0) / denom
     out.kl = stats_acc.get("kl", 0.0) / denom if rl.beta > 0 else 0.0
+    if rl.entropy_reg > 0:
+        out.entropy_grad_corr = stats_acc.get("entropy_grad_corr", 0.0) / denom
     return out
 
 
@@ -220,6 +228,8 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
                    router_brier=s.router_brier_sum / s.router_brier_n if s.router_brier_n else None)
     if rl.beta > 0:
         row["kl"] = u.kl
+    if u.entropy_grad_corr is not None:
+        row["entropy_grad_corr"] = u.entropy_grad_corr
     if u.zo_rollouts:
         row.update(zo_reward_plus=u.zo_reward_plus, zo_reward_minus=u.zo_reward_minus, zo_rollouts=u.zo_rollouts)
     return row
