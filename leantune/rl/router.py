@@ -8,7 +8,7 @@ worth, before decoding any of them:
   prefill the rollout runs anyway (`sample_groups(..., route=...)`: a forward hook on that layer during the
   prefill only; no second forward);
 - the probe is L2-regularised logistic regression on standardised features, refitted after every sampling
-  round by Newton's method (IRLS) on a bounded buffer of the latest prompts' outcomes: each prompt's
+  round by Newton's method (IRLS, from zero) on a bounded buffer of the latest prompts' outcomes: each prompt's
   group contributes k correct out of n samples, i.e. n Bernoulli observations (`fit_logistic`);
 - a prompt predicted solved (p >= `skip_solved`) or hopeless (p <= `skip_hopeless`) gets 0 samples (a
   fraction `explore` of them still gets `min_group_size`, seeded, so the probe keeps seeing both ends); the
@@ -199,8 +199,9 @@ class DifficultyRouter:
         x = torch.tensor(self.feats, dtype=torch.float64)  # (N, D)
         self.mean, self.std = x.mean(0), x.std(0, correction=0).clamp(min=1e-6)
         z = (x - self.mean) / self.std
-        self.w = fit_logistic(z, torch.tensor(self.k), torch.tensor(self.n), l2=self.cfg.l2,
-                              steps=self.cfg.newton_steps, init=self.w)
+        # from zero, not warm-started: the probe is a function of the buffer alone, so a resumed run refits
+        # exactly the probe the interrupted one had
+        self.w = fit_logistic(z, torch.tensor(self.k), torch.tensor(self.n), l2=self.cfg.l2, steps=self.cfg.newton_steps)
 
     def state_dict(self) -> dict:
         return {"feats": self.feats, "k": self.k, "n": self.n, "seen": self.seen}
@@ -209,4 +210,4 @@ class DifficultyRouter:
         self.feats, self.k, self.n, self.seen = [list(r) for r in state["feats"]], list(state["k"]), list(state["n"]), int(state["seen"])
         self.w = None
         if self.k:
-            self._fit()  # deterministic in the buffer: the refit gives the saved probe back
+            self._fit()  # a function of the buffer: the refit gives the saved probe back
