@@ -20,6 +20,10 @@ passes through the decoder once per distinct prompt, its keys and values are ind
 completion (autograd sums their gradients back), and only the completion tokens run per sequence. With
 prompts about as long as completions, as in the bundled tasks, that halves the update's compute.
 
+With ``route`` (`rl.router`) the group size is chosen per prompt right after that prefill, from a middle
+layer's hidden state at the prompt's last token (a forward hook on the prefill only), and the cache rows
+are indexed out g_i times instead (0: the prompt is not decoded at all).
+
 Layout: prompts p_0..p_{n-1} -> N = n * G sequences, group-contiguous (sequence j is completion j % G of
 prompt j // G), the layout `leantune.rl.advantages` expects.
 

@@ -4,14 +4,17 @@ One step, as the loop below reads:
 
 1. pick prompts: a seeded stream over the pool, skipping prompts the selector says are stale (their last
    groups were all solved or all failed; HIVE, arXiv 2603.25184), optionally keeping the highest-entropy ones;
-2. sample G completions per prompt with a KV cache, each stopping as soon as its answer is closed;
+2. sample G completions per prompt with a KV cache, each stopping as soon as its answer is closed; with
+   `rl.router` on, a probe on the prefill's middle-layer state sets each prompt's own group size (0: skipped;
+   arXiv 2511.03808, ``leantune.rl.router``) and learns from the outcomes;
 3. score them (the task's verifier plus weighted extra terms, ``leantune.rl.rewards.REWARDS``);
 4. dynamic sampling: drop groups whose rewards are all equal, sample more prompts until the batch holds
    `rl.prompts_per_step` groups or `rl.max_sampling_rounds` is reached (DAPO, arXiv 2503.14476);
 5. advantages per group, overlong completions masked out, then `rl.updates_per_batch` optimizer steps of the
    policy loss (``POLICY_LOSSES``, each reducing by its own rule over the step's ``PolicyWindow``) over
    micro-batches -- completions with zero advantage are skipped when there is no KL term (they carry no
-   gradient). An optimizer that needs no backward (``optim.name: mezo``) instead takes one zeroth-order step on
+   gradient). `rl.entropy_reg` adds an entropy / logit-gradient correlation term to the loss (after arXiv
+   2605.17770, ``entropy_gradient_penalty``). An optimizer that needs no backward (``optim.name: mezo``) instead takes one zeroth-order step on
    the reward itself (`zeroth_order_update`).
 
 The KL reference is the same model with the adapter disabled (never a second copy). Checkpoints hold the
