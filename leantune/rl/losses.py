@@ -219,7 +219,7 @@ def entropy_gradient_correlation(entropy: torch.Tensor, grad_norm: torch.Tensor,
 
     >>> h = torch.tensor([[1.0, 2.0, 3.0, 0.0]]); g = torch.tensor([[3.0, 2.0, 1.0, 9.0]])
     >>> entropy_gradient_correlation(h, g, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-    tensor([-1.0000])
+    tensor([-1.])
     """
     mask = mask.to(entropy.dtype)
     n = mask.sum(-1)  # (B,)
