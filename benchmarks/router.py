@@ -150,7 +150,9 @@ def main() -> None:
     p.add_argument("--skip-hopeless", type=float, default=0.1)
     p.add_argument("--explore", type=float, default=0.1)
     p.add_argument("--l2", type=float, default=1.0)
-    p.add_argument("--only", default="selection,router")
+    p.add_argument("--only", default="selection,router",
+                   help="arms to run, in order; one arm per process lets both run side by side on a shared machine")
+    p.add_argument("--no-start-eval", action="store_true", help="skip the SFT start's accuracy (another process measures it)")
     a = p.parse_args()
     spec = {"quick": a.quick, "work_dir": a.work_dir, "steps": 2 if a.quick else a.steps,
             "sft_steps": 2 if a.quick else a.sft_steps, "group_size": a.group_size, "prompts_per_step": a.prompts_per_step,
@@ -169,10 +171,12 @@ def main() -> None:
     sft = prepare_sft(spec)
     from leantune.eval.evaluate import load_for_eval
 
-    model, tok = load_for_eval(sft["dir"])
-    start = accuracy(model, tok, spec)
-    del model
-    log(f"SFT start: accuracy {start['accuracy']:.3f}")
+    start = None
+    if not a.no_start_eval:
+        model, tok = load_for_eval(sft["dir"])
+        start = accuracy(model, tok, spec)
+        del model
+        log(f"SFT start: accuracy {start['accuracy']:.3f}")
     arms = {}
     for name in a.only.split(","):
         log(f"arm {name}: {spec['steps']} updates")
