@@ -85,6 +85,38 @@ def accuracy(model, tok, spec) -> dict:
     return {k: acc[k] for k in ("accuracy", "correct", "problems", "eval_seconds")}
 
 
+# ------------------------------------------------------------------------------------------------
+# --toy: a task a random tiny model has headroom on, so the whole mechanism runs in minutes on a busy CPU
+
+TOY_WORDS = ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss", "rice",
+             "gold", "iron", "wool", "milk", "sand", "fern", "clay"]
+
+
+def digit_reward(prompts, completions, **kw) -> list[float]:
+    """1.0 when the completion contains a digit (the toy task's verifier)."""
+    return [1.0 if any(ch.isdigit() for ch in c) else 0.0 for c in completions]
+
+
+def toy_prompts(split: str) -> list[dict]:
+    """Distinct prompts: 'Tell me about A and B.' over word pairs; train and test are disjoint pairs."""
+    pairs = [(a, b) for i, a in enumerate(TOY_WORDS) for b in TOY_WORDS[i + 1:]]
+    rows = [{"prompt": f"Tell me about {a} and {b}."} for a, b in pairs]
+    return rows[::5] if split == "test" else [r for i, r in enumerate(rows) if i % 5]
+
+
+def toy_accuracy(model, tok, spec) -> dict:
+    """Held-out sampled pass@1: the mean toy reward of 8 seeded samples per test prompt."""
+    from leantune.rl.rollout import sample_groups
+
+    rows = toy_prompts("test")
+    t0 = time.perf_counter()
+    ro = sample_groups(model, tok, [r["prompt"] for r in rows], group_size=8, max_new_tokens=spec["max_new_tokens"],
+                       seeds=list(range(len(rows))))
+    r = digit_reward(None, ro.texts)
+    return {"accuracy": sum(r) / len(r), "correct": int(sum(r)), "problems": len(r), "eval_seconds": time.perf_counter() - t0,
+            "kind": "sampled pass@1, 8 seeded samples per held-out prompt"}
+
+
 def run_arm(name: str, spec: dict, sft: dict) -> dict:
     from leantune.config import recipe_from_dict
     from leantune.train.rl import train_rl
@@ -106,6 +138,14 @@ def run_arm(name: str, spec: dict, sft: dict) -> dict:
                "prompts_per_step": spec["prompts_per_step"], "max_new_tokens": spec["max_new_tokens"],
                "num_prompts": spec["num_prompts"], "max_sampling_rounds": 3, "router": router},
     }
+    if spec["toy"]:
+        data = Path(spec["work_dir"]) / "toy_train.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in toy_prompts("train")))
+        raw["model"] = {"path": str(Path(spec["work_dir"]) / "tiny"), "dtype": "float32"}
+        raw["data"]["train"] = str(data)
+        # every toy completion is cut at max_new_tokens: overlong filtering would mask them all
+        raw["rl"].update(task=None, rewards={"benchmarks.router:digit_reward": 1.0}, init=None, overlong_filter=False)
+        raw["adapter"]["target_modules"] = ["q_proj", "v_proj", "down_proj"]
     recipe = recipe_from_dict(raw)
     run_dir = Path(raw["train"]["output_dir"])
     if run_dir.exists():  # an arm is measured afresh every time (the SFT start is what is cached)
@@ -128,7 +168,7 @@ def run_arm(name: str, spec: dict, sft: dict) -> dict:
                         for r in rows]}
     if tot["router_brier_n"]:
         out["router"]["brier"] = tot["router_brier_sum"] / tot["router_brier_n"]
-    out["final"] = accuracy(result.model, result.tokenizer, spec)
+    out["final"] = (toy_accuracy if spec["toy"] else accuracy)(result.model, result.tokenizer, spec)
     return out
 
 
@@ -136,6 +176,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model (a smoke check: accuracy stays 0)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--toy", action="store_true",
+                   help="tiny random model on a toy verifier (does the completion hold a digit?) it has headroom on; "
+                        "no SFT; accuracy = held-out sampled pass@1")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench_router"))
     p.add_argument("--steps", type=int, default=8, help="policy updates per arm")
     p.add_argument("--sft-steps", type=int, default=20)
@@ -154,7 +197,7 @@ def main() -> None:
                    help="arms to run, in order; one arm per process lets both run side by side on a shared machine")
     p.add_argument("--no-start-eval", action="store_true", help="skip the SFT start's accuracy (another process measures it)")
     a = p.parse_args()
-    spec = {"quick": a.quick, "work_dir": a.work_dir, "steps": 2 if a.quick else a.steps,
+    spec = {"quick": a.quick, "toy": a.toy, "work_dir": a.work_dir, "steps": 2 if a.quick else a.steps,
             "sft_steps": 2 if a.quick else a.sft_steps, "group_size": a.group_size, "prompts_per_step": a.prompts_per_step,
             "max_new_tokens": 8 if a.quick else a.max_new_tokens, "eval_problems": 8 if a.quick else a.eval_problems,
             "lr": a.lr, "threads": a.threads, "num_prompts": 512, "warmup_prompts": 4 if a.quick else a.warmup_prompts,
@@ -168,13 +211,21 @@ def main() -> None:
     Path(a.work_dir).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
-    sft = prepare_sft(spec)
+    if a.toy:
+        from leantune.models.tiny import save_tiny_model
+
+        tiny = Path(a.work_dir) / "tiny"
+        if not (tiny / "config.json").exists():
+            save_tiny_model(tiny, chat_template=True)
+        sft = {"dir": None, "note": "--toy: no SFT, RL starts from the random tiny model"}
+    else:
+        sft = prepare_sft(spec)
     from leantune.eval.evaluate import load_for_eval
 
     start = None
     if not a.no_start_eval:
-        model, tok = load_for_eval(sft["dir"])
-        start = accuracy(model, tok, spec)
+        model, tok = load_for_eval(str(Path(a.work_dir) / "tiny") if a.toy else sft["dir"])
+        start = (toy_accuracy if a.toy else accuracy)(model, tok, spec)
         del model
         log(f"SFT start: accuracy {start['accuracy']:.3f}")
     arms = {}
@@ -182,7 +233,8 @@ def main() -> None:
         log(f"arm {name}: {spec['steps']} updates")
         arms[name] = run_arm(name, spec, sft)
         log(f"arm {name}: rollouts {arms[name]['rollouts_generated']}, accuracy {arms[name]['final']}")
-    out = {"benchmark": "router", "mode": "quick" if a.quick else "smollm2-135m-instruct", "task": TASK,
+    out = {"benchmark": "router", "mode": "toy" if a.toy else "quick" if a.quick else "smollm2-135m-instruct",
+           "task": "toy_digit" if a.toy else TASK,
            "settings": spec, "sft": sft, "start_accuracy": start, "arms": arms,
            "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": a.threads,
