@@ -405,6 +405,31 @@ class PromptSelectionConfig(Section):
     cooldown_steps: int = Field(default=8, gt=0, description="Steps a skipped prompt sits out before it is re-admitted (the policy may have moved).")
 
 
+class RouterConfig(Section):
+    """Difficulty routing (arXiv 2511.03808): a probe on the prompt's prefill hidden state predicts P(correct) and sets
+    each prompt's group size; prompts predicted solved or hopeless are skipped."""
+
+    enabled: bool = Field(default=False, description="Route: give each prompt its own group size from the probe's prediction.")
+    layer: int | None = Field(default=None, ge=0, description="Decoder layer whose output (prompt's last token) feeds the probe; null: the middle layer (num_layers // 2).")
+    min_group_size: int = Field(default=2, ge=2, description="Fewest samples a routed prompt gets (a group of 1 has no advantage).")
+    max_group_size: int = Field(default=16, ge=2, description="Most samples an uncertain prompt gets.")
+    skip_solved: float = Field(default=0.9, gt=0, le=1, description="Skip prompts with predicted P(correct) at or above this.")
+    skip_hopeless: float = Field(default=0.1, ge=0, lt=1, description="Skip prompts with predicted P(correct) at or below this.")
+    explore: float = Field(default=0.1, ge=0, le=1, description="Share of would-be-skipped prompts sampled anyway (min_group_size), so the probe keeps seeing both ends.")
+    warmup_prompts: int = Field(default=32, ge=1, description="Prompts observed (at rl.group_size each) before the router acts.")
+    l2: float = Field(default=1.0, gt=0, description="L2 penalty of the logistic probe on standardised features (larger: smoother, less overfit).")
+    newton_steps: int = Field(default=25, gt=0, description="Newton iterations per refit (converges in a handful).")
+    buffer: int = Field(default=512, gt=0, description="Most recent prompts the probe is refitted on.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_group_size > self.max_group_size:
+            raise ValueError(f"rl.router.min_group_size={self.min_group_size} > max_group_size={self.max_group_size}")
+        if self.skip_hopeless >= self.skip_solved:
+            raise ValueError(f"rl.router.skip_hopeless={self.skip_hopeless} must be below skip_solved={self.skip_solved}")
+        return self
+
+
 class RLConfig(Section):
     """RL with verifiable rewards (`leantune rl`): sample groups, score, filter, update. Steps come from `train.steps`."""
 
@@ -443,6 +468,11 @@ class RLConfig(Section):
     overlong_filter: bool = Field(default=True, description="Mask completions cut at max_new_tokens out of the loss (DAPO overlong filtering).")
     overlong_buffer: int = Field(default=16, ge=0, description="Soft overlong penalty ramp (tokens before max_new_tokens), for the `overlong` reward.")
     prompt_selection: PromptSelectionConfig = Field(default_factory=PromptSelectionConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    entropy_reg: float = Field(
+        default=0.0, ge=0,
+        description="CorR-PO-style term (arXiv 2605.17770): adds entropy_reg x the mean per-completion Pearson correlation of token entropy and logit-gradient norm to the loss (pushes it negative); 0 = off. See docs/entropy_loss.md.",
+    )
     entropy_filter: float | None = Field(
         default=None, ge=0, le=1, description="Optional: keep only this fraction of candidate prompts with the highest policy prompt entropy."
     )
@@ -478,6 +508,12 @@ class RLConfig(Section):
             check_reward_names(self.rewards, self.task)
         if self.async_rollouts and self.rollout_workers < 1:
             raise ValueError("rl.async_rollouts overlaps sampling with the update in Ray workers; set rl.rollout_workers >= 1")
+        if self.router.enabled and not (self.router.min_group_size <= self.group_size <= self.router.max_group_size):
+            raise ValueError(f"rl.router: need min_group_size <= rl.group_size <= max_group_size, got "
+                             f"{self.router.min_group_size} <= {self.group_size} <= {self.router.max_group_size}")
+        if self.router.enabled and self.rollout_workers:
+            raise ValueError("rl.router reads the prefill's hidden states in-process; set rl.rollout_workers: 0 "
+                             "or rl.router.enabled: false")
         if self.async_rollouts and self.entropy_filter is not None:
             raise ValueError("rl.async_rollouts picks the next step's prompts before this step's update; the entropy "
                              "filter needs the updated policy: set rl.entropy_filter: null or rl.async_rollouts: false")

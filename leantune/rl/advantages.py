@@ -90,6 +90,26 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return _zero_flat_groups(grouped - baseline, grouped)  # (N,)
 
 
+def ragged_advantages(estimator, rewards: torch.Tensor, group_sizes) -> torch.Tensor:
+    """Any estimator above on groups of different sizes (routed rollouts): rewards (N,) -> (N,).
+
+    ``group_sizes``: one int for all groups (the estimator as is), or one size >= 1 per group,
+    group-contiguous, summing to N. Each group is centred (and scaled) by its own statistics only, exactly as
+    the estimator does for a batch of equal groups.
+
+    >>> ragged_advantages(ADVANTAGES["dr_grpo"], torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), [2, 3])
+    tensor([ 0.5000, -0.5000,  0.3333,  0.3333, -0.6667])
+    """
+    if isinstance(group_sizes, int):
+        return estimator(rewards, group_sizes)
+    sizes = [int(n) for n in group_sizes]
+    if sum(sizes) != rewards.numel() or min(sizes, default=1) < 1:
+        raise ValueError(f"group sizes {sizes} (each >= 1) do not cover {rewards.numel()} rewards")
+    if len(set(sizes)) <= 1:  # equal groups: one batched call
+        return estimator(rewards, sizes[0]) if sizes else estimator(rewards, 1)
+    return torch.cat([estimator(part, len(part)) for part in rewards.split(sizes)])
+
+
 # name -> (rewards (N,), group_size) -> advantages (N,). Chosen once, by config, not by if/elif chains.
 ADVANTAGES = {
     "grpo": partial(group_advantages, scale="std"),

@@ -50,10 +50,12 @@ def check_prompt_lengths(pool: list[dict], tokenizer, max_length: int, where: st
     return max(lengths, default=0)
 
 
-def _fields(rows: list[dict], group_size: int) -> dict[str, list]:
-    """Reward keyword columns, each repeated group_size times (one entry per completion)."""
+def _fields(rows: list[dict], group_size: int | list[int]) -> dict[str, list]:
+    """Reward keyword columns, each repeated group_size times (one entry per completion); ``group_size`` may
+    be one size per row (routed groups)."""
+    sizes = group_size if isinstance(group_size, list) else [group_size] * len(rows)
     keys = sorted({k for r in rows for k in r if k != "prompt"})
-    return {k: [r.get(k) for r in rows for _ in range(group_size)] for k in keys}
+    return {k: [r.get(k) for r, g in zip(rows, sizes) for _ in range(g)] for k in keys}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +84,12 @@ class SamplingStats:
     entropy_filtered: int = 0
     prompt_tokens: int = 0  # the prompt of every rollout, kept or dropped
     prefill_tokens: int = 0  # what the prefill ran: each distinct prompt once
+    router_prompts: int = 0  # prompts the router sized (after its warm-up)
+    router_skipped: int = 0  # of those, given 0 samples
+    router_rollouts_saved: int = 0  # rl.group_size x prompts routed - rollouts they got (can be < 0 by rounding)
+    router_brier_sum: float = 0.0  # probe calibration on fresh outcomes, before its refit: sum of (p - y)^2
+    router_brier_n: int = 0  # completions scored
+    router_sizes: list[int] = field(default_factory=list)  # the group size the router gave each routed prompt
 
 
 class Sampler:
@@ -95,9 +103,10 @@ class Sampler:
     the next step's first round on the workers before this step's update (`rl.async_rollouts`).
     """
 
-    def __init__(self, model, tokenizer, rl: RLConfig, task, *, seed: int, dist=None, pool=None):
+    def __init__(self, model, tokenizer, rl: RLConfig, task, *, seed: int, dist=None, pool=None, router=None):
         self.model, self.tokenizer, self.rl, self.task, self.seed = model, tokenizer, rl, task, seed
         self.dist, self.pool = dist, pool
+        self.router = router  # a DifficultyRouter (rl.router.enabled): group sizes from the prefill
         self.weights = None
         self.bytes_sent = 0
         self.sync_seconds = 0.0  # putting the adapter into the object store + the workers fetching and loading it
@@ -157,9 +166,14 @@ class Sampler:
 
     def _local(self, prompts: list[str], seeds: list[int]) -> Rollouts:
         if not prompts:
-            return Rollouts(self.rl.group_size, [], [], [], [], [], [])
+            return Rollouts(self.rl.group_size, [], [], [], [], [], [], group_sizes=[] if self.router else None)
+        route = None
+        if self.router is not None:
+            def route(features, seeds=seeds):
+                return self.router.route(features, seeds)
         return sample_groups(self.model, self.tokenizer, prompts, seeds=seeds,
-                             is_complete=getattr(self.task, "is_complete", None), **self._kwargs())
+                             is_complete=getattr(self.task, "is_complete", None), route=route,
+                             route_layer=self.rl.router.layer, **self._kwargs())
 
 
 @dataclass
@@ -175,6 +189,7 @@ class Batch:
     stats: SamplingStats = field(default_factory=SamplingStats)
     logprobs: list[list[float]] = field(default_factory=list)  # the sampling policy's token log-probs
     rows: list[dict] = field(default_factory=list)  # the prompt row of each kept group (prompt + reward fields)
+    group_sizes: list[int] = field(default_factory=list)  # completions of each kept group (rl.group_size unless routed)
 
 
 def next_candidates(stream, selector, want: int, step: int, stats: SamplingStats | None = None) -> list[int]:
@@ -194,12 +209,15 @@ def next_candidates(stream, selector, want: int, step: int, stats: SamplingStats
 
 
 def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_fn, rl: RLConfig, step: int) -> Batch:
-    """Sample until `rl.prompts_per_step` informative groups are kept or the rounds run out."""
-    g = rl.group_size
+    """Sample until `rl.prompts_per_step` informative groups are kept or the rounds run out. With a router on
+    the sampler, each prompt's group size is the router's (0: not sampled); it then learns from the outcomes."""
+    g, router = rl.group_size, sampler.router
     keep, s = Batch([], [], [], [], [], []), SamplingStats()
-    while len(keep.rewards) < rl.prompts_per_step * g and s.rounds < rl.max_sampling_rounds:
-        need = rl.prompts_per_step - len(keep.rewards) // g
+    while len(keep.rows) < rl.prompts_per_step and s.rounds < rl.max_sampling_rounds:
+        need = rl.prompts_per_step - len(keep.rows)
         want = need if rl.entropy_filter is None else max(need, math.ceil(need / rl.entropy_filter))
+        if router is not None:  # the router will skip some: draw more candidates (prefill only, no decode)
+            want = math.ceil(want * router.draw_factor())
         pre = sampler.take(step) if s.rounds == 0 else None
         cand = pre[0] if pre else next_candidates(stream, selector, want, step, s)
         if pre:
@@ -212,11 +230,16 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
             s.entropy_filtered += len(cand) - len(kept_idx)
             cand = [cand[j] for j in kept_idx]
         rows = [pool[i] for i in cand]
+        routed = router is not None and router.active
         ro = pre[1] if pre else sampler([r["prompt"] for r in rows], step, s.rounds)
-        prompts, fields = [r["prompt"] for r in rows for _ in range(g)], _fields(rows, g)
-        rewards = [float(x) for x in reward_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
-        correct = [x > 0 for x in correct_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
-        informative = informative_groups(rewards, g)
+        sizes = ro.sizes(len(rows))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        prompts, fields = [r["prompt"] for r, n in zip(rows, sizes) for _ in range(n)], _fields(rows, sizes)
+        if ro.completion_ids:
+            rewards = [float(x) for x in reward_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
+            correct = [x > 0 for x in correct_fn(prompts, ro.texts, completion_ids=ro.completion_ids, **fields)]
+        else:
+            rewards, correct = [], []
         s.rounds += 1
         s.rollouts += len(ro)
         s.tokens_generated += ro.tokens_generated
@@ -224,32 +247,44 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.prefill_tokens += ro.extra.get("prefill_tokens", 0)
         s.rollout_seconds += ro.seconds
         s.decode_steps += ro.decode_steps
-        s.groups += len(cand)
+        s.groups += sum(n > 0 for n in sizes)
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)
         s.reward_sum += sum(rewards)
         s.reward_sq += sum(r * r for r in rewards)
         s.correct += sum(correct)
-        for gi, idx in enumerate(cand):
-            sl = slice(gi * g, (gi + 1) * g)
-            n_ok = sum(correct[sl])
-            s.pass_at_k_sum += pass_at_k(g, n_ok, g)
-            selector.observe(idx, n_ok / g, step)
+        if routed:
+            s.router_prompts += len(sizes)
+            s.router_skipped += sum(n == 0 for n in sizes)
+            s.router_rollouts_saved += g * len(sizes) - sum(sizes)
+            s.router_sizes += sizes
+        sampled = [gi for gi, n in enumerate(sizes) if n > 0]
+        n_ok = {gi: sum(correct[starts[gi] : starts[gi] + sizes[gi]]) for gi in sampled}
+        if router is not None and sampled:
+            b_sum, b_n = router.observe(ro.features[sampled], [n_ok[gi] for gi in sampled], [sizes[gi] for gi in sampled])
+            if routed:  # calibration counts once the probe acts (before, it was 0.5 or still warming up)
+                s.router_brier_sum += b_sum
+                s.router_brier_n += b_n
+        informative = dict(zip(sampled, informative_groups(rewards, [sizes[gi] for gi in sampled])))
+        for gi in sampled:
+            idx, n = cand[gi], sizes[gi]
+            sl = slice(starts[gi], starts[gi] + n)
+            s.pass_at_k_sum += pass_at_k(n, n_ok[gi], min(g, n))
+            selector.observe(idx, n_ok[gi] / n, step)
             if not informative[gi]:
                 s.zero_variance_groups += 1
                 if rl.dynamic_sampling:
                     continue
-            if len(keep.rewards) >= rl.prompts_per_step * g:
-                continue  # batch already full (the entropy filter can overshoot by rounding)
+            if len(keep.rows) >= rl.prompts_per_step:
+                continue  # batch already full (the entropy filter or the router's over-draw can overshoot)
             for name in ("prompt_ids", "completion_ids", "truncated", "texts", "logprobs"):
                 getattr(keep, name).extend(getattr(ro, name)[sl])
             keep.rewards += rewards[sl]
             keep.correct += correct[sl]
             keep.rows.append(rows[gi])
+            keep.group_sizes.append(n)
         if not rl.dynamic_sampling:
             break  # one round: every sampled group is trained on
     keep.stats = s
     return keep
-
-

@@ -23,6 +23,11 @@ class RLTotals:
     overlong_rollouts_masked: int = 0
     early_stop_tokens_saved: int = 0
     entropy_filter_rollouts_saved: int = 0
+    router_rollouts_saved: int = 0  # rl.group_size x prompts routed - rollouts the router gave them
+    router_prompts_routed: int = 0
+    router_prompts_skipped: int = 0
+    router_brier_sum: float = 0.0  # probe calibration on fresh outcomes (sum of (p - y)^2 over completions)
+    router_brier_n: int = 0
     prompt_tokens: int = 0  # of every rollout generated
     prefill_tokens: int = 0  # what the prefill ran
     update_tokens: int = 0
@@ -49,6 +54,11 @@ class RLTotals:
         self.zero_variance_rollouts_dropped += s.zero_variance_groups * g if rl.dynamic_sampling else 0
         self.prompt_selection_rollouts_saved += s.prompts_skipped * g
         self.entropy_filter_rollouts_saved += s.entropy_filtered * g
+        self.router_rollouts_saved += s.router_rollouts_saved
+        self.router_prompts_routed += s.router_prompts
+        self.router_prompts_skipped += s.router_skipped
+        self.router_brier_sum += s.router_brier_sum
+        self.router_brier_n += s.router_brier_n
         self.overlong_rollouts_masked += u.overlong_masked
         self.early_stop_tokens_saved += s.rollouts * rl.max_new_tokens - s.tokens_generated
 

@@ -208,6 +208,39 @@ def dr_grpo_loss(
     return loss, stats
 
 
+def entropy_gradient_correlation(entropy: torch.Tensor, grad_norm: torch.Tensor, mask: torch.Tensor,
+                                 eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation, within each completion, of token entropy H_t and logit-gradient norm
+    |d log pi(y_t) / d z_t|_2 over its real tokens: (B, T) x3 -> (B,), differentiable in both.
+
+    The "entropy-gradient inversion" of arXiv 2605.17770 is this correlation turning negative in reasoning
+    models. A completion with fewer than 3 real tokens (two points always correlate +-1) gets exactly 0;
+    ``eps`` keeps a constant series finite (correlation 0 there).
+
+    >>> h = torch.tensor([[1.0, 2.0, 3.0, 0.0]]); g = torch.tensor([[3.0, 2.0, 1.0, 9.0]])
+    >>> entropy_gradient_correlation(h, g, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    tensor([-1.])
+    """
+    mask = mask.to(entropy.dtype)
+    n = mask.sum(-1)  # (B,)
+    mu_h = (entropy * mask).sum(-1) / n.clamp(min=1.0)  # (B,)
+    mu_g = (grad_norm * mask).sum(-1) / n.clamp(min=1.0)
+    dh = (entropy - mu_h[:, None]) * mask  # (B, T)
+    dg = (grad_norm - mu_g[:, None]) * mask
+    rho = (dh * dg).sum(-1) * torch.rsqrt((dh * dh).sum(-1) * (dg * dg).sum(-1) + eps)  # (B,)
+    return torch.where(n >= 3, rho, torch.zeros_like(rho))
+
+
+def entropy_gradient_penalty(entropy: torch.Tensor, grad_norm: torch.Tensor, mask: torch.Tensor, *,
+                             window: PolicyWindow | None = None) -> torch.Tensor:
+    """The CorR-PO-style regularizer leantune adds to any policy loss (times `rl.entropy_reg`): the mean over
+    the step's completions of their entropy / logit-gradient correlation, sum_i rho_i / window.num_sequences
+    (this micro-batch's B without a window). Minimising it pushes the correlation negative, towards the
+    inversion arXiv 2605.17770 associates with stronger reasoning. (B, T) x3 -> ()."""
+    rho = entropy_gradient_correlation(entropy, grad_norm, mask)  # (B,)
+    return rho.sum() / (window.num_sequences if window is not None else max(1, rho.numel()))
+
+
 # name (TRL's loss_type) -> loss function; all take (logps, old_logps, advantages, mask, *, epsilon_low,
 # epsilon_high, beta, ref_logps, bias_correction_kl, window) and reduce by their own rule.
 POLICY_LOSSES = {"grpo": grpo_loss, "dapo": dapo_loss, "dr_grpo": dr_grpo_loss}

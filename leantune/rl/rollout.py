@@ -20,6 +20,10 @@ passes through the decoder once per distinct prompt, its keys and values are ind
 completion (autograd sums their gradients back), and only the completion tokens run per sequence. With
 prompts about as long as completions, as in the bundled tasks, that halves the update's compute.
 
+With ``route`` (`rl.router`) the group size is chosen per prompt right after that prefill, from a middle
+layer's hidden state at the prompt's last token (a forward hook on the prefill only), and the cache rows
+are indexed out g_i times instead (0: the prompt is not decoded at all).
+
 Layout: prompts p_0..p_{n-1} -> N = n * G sequences, group-contiguous (sequence j is completion j % G of
 prompt j // G), the layout `leantune.rl.advantages` expects.
 
@@ -61,6 +65,12 @@ class Rollouts:
     seconds: float = 0.0
     row_steps: int = 0  # sum over decode steps of the rows still running (= tokens generated)
     extra: dict = field(default_factory=dict)
+    group_sizes: list[int] | None = None  # per prompt, when routed (`route`); 0 = not sampled. None: group_size each
+    features: torch.Tensor | None = None  # (n_p, H) the routing layer's prefill hidden state per prompt, when routed
+
+    def sizes(self, n_prompts: int) -> list[int]:
+        """Completions per prompt (group-contiguous): ``group_sizes`` when routed, else group_size each."""
+        return list(self.group_sizes) if self.group_sizes is not None else [self.group_size] * n_prompts
 
     @property
     def tokens_generated(self) -> int:
@@ -210,6 +220,8 @@ def sample_groups(
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     fold_adapter: bool = True,
+    route: Callable[[torch.Tensor], Sequence[int]] | None = None,
+    route_layer: int | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -220,6 +232,10 @@ def sample_groups(
     ``seeds``: one int per prompt; completion j of prompt i then draws from its own stream, fixed by
     (seeds[i], j) (`row_keys`), so its tokens do not depend on the rest of the batch or on the worker
     that samples it (up to float rounding of batched matmuls); ``generator`` is then unused.
+    ``route``: decide each prompt's group size after the prefill: it gets the output of decoder layer
+    ``route_layer`` (default the middle one) at each prompt's last token, (n_p, H) fp32, captured by a forward
+    hook during the prefill only, and returns one size per prompt (0 = not sampled); ``group_size`` is then
+    unused and the rollouts carry ``group_sizes`` and ``features``.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
@@ -228,11 +244,40 @@ def sample_groups(
     with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
         return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
-                              generator=generator, seeds=seeds)
+                              generator=generator, seeds=seeds, route=route, route_layer=route_layer)
+
+
+def decoder_layers(decoder) -> torch.nn.ModuleList:
+    """The decoder's block list (``decoder.layers`` for Llama/Qwen/Mistral-style models)."""
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(decoder).__name__} has no `layers` ModuleList: rl.router cannot read a middle layer")
+    return layers
+
+
+@contextlib.contextmanager
+def _last_token_capture(decoder, layer: int | None):
+    """Record the output of decoder layer ``layer`` (default: the middle one) at the last position of each row,
+    (n, H) fp32, in ``box[0]``, for the forwards run inside the block."""
+    layers = decoder_layers(decoder)
+    idx = len(layers) // 2 if layer is None else layer
+    if not 0 <= idx < len(layers):
+        raise ValueError(f"rl.router.layer={layer}: the decoder has {len(layers)} layers (0..{len(layers) - 1})")
+    box: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        hs = output[0] if isinstance(output, tuple) else output  # (n, P, H)
+        box.append(hs[:, -1].detach().float().clone())
+
+    handle = layers[idx].register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
 def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature, top_p, stop, is_complete,
-                   generator, seeds) -> Rollouts:
+                   generator, seeds, route=None, route_layer=None) -> Rollouts:
     start_time = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -244,8 +289,6 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
     dev = head_w.device
 
     distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
-    prompt_ids = [ids for ids in distinct for _ in range(group_size)]
-    n = len(prompt_ids)
     width = max(len(p) for p in distinct)
     input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
     attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
@@ -254,24 +297,44 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
         attn[i, width - len(ids):] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
 
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    ents: list[list[float]] = [[] for _ in range(n)]
-    truncated = [False] * n
-    rows = torch.arange(n, device=dev)  # cache row -> sequence index
-    keys = row_keys(seeds, group_size) if seeds is not None else None  # (n,) per-row stream keys
     cache = DynamicCache()
     cache_kw = _cache_kwarg(decoder)
+    features, group_sizes = None, None
     try:
-        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
-                      **{cache_kw: cache})
-        # one prefill per distinct prompt, then its cache rows and last hidden state G times (group-contiguous)
-        h = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)  # (n, H)
-        del out
-        cache.batch_repeat_interleave(group_size)
-        attn = attn.repeat_interleave(group_size, dim=0)  # (n, P)
-        next_pos = positions[:, -1].repeat_interleave(group_size) + 1  # (n,)
+        with _last_token_capture(decoder, route_layer) if route is not None else contextlib.nullcontext() as box:
+            out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                          **{cache_kw: cache})
+        if route is not None:  # the prefill's middle-layer state decides each prompt's group size
+            features = box[0]  # (n_p, H)
+            group_sizes = [int(s) for s in route(features)]
+            if len(group_sizes) != len(distinct) or min(group_sizes, default=0) < 0:
+                raise ValueError(f"route returned {group_sizes} for {len(distinct)} prompts: one size >= 0 each")
+        sizes = group_sizes if group_sizes is not None else [group_size] * len(distinct)
+        prompt_ids = [ids for ids, g in zip(distinct, sizes) for _ in range(g)]
+        n = len(prompt_ids)
+        src = torch.repeat_interleave(torch.arange(len(distinct)), torch.tensor(sizes, dtype=torch.long)).to(dev)  # (n,)
+        if seeds is not None:  # completion j of prompt i: key (seeds[i], j), whatever the sizes
+            keys = row_keys(seeds, max(max(sizes, default=1), 1)).view(len(distinct), -1)
+            keys = torch.cat([keys[i, :g] for i, g in enumerate(sizes)]) if n else keys.new_zeros(0)  # (n,)
+        else:
+            keys = None
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        ents: list[list[float]] = [[] for _ in range(n)]
+        truncated = [False] * n
+        rows = torch.arange(n, device=dev)  # cache row -> sequence index
         steps = row_steps = 0
+        # one prefill per distinct prompt, then its cache rows and last hidden state g_i times (group-contiguous)
+        h = out.last_hidden_state[:, -1][src]  # (n, H)
+        del out
+        if n == 0:
+            max_new_tokens = 0  # every prompt routed away: nothing to decode
+        elif group_sizes is None:
+            cache.batch_repeat_interleave(group_size)
+        else:
+            cache.batch_select_indices(src)
+        attn = attn[src]  # (n, P)
+        next_pos = positions[:, -1][src] + 1  # (n,)
         for t in range(max_new_tokens):
             logits = (h @ head_w.T).float() / temperature  # (n, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
@@ -319,6 +382,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
         group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
         entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps,
         seconds=time.perf_counter() - start_time, extra={"prefill_tokens": sum(len(p) for p in distinct)},
+        group_sizes=group_sizes, features=features,
     )
 
 
@@ -346,7 +410,8 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log pi(completion token | prefix) for B sequences, with gradient: (logps, entropy, mask), each (B, T).
 
     Only the hidden states that predict completion tokens reach the LM head (`linear_token_logprobs`,
@@ -356,6 +421,9 @@ def completion_logprobs(
     prompt goes through the decoder once (`_prompt_shared_hidden`); otherwise, or when the decoder
     checkpoints its layers (the cache it needs is dropped under checkpointing), one forward of prompt +
     completion per sequence (`_joint_hidden`). Both give the same values and gradients (tested).
+
+    ``grad_stats``: also the norm of d log pi / d logits at each token (`logit_grad_norm`), and the entropy
+    *with* gradient (`linear_token_stats`, chunked): returns (logps, entropy, mask, grad_norm), each (B, T).
     """
     from leantune.losses import linear_token_logprobs
 
@@ -378,10 +446,19 @@ def completion_logprobs(
         hidden = _joint_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, L, H)
         starts = torch.tensor([len(prompt_ids[i]) - 1 for i in rows.tolist()], dtype=torch.long, device=dev)
         picked = hidden[rows, starts + cols]  # (K, H): position len(p) + j - 1 predicts completion token j
-    lp, ent = linear_token_logprobs(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)  # (K,)
+    if grad_stats:
+        from leantune.losses.token_entropy import linear_token_stats, logit_grad_norm
+
+        lp, ent, sumsq = linear_token_stats(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)
+    else:
+        lp, ent = linear_token_logprobs(picked, head_w, targets, chunk_size=chunk_size, temperature=temperature)  # (K,)
+        ent = ent.detach()
     logps = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), lp)  # (B, T)
-    entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent.detach())
+    entropy = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), ent)
     mask = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), torch.ones_like(lp.detach()))
+    if grad_stats:
+        gnorm = torch.zeros((b, t_max), dtype=lp.dtype, device=dev).index_put((rows, cols), logit_grad_norm(lp, sumsq))
+        return logps, entropy, mask, gnorm
     return logps, entropy, mask
 
 

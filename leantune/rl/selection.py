@@ -18,18 +18,25 @@ import random
 from collections.abc import Sequence
 
 
-def informative_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
-    """One flag per group: does it carry any learning signal (rewards not all equal)?
+def informative_groups(rewards: Sequence[float], group_size: int | Sequence[int]) -> list[bool]:
+    """One flag per group: does it carry any learning signal (rewards not all equal)? ``group_size``: one
+    size for all groups, or one per group (routed groups, each > 0), group-contiguous.
 
     >>> informative_groups([1, 0, 1, 1, 1, 1], 3)
     [True, False]
     >>> informative_groups([0.5, 0.5], 1)  # a single-sample group can never be compared
     [False, False]
+    >>> informative_groups([1, 0, 1, 1, 1, 0], [2, 3, 1])
+    [True, False, False]
     """
-    if len(rewards) % group_size:
-        raise ValueError(f"{len(rewards)} rewards is not a multiple of group_size={group_size}")
-    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
-    return [max(g) != min(g) for g in groups]
+    if isinstance(group_size, int):
+        if len(rewards) % group_size:
+            raise ValueError(f"{len(rewards)} rewards is not a multiple of group_size={group_size}")
+        group_size = [group_size] * (len(rewards) // group_size)
+    if sum(group_size) != len(rewards) or min(group_size, default=1) < 1:
+        raise ValueError(f"group sizes {list(group_size)} (each >= 1) do not cover {len(rewards)} rewards")
+    starts = [sum(group_size[:i]) for i in range(len(group_size))]
+    return [max(rewards[a : a + n]) != min(rewards[a : a + n]) for a, n in zip(starts, group_size)]
 
 
 class PromptSelector:

@@ -85,6 +85,10 @@ def merge_rollouts(parts: Sequence[Rollouts], group_size: int) -> Rollouts:
         out.decode_steps = max(out.decode_steps, ro.decode_steps)  # the workers run side by side
         out.row_steps += ro.row_steps
     out.extra["prefill_tokens"] = sum(ro.extra.get("prefill_tokens", 0) for ro in parts)
+    if any(ro.group_sizes is not None for ro in parts):  # routed (torchrun ranks): sizes and features in chunk order
+        out.group_sizes = [n for ro in parts for n in (ro.group_sizes or [])]
+        feats = [ro.features for ro in parts if ro.features is not None and len(ro.features)]
+        out.features = torch.cat(feats) if feats else None
     return out
 
 

@@ -4,14 +4,17 @@ One step, as the loop below reads:
 
 1. pick prompts: a seeded stream over the pool, skipping prompts the selector says are stale (their last
    groups were all solved or all failed; HIVE, arXiv 2603.25184), optionally keeping the highest-entropy ones;
-2. sample G completions per prompt with a KV cache, each stopping as soon as its answer is closed;
+2. sample G completions per prompt with a KV cache, each stopping as soon as its answer is closed; with
+   `rl.router` on, a probe on the prefill's middle-layer state sets each prompt's own group size (0: skipped;
+   arXiv 2511.03808, ``leantune.rl.router``) and learns from the outcomes;
 3. score them (the task's verifier plus weighted extra terms, ``leantune.rl.rewards.REWARDS``);
 4. dynamic sampling: drop groups whose rewards are all equal, sample more prompts until the batch holds
    `rl.prompts_per_step` groups or `rl.max_sampling_rounds` is reached (DAPO, arXiv 2503.14476);
 5. advantages per group, overlong completions masked out, then `rl.updates_per_batch` optimizer steps of the
    policy loss (``POLICY_LOSSES``, each reducing by its own rule over the step's ``PolicyWindow``) over
    micro-batches -- completions with zero advantage are skipped when there is no KL term (they carry no
-   gradient). An optimizer that needs no backward (``optim.name: mezo``) instead takes one zeroth-order step on
+   gradient). `rl.entropy_reg` adds an entropy / logit-gradient correlation term to the loss (after arXiv
+   2605.17770, ``entropy_gradient_penalty``). An optimizer that needs no backward (``optim.name: mezo``) instead takes one zeroth-order step on
    the reward itself (`zeroth_order_update`).
 
 The KL reference is the same model with the adapter disabled (never a second copy). Checkpoints hold the
@@ -32,8 +35,8 @@ from leantune.adapters.lora import causal_lm
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
 from leantune.distributed import all_reduce_gradients, all_reduce_sum
-from leantune.rl.advantages import ADVANTAGES
-from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow
+from leantune.rl.advantages import ADVANTAGES, ragged_advantages
+from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow, entropy_gradient_penalty
 from leantune.rl.bill import RLTotals, ledger_totals, rl_flops
 from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampling half of the step)
     Batch,
@@ -46,6 +49,7 @@ from leantune.rl.batch import (  # noqa: F401  (Batch, collect_batch: the sampli
     next_candidates,
 )
 from leantune.rl.rewards import build_rewards
+from leantune.rl.router import DifficultyRouter
 from leantune.rl.rollout import completion_logprobs, sample_groups
 from leantune.rl.selection import PromptSelector, PromptStream
 from leantune.train.session import RunSession, TrainResult
@@ -61,6 +65,7 @@ class UpdateStats:
     loss: float = 0.0
     clip_fraction: float = 0.0
     kl: float = 0.0
+    entropy_grad_corr: float | None = None  # rl.entropy_reg > 0: mean per-completion corr(entropy, logit-grad norm)
     grad_norm: float = 0.0
     sequences_trained: int = 0
     tokens_trained: int = 0
@@ -83,7 +88,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     policy's log-probs (``batch.logprobs``), as DAPO's clipping expects."""
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
-    adv = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]](torch.tensor(batch.rewards), g) if n else torch.zeros(0)
+    estimator = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]]
+    adv = ragged_advantages(estimator, torch.tensor(batch.rewards), batch.group_sizes or g) if n else torch.zeros(0)
     lengths = [len(c) for c in batch.completion_ids]
     # Overlong filtering (DAPO): a completion cut at max_new_tokens has no verdict on its ending; mask it.
     use = [not (rl.overlong_filter and t) for t in batch.truncated]
@@ -102,10 +108,11 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         return out
     device = next(iter(params)).device
 
-    def logps_of(idx, grad: bool):
+    def logps_of(idx, grad: bool, grad_stats: bool = False):
         with contextlib.nullcontext() if grad else torch.no_grad():
             return completion_logprobs(model, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
-                                       pad_id=pad_id, temperature=rl.temperature, chunk_size=chunk_size)
+                                       pad_id=pad_id, temperature=rl.temperature, chunk_size=chunk_size,
+                                       grad_stats=grad_stats)
 
     ref = {}
     if rl.beta > 0:  # the reference: this model with its adapter disabled
@@ -121,9 +128,13 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     for _ in range(rl.updates_per_batch):
         step_loss = 0.0
         for k, idx in mine:
-            logps, _, mask = logps_of(idx, grad=True)
+            logps, entropy, mask, *gnorm = logps_of(idx, grad=True, grad_stats=rl.entropy_reg > 0)
             loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
                                epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
+            if rl.entropy_reg > 0:  # CorR-PO-style term (arXiv 2605.17770), on top of whichever loss
+                reg = entropy_gradient_penalty(entropy, gnorm[0], mask, window=window)
+                loss = loss + rl.entropy_reg * reg
+                st = {**st, "entropy_grad_corr": float(reg.detach()) * window.num_sequences / len(idx)}
             loss.backward()
             step_loss += float(loss.detach())
             for key, v in st.items():
@@ -141,6 +152,8 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     denom = len(active) * rl.updates_per_batch
     out.clip_fraction = stats_acc.get("clip_ratio/region_mean", 0.0) / denom
     out.kl = stats_acc.get("kl", 0.0) / denom if rl.beta > 0 else 0.0
+    if rl.entropy_reg > 0:
+        out.entropy_grad_corr = stats_acc.get("entropy_grad_corr", 0.0) / denom
     return out
 
 
@@ -210,8 +223,16 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         "rollouts": s.rollouts, "rollouts_used": u.sequences_trained, "sampling_rounds": s.rounds,
         "prompts_skipped": s.prompts_skipped, "rollout_s": s.rollout_seconds, "step_s": dt,
     }
+    if rl.router.enabled:
+        row.update(router_prompts=s.router_prompts, router_skipped=s.router_skipped,
+                   router_rollouts_saved=s.router_rollouts_saved,
+                   router_group_size_min=min(s.router_sizes, default=None),
+                   router_group_size_max=max(s.router_sizes, default=None),
+                   router_brier=s.router_brier_sum / s.router_brier_n if s.router_brier_n else None)
     if rl.beta > 0:
         row["kl"] = u.kl
+    if u.entropy_grad_corr is not None:
+        row["entropy_grad_corr"] = u.entropy_grad_corr
     if u.zo_rollouts:
         row.update(zo_reward_plus=u.zo_reward_plus, zo_reward_minus=u.zo_reward_minus, zo_rollouts=u.zo_rollouts)
     return row
@@ -240,13 +261,16 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     generator = torch.Generator().manual_seed(cfg.seed)
     totals = RLTotals()
     workers = _start_workers(session) if rl.rollout_workers else None
-    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers)
+    router = DifficultyRouter(rl.router, rl.group_size) if rl.router.enabled else None
+    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers, router=router)
     if session.trainer_state:  # resumed
         st = session.trainer_state
         totals = RLTotals(**st["totals"])
         stream.load_state_dict(st["stream"])
         selector.load_state_dict(st["selector"])
         generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
+        if router is not None and st.get("router"):
+            router.load_state_dict(st["router"])
         if st.get("prefetched"):  # drawn for an async step that never ran: sampled now, on the current policy
             sampler.prefetch(st["prefetched"], [pool[i]["prompt"] for i in st["prefetched"]], session.step, 0)
     bar = session.progress("rl")
@@ -267,13 +291,19 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
             if session.should_save():
                 session.save_checkpoint({"totals": dataclasses.asdict(totals), "stream": stream.state_dict(),
                                          "selector": selector.state_dict(), "generator": generator.get_state().tolist(),
-                                         "prefetched": sampler.pending})
+                                         "prefetched": sampler.pending,
+                                         **({"router": router.state_dict()} if router is not None else {})})
     finally:
         if workers is not None:
             workers.close()
     bar.close()
     extra = {"kind": "rl", "final_metrics": row, "num_layers": causal_lm(model).config.num_hidden_layers,
              "longest_prompt_tokens": longest_prompt}
+    if router is not None:
+        extra["router"] = {"rollouts_saved": totals.router_rollouts_saved, "prompts_routed": totals.router_prompts_routed,
+                           "prompts_skipped": totals.router_prompts_skipped,
+                           "brier": totals.router_brier_sum / totals.router_brier_n if totals.router_brier_n else None,
+                           "layer": rl.router.layer, "fixed_group_size": rl.group_size}
     if workers is not None:
         extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
                                     "adapter_bytes_sent": sampler.bytes_sent, "adapter_sync_s": sampler.sync_seconds,
