@@ -20,6 +20,11 @@ Accumulation: each micro-batch's loss is divided by the step's pair count (over 
 so micro-batch 8 x accumulation 1 equals 1 x 8. Several processes (torchrun, DDP only): rank r runs its
 micro-batches and the adapter's gradients are summed over ranks before the step, as in ``leantune rl``.
 
+Active pair selection (``dpo.active``, arXiv 2511.04286): ``data.train`` is a pool of unlabelled pairs; before
+the steps where a round is due, `leantune.active.rounds.ActivePairs` picks pairs, asks the labeller for those only
+and the loop goes on with the same step over every pair labelled so far. Labels spent are a ledger total
+(``totals.labels``) beside tokens and joules.
+
 Everything around the step (device, model and adapter, optimizer, resume, checkpoints, metrics, ledger) is the
 run session's (``leantune.train.session``). Run: ``leantune dpo recipes/dpo_smollm2.yaml``.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -203,6 +209,10 @@ def train_dpo(recipe: Recipe, *, resume: bool = False, quiet: bool = False, mode
     pool = None
     if recipe.dpo.active.enabled:  # a pool of unlabelled pairs (response a in the chosen slot) + its labeller
         from leantune.active.pool import build_labeler, read_pool
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would call the labeller: labels paid N times
+            raise RecipeError("dpo.active runs in one process (each rank would ask for the same labels); launch "
+                              "without torchrun / --nproc")
 
         rows, column = read_pool(recipe.data.train, recipe.data, recipe.dpo.active)
         records = [r.as_pair_record() for r in rows]
