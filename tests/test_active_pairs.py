@@ -348,3 +348,42 @@ def test_active_recipe_rules(tmp_path):
     raw["dpo"]["precompute_reference"] = True
     with pytest.raises((RecipeError, ValueError), match="labelled set grows"):
         recipe_from_dict(raw).require_for("dpo")
+
+
+@pytest.mark.slow  # three runs of the tiny model: ~15 s idle, minutes on a shared machine
+def test_resume_asks_no_label_twice_and_equals_uninterrupted(tmp_path, tiny_model_dir, pool_file, monkeypatch):
+    """A run killed inside its second round (the judge raises KeyboardInterrupt) and resumed from its step-2
+    checkpoint asks for the same labels an uninterrupted run asks for, and ends with the same adapter."""
+    (tmp_path / "resume_judges.py").write_text(
+        "asked = []\n"
+        "kill_at = [5]\n"
+        "def judge(prompt, a, b, answer, **kw):\n"
+        "    if kill_at and len(asked) + 1 == kill_at[0]:\n"
+        "        kill_at.pop()\n"
+        "        raise KeyboardInterrupt\n"
+        "    asked.append(a)\n"
+        "    return 0 if a.endswith(answer) else 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = {"label_budget": 12, "batch": 4}
+
+    def recipe(out):
+        raw = _recipe(tiny_model_dir, pool_file, tmp_path / out, labeler="resume_judges:judge", **common)
+        raw["train"].update({"steps": 6, "save_every": 2})
+        return recipe_from_dict(raw)
+
+    import resume_judges
+
+    resume_judges.kill_at.clear()
+    straight = train_dpo(recipe("a"), quiet=True)
+    asked_straight = list(resume_judges.asked)
+    resume_judges.asked.clear()
+    resume_judges.kill_at.append(5)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(recipe("b"), quiet=True)
+    assert len(resume_judges.asked) == 4  # round 0 only; the step-2 checkpoint holds it
+    resumed = train_dpo(recipe("b"), resume=True, quiet=True)
+    assert resume_judges.asked == asked_straight and len(asked_straight) == 12  # no label asked twice
+    assert resumed.ledger["totals"]["labels"]["spent"] == straight.ledger["totals"]["labels"]["spent"] == 12
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, msg=n)
