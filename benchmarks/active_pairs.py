@@ -99,6 +99,8 @@ def head_curves(model_path: str, pool: Path, held: Path, *, budget: int, batch: 
     ediff = (efeats[:, 0] - efeats[:, 1]).double() / scale  # (E, H) chosen - rejected
     sign = torch.tensor([1.0 if t == 0 else -1.0 for t in truth], dtype=torch.float64)
     full = bt_accuracy(laplace_posterior(diff * sign[:, None], prior).mean, ediff)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fits are small (n x n Woodbury solves); on a shared CPU 2 threads only spin
     curves: dict[str, list[list[float]]] = {"thompson": [], "random": []}
     spent_axis = list(range(batch, budget + 1, batch))
     for arm in curves:
@@ -120,6 +122,7 @@ def head_curves(model_path: str, pool: Path, held: Path, *, budget: int, batch: 
                 post = laplace_posterior(diff[labelled] * sign[labelled][:, None], prior)
                 accs.append(bt_accuracy(post.mean, ediff))
             curves[arm].append(accs)
+    torch.set_num_threads(threads)
     return {"labels": spent_axis, "accuracy": curves, "all_pool_labelled_accuracy": full,
             "pool_pairs": len(pairs), "eval_pairs": len(eval_pairs), "hidden": int(feats.shape[-1]),
             "feature_pass_s": round(feature_s, 1), "seeds": seeds, "prior_precision": prior, "alpha": alpha}

@@ -82,8 +82,11 @@ def test_laplace_map_and_hessian_match_autograd_reference(n, d, lam):
     assert float(grad.abs().max()) < 1e-9  # a stationary point of the autograd objective
     hess = torch.autograd.functional.hessian(lambda w: bt_objective(w, x, lam), post.mean)  # (d, d)
     torch.testing.assert_close(post.precision, hess, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(post.chol @ post.chol.T, hess, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(post.covariance @ hess, torch.eye(d, dtype=torch.float64), atol=1e-8, rtol=0)
+    v = torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(post.solve(v), torch.linalg.solve(hess, v), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(post.quad(v.T), torch.einsum("id,de,ie->i", v.T, torch.linalg.inv(hess), v.T),
+                               atol=1e-9, rtol=1e-9)
     if n == 0:  # no labels: the prior
         assert torch.equal(post.mean, torch.zeros(d, dtype=torch.float64))
         torch.testing.assert_close(post.precision, lam * torch.eye(d, dtype=torch.float64))

@@ -12,7 +12,8 @@ The posterior. Prior w ~ N(0, I / lambda) (``prior_precision`` lambda). The MAP 
     L(w) = -sum_i log sigmoid(x_i . w) + lambda/2 |w|^2
 
 (convex), found by damped Newton steps (IRLS); the Laplace approximation is N(w*, H^-1) with the Hessian at the
-MAP, H = X^T diag(p_i (1 - p_i)) X + lambda I, p_i = sigmoid(x_i . w*) (`laplace_posterior`). Only this last
+MAP, H = X^T diag(p_i (1 - p_i)) X + lambda I, p_i = sigmoid(x_i . w*) (`laplace_posterior`), kept in
+Woodbury form (n labelled pairs << D dimensions: no D x D factorization). Only this last
 layer is Bayesian: the features are fixed while the head is fitted (a last-layer Laplace approximation).
 
 The acquisition: dueling Thompson sampling on a fixed pool of pairs (`dueling_thompson_select`). For each slot
@@ -35,17 +36,49 @@ import torch.nn.functional as F
 
 @dataclass
 class LaplacePosterior:
-    """N(mean, precision^-1) over the head's weights; ``chol`` = the Cholesky factor L of the precision (L L^T)."""
+    """N(mean, H^-1) over the head's weights, H = lambda I + Z^T Z with Z = diag(sqrt(p (1 - p))) X at the MAP.
+
+    Kept in Woodbury form: with n labelled pairs and D feature dimensions (n is the label budget, D the hidden
+    size, n << D usually) every operation is O(n^2 D + n^3), never a D x D factorization:
+    H^-1 v = (v - Z^T K^-1 Z v) / lambda with K = lambda I_n + Z Z^T (n, n), Cholesky ``k_chol``.
+    ``precision`` and ``covariance`` build the D x D matrices, for tests and small D.
+    """
 
     mean: torch.Tensor  # (D,)
-    precision: torch.Tensor  # (D, D)
-    chol: torch.Tensor  # (D, D), lower triangular
+    z: torch.Tensor  # (n, D)
+    prior_precision: float
+    k_chol: torch.Tensor  # (n, n), lower: K = L L^T
     newton_steps: int  # steps taken to converge
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """H^-1 v for v (D, k) -> (D, k)."""
+        return _woodbury_solve(self.z, self.prior_precision, self.k_chol, v)
+
+    def quad(self, d: torch.Tensor) -> torch.Tensor:
+        """(N,) d_i^T H^-1 d_i for rows d (N, D) = (|d|^2 - |L^-1 Z d|^2) / lambda."""
+        u = torch.linalg.solve_triangular(self.k_chol, self.z @ d.T, upper=False)  # (n, N)
+        return (d.square().sum(1) - u.square().sum(0)) / self.prior_precision
+
+    @property
+    def precision(self) -> torch.Tensor:
+        """H, (D, D)."""
+        eye = torch.eye(self.mean.numel(), dtype=self.mean.dtype)
+        return self.prior_precision * eye + self.z.T @ self.z
 
     @property
     def covariance(self) -> torch.Tensor:
-        """precision^-1, (D, D)."""
-        return torch.cholesky_inverse(self.chol)
+        """H^-1, (D, D)."""
+        return self.solve(torch.eye(self.mean.numel(), dtype=self.mean.dtype))
+
+
+def _woodbury_solve(z: torch.Tensor, lam: float, k_chol: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(lambda I + Z^T Z)^-1 v = (v - Z^T (lambda I + Z Z^T)^-1 Z v) / lambda; z (n, D), v (D, k)."""
+    return (v - z.T @ torch.cholesky_solve(z @ v, k_chol)) / lam
+
+
+def _k_chol(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cholesky factor of K = lambda I_n + Z Z^T, (n, n)."""
+    return torch.linalg.cholesky(lam * torch.eye(z.shape[0], dtype=z.dtype) + z @ z.T)
 
 
 def bt_objective(w: torch.Tensor, x: torch.Tensor, prior_precision: float) -> torch.Tensor:
@@ -55,56 +88,54 @@ def bt_objective(w: torch.Tensor, x: torch.Tensor, prior_precision: float) -> to
 
 def bt_gradient_hessian(w: torch.Tensor, x: torch.Tensor, prior_precision: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient (D,), Hessian (D, D)) of `bt_objective` at w, in closed form:
-    g = -X^T (1 - p) + lambda w, H = X^T diag(p (1 - p)) X + lambda I, p = sigmoid(X w) (N,)."""
+    """(gradient (D,), Z (N, D)) of `bt_objective` at w, in closed form: g = -X^T (1 - p) + lambda w and the
+    Hessian H = lambda I + Z^T Z with Z = diag(sqrt(p (1 - p))) X, p = sigmoid(X w) (N,)."""
     p = torch.sigmoid(x @ w)  # (N,)
     grad = -x.T @ (1 - p) + prior_precision * w  # (D,)
-    hess = (x * (p * (1 - p))[:, None]).T @ x  # (D, D)
-    hess = hess + prior_precision * torch.eye(w.numel(), dtype=w.dtype, device=w.device)
-    return grad, hess
+    return grad, x * (p * (1 - p)).sqrt()[:, None]
 
 
 def laplace_posterior(x: torch.Tensor, prior_precision: float, *, max_steps: int = 50, tol: float = 1e-16
                       ) -> LaplacePosterior:
     """The Laplace posterior of the BT head given labelled differences x (N, D) (N may be 0: the prior).
 
-    Newton's method with step halving until the objective does not increase (it is convex, so this converges);
-    stops when the Newton decrement g^T H^-1 g / 2 falls under ``tol``. Computed in float64.
+    Newton's method (Woodbury solves) with step halving until the objective does not increase (it is convex,
+    so this converges); stops when the Newton decrement g^T H^-1 g / 2 falls under ``tol``. Float64.
     """
     if prior_precision <= 0:
         raise ValueError(f"prior_precision must be > 0, got {prior_precision}")
     x = x.to(torch.float64)
-    d = x.shape[1]
-    w = torch.zeros(d, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
     steps = 0
     for steps in range(1, max_steps + 1):
-        grad, hess = bt_gradient_hessian(w, x, prior_precision)
-        chol = torch.linalg.cholesky(hess)
-        delta = torch.cholesky_solve(grad[:, None], chol)[:, 0]  # H^-1 g, (D,)
+        grad, z = bt_gradient_hessian(w, x, prior_precision)
+        delta = _woodbury_solve(z, prior_precision, _k_chol(z, prior_precision), grad[:, None])[:, 0]  # H^-1 g
         if float(grad @ delta) / 2 < tol:
             break
         f0, t = bt_objective(w, x, prior_precision), 1.0
         while t > 1e-10 and bt_objective(w - t * delta, x, prior_precision) > f0:
             t /= 2
         w = w - t * delta
-    _, hess = bt_gradient_hessian(w, x, prior_precision)
-    return LaplacePosterior(w, hess, torch.linalg.cholesky(hess), steps)
+    _, z = bt_gradient_hessian(w, x, prior_precision)
+    return LaplacePosterior(w, z, prior_precision, _k_chol(z, prior_precision), steps)
 
 
 def sample_heads(post: LaplacePosterior, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """k draws (k, D) from N(mean, precision^-1): w = mean + L^-T eps, eps ~ N(0, I), since
-    Cov(L^-T eps) = L^-T L^-1 = (L L^T)^-1."""
-    eps = torch.randn(post.mean.numel(), k, dtype=post.mean.dtype, generator=generator)  # (D, k)
-    return post.mean[None] + torch.linalg.solve_triangular(post.chol.T, eps, upper=True).T
+    """k draws (k, D) from N(mean, H^-1): u = sqrt(lambda) e1 + Z^T e2 ~ N(0, H) with e1 (D,), e2 (n,) standard
+    normal, so H^-1 u ~ N(0, H^-1 H H^-1) = N(0, H^-1)."""
+    d, n = post.mean.numel(), post.z.shape[0]
+    e1 = torch.randn(d, k, dtype=post.mean.dtype, generator=generator)
+    e2 = torch.randn(n, k, dtype=post.mean.dtype, generator=generator)
+    u = post.prior_precision ** 0.5 * e1 + post.z.T @ e2  # (D, k)
+    return post.mean[None] + post.solve(u).T
 
 
 def preference_spread(post: LaplacePosterior, d: torch.Tensor) -> torch.Tensor:
     """(N,) the delta-method standard deviation of P(a preferred to b) = sigmoid(w . d) under the posterior,
-    sigmoid'(mu . d) sqrt(d^T Sigma d), for pool differences d (N, D)."""
+    sigmoid'(mu . d) sqrt(d^T H^-1 d), for pool differences d (N, D)."""
     d = d.to(post.mean.dtype)
     p = torch.sigmoid(d @ post.mean)  # (N,)
-    v = torch.linalg.solve_triangular(post.chol, d.T, upper=False)  # (D, N): L^-1 d, |L^-1 d|^2 = d^T Sigma d
-    return p * (1 - p) * v.square().sum(0).sqrt()
+    return p * (1 - p) * post.quad(d).clamp_min(0).sqrt()
 
 
 def dueling_scores(d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, spread: torch.Tensor | None = None,
