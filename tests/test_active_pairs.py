@@ -353,7 +353,6 @@ def test_active_recipe_rules(tmp_path):
         recipe_from_dict(raw).require_for("dpo")
 
 
-@pytest.mark.slow  # three runs of the tiny model: ~15 s idle, minutes on a shared machine
 def test_resume_asks_no_label_twice_and_equals_uninterrupted(tmp_path, tiny_model_dir, pool_file, monkeypatch):
     """A run killed inside its second round (the judge raises KeyboardInterrupt) and resumed from its step-2
     checkpoint asks for the same labels an uninterrupted run asks for, and ends with the same adapter."""
