@@ -529,6 +529,24 @@ class RFTConfig(Section):
     steps_per_round: int = Field(default=20, gt=0, description="SFT optimizer steps on the accepted union each round.")
 
 
+class ActiveConfig(Section):
+    """Active pair selection (`dpo.active`, arXiv 2511.04286): data.train is a pool of unlabelled pairs
+    (``{"prompt": ..., "responses": [a, b], ...}``); rounds of select -> label -> DPO steps on the labelled set."""
+
+    enabled: bool = Field(default=False, description="Train on pairs chosen from an unlabelled pool and labelled on demand, instead of on chosen/rejected rows.")
+    label_budget: int = Field(default=64, ge=1, description="Labels to spend in all (labelling-function calls that return an answer, ties included). The run stops asking once spent.")
+    batch: int = Field(default=8, ge=1, description="Pairs labelled per round. Rounds are spread evenly over train.steps (round r starts at step r x steps / rounds); smaller = the posterior steers more often, at one feature pass over the pool per round.")
+    warmup: int = Field(default=0, ge=0, description="Labels of the first round(s) picked uniformly at random before the selector takes over (0: the selector starts from the prior).")
+    labeler: str = Field(default="column", description="Who labels a pair: 'column' (the pool's label_column, read only for pairs selected), 'verifier' (the reward named by `verifier` scores each response against the row's fields, e.g. answer; higher wins, equal is a tie), or 'package.module:function', a judge called as fn(prompt, response_a, response_b, **row_fields) -> 0 (a wins), 1 (b wins) or None (tie).")
+    label_column: str = Field(default="preferred", description="labeler: column: the pool column holding the preferred response's index, 0 or 1.")
+    verifier: str = Field(default="exact_match", description="labeler: verifier: a reward with a verifier from leantune.rl.rewards.REWARDS (exact_match, math), called as (prompts, completions, **row_fields).")
+    retries: int = Field(default=1, ge=0, description="Extra tries for a labelling call that raises; after them the pair is skipped and counted (label_failures), and no label is spent.")
+    select: Literal["thompson", "random"] = Field(default="thompson", description="thompson: dueling Thompson sampling on a Bradley-Terry head with a Laplace posterior over the policy's response features; random: uniform without replacement (the baseline).")
+    alpha: float = Field(default=1.0, ge=0, le=1, description="thompson: weight of the two posterior draws' disagreement on a pair; 1 - alpha weighs the posterior spread of the pair's preference probability. 1: pure dueling Thompson sampling.")
+    prior_precision: float = Field(default=1.0, gt=0, description="Precision (1/variance) of the Gaussian prior on the head's weights over standardized features: larger = trust the labels less, explore less.")
+    features: Literal["last", "mean"] = Field(default="last", description="A response's feature: the policy's final hidden state at its last token (last) or averaged over its tokens (mean); computed with the adapter on, no gradient.")
+
+
 class DPOConfig(Section):
     """Preference optimization (`leantune dpo`) on chosen/rejected pairs; steps come from `train.steps`."""
 
@@ -553,6 +571,7 @@ class DPOConfig(Section):
         default=None,
         description="A finished LoRA run directory (e.g. from `leantune train`): training starts from its adapter, and the reference is that starting policy (needs precompute_reference unless the loss has no reference).",
     )
+    active: ActiveConfig = Field(default_factory=ActiveConfig, description="Active pair selection: label only the pairs a Bayesian reward head is unsure about (docs/active.md).")
 
 
 class Recipe(Section):
@@ -638,6 +657,29 @@ class Recipe(Section):
             return "dpo.label_smoothing: IPO's squared loss has no label-noise form; set it to 0 or use dpo / simpo"
         if dpo.init is not None and self.adapter.method != "lora":
             return "dpo.init starts from a LoRA adapter; use adapter.method: lora"
+        return self.active_problem()
+
+    def active_problem(self) -> str | None:
+        """What makes dpo.active unusable with the rest of the recipe, or None."""
+        act = self.dpo.active
+        if not act.enabled:
+            return None
+        rounds = -(-act.label_budget // act.batch)
+        if rounds > self.train.steps:
+            return (f"dpo.active: {act.label_budget} labels in rounds of {act.batch} is {rounds} rounds, more than "
+                    f"train.steps={self.train.steps} (a round is followed by at least one step); raise dpo.active.batch "
+                    "or train.steps")
+        if self.dpo.precompute_reference:
+            return ("dpo.precompute_reference: the labelled set grows during an active run; use the live reference "
+                    "(the adapter disabled) with dpo.active")
+        if act.labeler not in ("column", "verifier") and ":" not in act.labeler:
+            return (f"dpo.active.labeler: {act.labeler!r} is not 'column', 'verifier' or 'package.module:function'")
+        if act.labeler == "verifier":
+            from leantune.rl.rewards import REWARDS
+
+            if act.verifier not in REWARDS or REWARDS[act.verifier].verifier is None:
+                having = [n for n, spec in REWARDS.items() if spec.verifier is not None]
+                return f"dpo.active.verifier: {act.verifier!r} is not a reward with a verifier; use one of {', '.join(having)}"
         return None
 
     @model_validator(mode="after")

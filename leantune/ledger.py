@@ -304,6 +304,11 @@ def summarize_ledger(ledger: dict) -> str:
         ("energy", f"{num(en.get('joules'), '{:.3g}')} J, {num(pt.get('joules_per_token'), '{:.3g}')} J/token ({en.get('method', 'not measured')}"
          + (f", {en['assumed_watts_per_core']} W/core assumed" if "assumed_watts_per_core" in en else "") + ")"),
     ]
+    if t.get("labels"):  # dpo.active: labels are a cost of their own
+        lb = t["labels"]
+        rows.append(("labels", f"{num(lb.get('spent'))} spent of {num(lb.get('budget'))} ({lb.get('select')}, "
+                     f"{lb.get('labeler')}): {num(lb.get('preferences'))} preferences, {num(lb.get('ties'))} ties, "
+                     f"{num(lb.get('failures'))} failures, {num(lb.get('rounds'))} rounds"))
     if t.get("rollouts"):
         r = t["rollouts"]
         rows.append(("rollouts", f"{num(r.get('rollouts_generated'))} generated, {num(r.get('rollouts_used'))} trained on; "

@@ -20,6 +20,11 @@ Accumulation: each micro-batch's loss is divided by the step's pair count (over 
 so micro-batch 8 x accumulation 1 equals 1 x 8. Several processes (torchrun, DDP only): rank r runs its
 micro-batches and the adapter's gradients are summed over ranks before the step, as in ``leantune rl``.
 
+Active pair selection (``dpo.active``, arXiv 2511.04286): ``data.train`` is a pool of unlabelled pairs; before
+the steps where a round is due, `leantune.active.rounds.ActivePairs` picks pairs, asks the labeller for those only
+and the loop goes on with the same step over every pair labelled so far. Labels spent are a ledger total
+(``totals.labels``) beside tokens and joules.
+
 Everything around the step (device, model and adapter, optimizer, resume, checkpoints, metrics, ledger) is the
 run session's (``leantune.train.session``). Run: ``leantune dpo recipes/dpo_smollm2.yaml``.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -200,12 +206,24 @@ def train_dpo(recipe: Recipe, *, resume: bool = False, quiet: bool = False, mode
     ``model``/``tokenizer``: train this (already adapted) model instead of loading `model.path` (+ `dpo.init`).
     """
     recipe.require_for("dpo")
-    records = read_pair_rows(recipe.data.train, recipe.data)
+    pool = None
+    if recipe.dpo.active.enabled:  # a pool of unlabelled pairs (response a in the chosen slot) + its labeller
+        from leantune.active.pool import build_labeler, read_pool
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would call the labeller: labels paid N times
+            raise RecipeError("dpo.active runs in one process (each rank would ask for the same labels); launch "
+                              "without torchrun / --nproc")
+
+        rows, column = read_pool(recipe.data.train, recipe.data, recipe.dpo.active)
+        records = [r.as_pair_record() for r in rows]
+        pool = build_labeler(recipe.dpo.active, rows, column)
+    else:
+        records = read_pair_rows(recipe.data.train, recipe.data)
     eval_records = read_pair_rows(recipe.data.eval, recipe.data, role="eval") if recipe.data.eval else []
     session = RunSession(recipe, "dpo", resume=resume, quiet=quiet, recipe_path=recipe_path, model=model,
                          tokenizer=tokenizer, init=recipe.dpo.init)
     with session:
-        return _train_dpo(session, records, eval_records)
+        return _train_dpo(session, records, eval_records, labeler=pool)
 
 
 def _reference_table(session: RunSession, pairs: list[Pair], key: str, totals: DPOTotals, pad_id: int
@@ -236,7 +254,23 @@ def _reference_table(session: RunSession, pairs: list[Pair], key: str, totals: D
     return table
 
 
-def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: list[PairRecord]) -> TrainResult:
+def _active_pairs(session: RunSession, pool: list[Pair], records: list[PairRecord], labeler, eval_pairs: list[Pair]):
+    """The `ActivePairs` of an active run: the labeller sees row indices of the pool file, the rounds see the
+    tokenized pool (pairs dropped as overlong are never offered); restored from the checkpoint when resuming."""
+    from leantune.active.rounds import ActivePairs
+
+    row_of = {r.source: i for i, r in enumerate(records)}
+    rows = [row_of[p.source] for p in pool]
+    recipe = session.recipe
+    active = ActivePairs(pool, lambda j: labeler(rows[j]), recipe.dpo.active, steps=recipe.train.steps,
+                         seed=recipe.train.seed, eval_pairs=eval_pairs)
+    if session.trainer_state.get("active"):
+        active.load_state_dict(session.trainer_state["active"])
+    return active
+
+
+def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: list[PairRecord], *,
+               labeler=None) -> TrainResult:
     recipe, cfg, dpo, model, dist = session.recipe, session.recipe.train, session.recipe.dpo, session.model, session.dist
     tokenizer = session.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -260,11 +294,23 @@ def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: lis
             eval_reference = _reference_table(session, eval_pairs, "eval_reference", totals, pad_id)
     shared = session.checkpointed_layers == 0
     params = [p for p in model.parameters() if p.requires_grad]
+    active = None
+    if labeler is not None:  # dpo.active: train on the pool pairs labelled so far
+        active = _active_pairs(session, pairs, records, labeler, eval_pairs)
+        pairs = active.train_pairs()
     order = list(range(len(pairs)))
     bar = session.progress("dpo")
     row: dict = {}  # stays empty when a finished run is resumed
     model.train()
     while session.step < cfg.steps:
+        round_row: dict = {}
+        while active is not None and active.due(session.step):  # select -> label, then train on all labelled
+            report = active.run_round(model, pad_id=pad_id, batch_size=cfg.micro_batch_size)
+            round_row = report.as_metrics()
+            session.info(f"round {report.round}: {report.picked} labelled, {report.labels_spent}/"
+                         f"{dpo.active.label_budget} labels spent, {report.labelled_pairs} preferences")
+            pairs = active.train_pairs()
+            order = list(range(len(pairs)))
         micro = [batch_at(order, i, cfg.micro_batch_size, cfg.seed, recipe.data.shuffle)
                  for i in rank_micro_steps(session.step, cfg.grad_accum, dist.world_size, dist.rank)]
         num_pairs = all_reduce_sum(sum(len(m) for m in micro), dist)
@@ -292,20 +338,36 @@ def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: lis
         row = {"step": session.step, "loss": res.loss, "lr": lr, "grad_norm": grad_norm, **res.stats.as_metrics(),
                "pairs": totals.pairs, "tokens": totals.tokens, "tokens_per_s": res.tokens / max(dt[0], 1e-9),
                "rss_bytes": rss, "elapsed_s": totals.elapsed_s}
+        if active is not None:
+            row.update({"labels_spent": active.ledger.spent, "labelled_pairs": len(pairs), **round_row})
         if eval_pairs and ((cfg.eval_every and session.step % cfg.eval_every == 0) or session.step == cfg.steps):
             row.update(evaluate_pairs(model, eval_pairs, dpo, beta=beta, pad_id=pad_id, chunk_size=chunk,
                                       batch_size=cfg.micro_batch_size, reference=eval_reference))
-        session.log(row, force="eval_loss" in row)
+        session.log(row, force="eval_loss" in row or bool(round_row))
         bar.set_postfix(loss=f"{res.loss:.4f}", acc=f"{row['rewards/accuracies']:.2f}", rss=f"{rss / 2**30:.2f}G")
         bar.update(1)
         if session.should_save():
-            session.save_checkpoint({"totals": dataclasses.asdict(totals), **{
+            session.save_checkpoint({"totals": dataclasses.asdict(totals),
+                                     "active": active.state_dict() if active is not None else None, **{
                 key: None if table is None else {"chosen": table[0], "rejected": table[1]}
                 for key, table in (("reference", reference), ("eval_reference", eval_reference))}})
     bar.close()
-    return session.finish(totals=_ledger_totals(session.step, totals, stats), flops=_dpo_flops(model, totals, stats),
+    ledger_totals = _ledger_totals(session.step, totals, stats)
+    flops = _dpo_flops(model, totals, stats)
+    extra = {}
+    if active is not None:  # labels are a cost like tokens and joules; feature passes are forward-only FLOPs
+        ledger_totals["labels"] = {**active.ledger.summary(), "labeler": dpo.active.labeler,
+                                   "select": dpo.active.select, "pool_pairs": len(active.pairs),
+                                   "feature_tokens": active.feature_tokens, "selection_s": active.seconds}
+        feat = ledger_mod.zeroth_order_flops(ledger_mod.flops_from_model(
+            model, tokens=active.feature_tokens, loss_tokens=0, seq_len=max(1, stats.prompt_tokens // max(1, stats.pairs))),
+            forward_passes=1)["total"] if active.feature_tokens else 0
+        flops = {**flops, "total": flops["total"] + feat, "active_features": feat,
+                 "method": flops["method"] + "; active features = one forward pass per token"}
+        extra["active"] = dpo.active.model_dump()
+    return session.finish(totals=ledger_totals, flops=flops,
                           data_files=[recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else []),
-                          extra={"kind": "dpo", "final_metrics": row,
+                          extra={"kind": "dpo", "final_metrics": row, **extra,
                                  "preference": {"loss": dpo.loss, "beta": beta, "reference": (
                                      "none" if not entry.needs_reference else "precomputed"
                                      if dpo.precompute_reference else "adapter disabled")}})
