@@ -182,3 +182,32 @@ def test_prompt_lookup_proposes_the_latest_continuation_of_the_longest_suffix():
     fork.extend([1])
     assert fork.propose(2) == [2, 3] and pl.propose(2) == []
     assert PromptLookup([1, 2], max_ngram=3).propose(0) == []
+
+
+def test_compacting_the_cache_holes_changes_nothing_the_attention_sees(policy):
+    """Rejected drafts leave masked columns in the KV cache; `compact_holes` squeezes them out. The next
+    forward's hidden states are the same with and without compaction."""
+    from transformers import DynamicCache
+
+    from leantune.rl.speculative import compact_holes
+
+    model, _ = policy
+    dec = model.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (3, 23), generator=g)  # (n, L)
+    attn = (torch.rand(3, 23, generator=g) > 0.4).long()  # holes anywhere
+    attn[:, 0] = attn[:, -1] = 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # positions count kept tokens only, as in speculative rollouts
+    caches = [DynamicCache(), DynamicCache()]
+    with torch.no_grad():
+        for c in caches:
+            dec(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, cache=c)
+        squeezed = compact_holes(caches[1], attn.clone(), slack=0.0, min_holes=1)
+        assert squeezed.shape[1] == int(attn.sum(1).max()) < attn.shape[1]
+        assert squeezed.sum(1).tolist() == attn.sum(1).tolist()
+        assert caches[1].get_seq_length() == squeezed.shape[1]
+        nxt, nxt_pos = torch.randint(5, 300, (3, 2), generator=g), pos[:, -1:] + 1 + torch.arange(2)
+        outs = [dec(input_ids=nxt, attention_mask=torch.cat([m, torch.ones(3, 2, dtype=torch.long)], 1),
+                    position_ids=nxt_pos, use_cache=True, cache=c).last_hidden_state
+                for m, c in zip((attn, squeezed), caches)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)

@@ -121,6 +121,26 @@ def verify_point_drafts(weights: torch.Tensor, draft: torch.Tensor, uniforms: to
 Verify = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def compact_holes(cache: DynamicCache, attn: torch.Tensor, slack: float = 0.25, min_holes: int = 16) -> torch.Tensor:
+    """Squeeze the masked columns out of ``cache`` once they are more than ``slack`` of its length: returns the
+    new attention mask (n, L') (or ``attn`` unchanged).
+
+    Each row's kept columns move right, in order, left-padded with masked ones: keys are stored after RoPE and
+    positions are explicit, so moving a column changes nothing the attention computes (masked columns weigh
+    exactly 0). Bounds the cache at (1 + slack) x what plain sampling holds, which is what `leantune plan`
+    budgets for, instead of growing by every rejected draft.
+    """
+    length = attn.shape[1]
+    width = int(attn.sum(1).max())
+    if length - width < max(min_holes, slack * length):
+        return attn
+    order = torch.sort(attn, dim=1, stable=True).indices[:, length - width:]  # (n, L'): kept columns, in order
+    for layer in cache.layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])  # (n, heads, L', d)
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    return attn.gather(1, order)
+
+
 @torch.no_grad()
 def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (),
@@ -218,6 +238,7 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
             if drop:
                 cache.crop(-drop)
                 attn = attn[:, :-drop]
+            attn = compact_holes(cache, attn)
             # 4. draft the next tokens and run the policy once over pending token + drafts
             drafts = []
             for seq in rows.tolist():
