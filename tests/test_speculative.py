@@ -211,3 +211,44 @@ def test_compacting_the_cache_holes_changes_nothing_the_attention_sees(policy):
                     position_ids=nxt_pos, use_cache=True, cache=c).last_hidden_state
                 for m, c in zip((attn, squeezed), caches)]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_rl_speculative_reaches_the_sampler_the_metrics_and_the_ledger(policy):
+    """`rl.speculative` through `Sampler` and `collect_batch`: the same batch as plain sampling (per-prompt seeds,
+    fp32), its drafts counted in `SamplingStats`, the step's metrics row, the run totals and the ledger's
+    summary; `merge_rollouts` (the Ray pool's and torchrun's gather) adds the counts up."""
+    from leantune.config import RLConfig
+    from leantune.ledger import summarize_ledger
+    from leantune.rl.bill import RLTotals, ledger_totals
+    from leantune.rl.workers import merge_rollouts
+    from leantune.rl.selection import PromptSelector, PromptStream
+    from leantune.train.rl import Sampler, UpdateStats, collect_batch, step_metrics
+
+    model, tok = policy
+    pool = [{"prompt": p} for p in (PROMPT, "abc abc abc ab", "12 + 30 = 42")]
+    reward = lambda prompts, texts, **_: [float(len(t) % 3) for t in texts]  # noqa: E731
+    batches = {}
+    for mode in ("off", "prompt_lookup"):
+        rl = RLConfig(group_size=4, prompts_per_step=3, temperature=0.02, max_new_tokens=16, dynamic_sampling=False,
+                      speculative=mode, speculative_tokens=3)
+        assert Sampler(model, tok, rl, None, seed=0)._kwargs()["speculative"] == mode
+        batches[mode] = collect_batch(Sampler(model, tok, rl, None, seed=0), pool, PromptStream(len(pool), seed=0),
+                                      PromptSelector(enabled=False), reward, reward, rl, step=0)
+    plain, spec = batches["off"], batches["prompt_lookup"]
+    assert spec.completion_ids == plain.completion_ids
+    s = spec.stats
+    assert s.draft_tokens > s.accepted_tokens > 0 and s.row_forwards == s.tokens_generated - s.accepted_tokens
+    assert plain.stats.draft_tokens == 0 and plain.stats.tokens_per_forward == 1.0
+    row = step_metrics(0, s, UpdateStats(), rl, 1e-4, 1.0)
+    assert row["spec_acceptance"] == s.accepted_tokens / s.draft_tokens and row["tokens_per_forward"] > 1.0
+    totals = RLTotals()
+    totals.add(s, UpdateStats(), rl, 1.0)
+    rollouts = ledger_totals(1, totals)["rollouts"]
+    assert rollouts["acceptance_rate"] == row["spec_acceptance"] and rollouts["tokens_per_forward"] == row["tokens_per_forward"]
+    summary = summarize_ledger({"totals": ledger_totals(1, totals)})
+    assert f"{s.accepted_tokens} of {s.draft_tokens} drafted tokens accepted" in summary
+    ro = sample_groups(model, tok, [PROMPT], group_size=2, max_new_tokens=12, temperature=0.02, seeds=[3],
+                       speculative="prompt_lookup")
+    merged = merge_rollouts([ro, ro], 2)
+    assert (merged.draft_tokens, merged.accepted_tokens, merged.row_steps) == (2 * ro.draft_tokens,
+                                                                               2 * ro.accepted_tokens, 2 * ro.row_steps)
