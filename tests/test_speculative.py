@@ -22,7 +22,7 @@ def policy():
 # A random tiny model's logits are near zero (near-uniform over 512 tokens); at temperature 0.02 it is peaked
 # enough that 1000 completions of 6 tokens fall into a few dozen frequent sequences (the chi-square cells), and
 # flat enough that drafted tokens often have probabilities between 0.2 and 0.8, where wrong rules show.
-PROMPT, TEMPERATURE, TOKENS = "The quick brown fox", 0.02, 6
+PROMPT, TEMPERATURE, TOKENS, SAMPLES = "The quick brown fox", 0.02, 6, 600
 
 
 class GreedyPathDraft:
@@ -86,7 +86,7 @@ def _chi2_pvalue(a: Counter, b: Counter, min_count: int = 10) -> tuple[float, in
 
 
 def _completions(model, tok, seeds, rule=None, drafter=None, prompt=PROMPT, tokens=TOKENS):
-    kw = dict(group_size=100, max_new_tokens=tokens, temperature=TEMPERATURE, seeds=seeds)
+    kw = dict(group_size=SAMPLES // len(seeds), max_new_tokens=tokens, temperature=TEMPERATURE, seeds=seeds)
     if rule is None:
         ro = sample_groups(model, tok, [prompt] * len(seeds), **kw)
     else:
@@ -96,7 +96,7 @@ def _completions(model, tok, seeds, rule=None, drafter=None, prompt=PROMPT, toke
 
 def test_speculative_distribution_matches_plain_sampling_and_the_test_rejects_wrong_rules(policy):
     """Whole completions from plain sampling (seeds 0..9) vs speculative sampling with other seeds (100..109),
-    1000 each, chi-square test of homogeneity: p > 0.001 for the shipped rule and for the written-out textbook
+    600 each, chi-square test of homogeneity: p > 0.001 for the shipped rule and for the written-out textbook
     rule; the same test rejects two wrong rules at p < 1e-6. The greedy-path drafter drafts at every step (the
     test's power against wrong rules); prompt lookup is checked on a prompt it drafts from. Fixed seeds: the
     p-values are deterministic, not flaky."""
@@ -105,7 +105,7 @@ def test_speculative_distribution_matches_plain_sampling_and_the_test_rejects_wr
     # prompt lookup on a repetitive prompt, 10 tokens
     _, plain = _completions(model, tok, list(range(10)), prompt="abc abc abc ab", tokens=10)
     ro, spec = _completions(model, tok, spec_seeds, verify_point_drafts, prompt="abc abc abc ab", tokens=10)
-    assert ro.accepted_tokens > 100 and ro.draft_tokens - ro.accepted_tokens > 100, "needs accepts and rejects"
+    assert ro.accepted_tokens > 60 and ro.draft_tokens - ro.accepted_tokens > 60, "needs accepts and rejects"
     pval, dof = _chi2_pvalue(plain, spec)
     assert dof >= 8 and pval > 1e-3, ("prompt lookup", pval, dof)
     # the greedy-path drafter, 6 tokens
@@ -114,7 +114,7 @@ def test_speculative_distribution_matches_plain_sampling_and_the_test_rejects_wr
     path = lambda ids: GreedyPathDraft(greedy.completion_ids[0], ids)  # noqa: E731
     for rule in (verify_point_drafts, _rule_textbook):
         ro, spec = _completions(model, tok, spec_seeds, rule, path)
-        assert ro.accepted_tokens > 500 and ro.draft_tokens - ro.accepted_tokens > 500, "needs accepts and rejects"
+        assert ro.accepted_tokens > 300 and ro.draft_tokens - ro.accepted_tokens > 300, "needs accepts and rejects"
         pval, dof = _chi2_pvalue(plain, spec)
         assert dof >= 8 and pval > 1e-3, (rule.__name__, pval, dof)
     for wrong in (_rule_resample_from_p, _rule_accept_likely):
