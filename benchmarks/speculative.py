@@ -73,7 +73,8 @@ def main() -> None:
         for k in args.k]
     kw = dict(group_size=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               is_complete=getattr(task, "is_complete", None))
-    sample_groups(model, tok, batches[0][:2], **{**kw, "max_new_tokens": 4}, seeds=[0, 1])  # warm-up
+    warm = batches[0][:2]
+    sample_groups(model, tok, warm, **{**kw, "max_new_tokens": 4}, seeds=list(range(len(warm))))  # warm-up
     runs: dict[str, list[dict]] = {name: [] for name, _ in settings}
     plain_ids = {}
     for i, prompts in enumerate(batches):
