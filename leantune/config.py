@@ -455,6 +455,17 @@ class RLConfig(Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0, description="Completion budget; a completion cut here is 'overlong'.")
     stop: list[str] = Field(default_factory=list, description="Stop strings; generation also stops when the task says the answer is complete.")
+    speculative: Literal["off", "prompt_lookup"] = Field(
+        default="off",
+        description="Exact speculative rollouts. prompt_lookup: draft up to `speculative_tokens` tokens per row by "
+        "matching the last `speculative_ngram` tokens earlier in the prompt + completion, verify them in one policy "
+        "forward with the speculative-sampling rule (arXiv 2211.17192): the same distribution, log-probs and (per-prompt "
+        "seeds) tokens as off, fewer forwards when completions copy from the prompt. Each forward is up to "
+        "1 + speculative_tokens tokens wide, so it pays when the forward is memory-bound (small batches, large models) "
+        "and acceptance is high; docs/speculative.md has measurements.",
+    )
+    speculative_tokens: int = Field(default=4, gt=0, le=64, description="Most tokens drafted per row per policy forward (k).")
+    speculative_ngram: int = Field(default=3, gt=0, description="Longest n-gram prompt lookup matches (it falls back to shorter ones, down to 1).")
     fold_adapter: bool = Field(
         default=True,
         description="Sample with each LoRA delta folded into a copy of its base weight (one matmul per layer, faster rollouts; the copy lives while sampling and `leantune plan` counts it). No effect on a quantized base.",
@@ -514,6 +525,9 @@ class RLConfig(Section):
         if self.router.enabled and self.rollout_workers:
             raise ValueError("rl.router reads the prefill's hidden states in-process; set rl.rollout_workers: 0 "
                              "or rl.router.enabled: false")
+        if self.router.enabled and self.speculative != "off":
+            raise ValueError("rl.router sizes groups inside plain sampling; speculative rollouts do not route yet: "
+                             "set rl.speculative: off or rl.router.enabled: false")
         if self.async_rollouts and self.entropy_filter is not None:
             raise ValueError("rl.async_rollouts picks the next step's prompts before this step's update; the entropy "
                              "filter needs the updated policy: set rl.entropy_filter: null or rl.async_rollouts: false")

@@ -316,6 +316,9 @@ def summarize_ledger(ledger: dict) -> str:
         rows.append(("filters", f"{num(r.get('zero_variance_rollouts_dropped'))} zero-variance rollouts dropped, "
                      f"{num(r.get('prompt_selection_rollouts_saved'))} rollouts never sampled (prompt selection), "
                      f"{num(r.get('overlong_rollouts_masked'))} overlong masked"))
+        if r.get("draft_tokens"):
+            rows.append(("speculative", f"{num(r.get('accepted_tokens'))} of {num(r.get('draft_tokens'))} drafted tokens "
+                         f"accepted ({r['acceptance_rate']:.0%}), {r['tokens_per_forward']:.2f} tokens per policy forward"))
     if model.get("combined"):
         rows.append(("model", f"{model['location']} sha256 {model['combined'][:16]} ({len(model['files'])} file{'s' if len(model['files']) != 1 else ''})"))
     else:

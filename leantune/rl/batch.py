@@ -90,6 +90,17 @@ class SamplingStats:
     router_brier_sum: float = 0.0  # probe calibration on fresh outcomes, before its refit: sum of (p - y)^2
     router_brier_n: int = 0  # completions scored
     router_sizes: list[int] = field(default_factory=list)  # the group size the router gave each routed prompt
+    row_forwards: int = 0  # rows of the policy forwards sampled from (prefill included): tokens per forward's divisor
+    draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
+    accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / max(1, self.draft_tokens)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens_generated / max(1, self.row_forwards)
 
 
 class Sampler:
@@ -122,7 +133,8 @@ class Sampler:
     def _kwargs(self) -> dict:
         rl = self.rl
         return dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                    top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter)
+                    top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter, speculative=rl.speculative,
+                    speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram)
 
     def prefetch(self, cand: list[int], prompts: list[str], step: int, skipped: int) -> None:
         """Start sampling round 0 of ``step`` (prompt indices ``cand``) on the workers now, with the current
@@ -248,6 +260,9 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.rollout_seconds += ro.seconds
         s.decode_steps += ro.decode_steps
         s.groups += sum(n > 0 for n in sizes)
+        s.row_forwards += ro.row_steps
+        s.draft_tokens += ro.draft_tokens
+        s.accepted_tokens += ro.accepted_tokens
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)

@@ -36,6 +36,9 @@ class RLTotals:
     zo_prompt_tokens: int = 0
     elapsed_s: float = 0.0
     rollout_s: float = 0.0
+    row_forwards: int = 0  # rows of the rollout policy forwards sampled from (tokens per forward = tokens / this)
+    draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
+    accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
 
     def add(self, s: SamplingStats, u, rl: RLConfig, dt: float) -> None:
         g = rl.group_size
@@ -61,10 +64,16 @@ class RLTotals:
         self.router_brier_n += s.router_brier_n
         self.overlong_rollouts_masked += u.overlong_masked
         self.early_stop_tokens_saved += s.rollouts * rl.max_new_tokens - s.tokens_generated
+        self.row_forwards += s.row_forwards
+        self.draft_tokens += s.draft_tokens
+        self.accepted_tokens += s.accepted_tokens
 
 
 def ledger_totals(steps: int, t: RLTotals) -> dict:
     rollouts = {k: v for k, v in dataclasses.asdict(t).items() if k != "elapsed_s"}
+    if t.draft_tokens:  # rl.speculative
+        rollouts["acceptance_rate"] = t.accepted_tokens / t.draft_tokens
+        rollouts["tokens_per_forward"] = (t.tokens_generated - t.zo_tokens_generated) / max(1, t.row_forwards)
     return {"steps": steps, "tokens_processed": t.tokens_generated + t.prompt_tokens, "trainable_tokens": t.tokens_trained,
             "wall_time_s": t.elapsed_s, "rollouts": rollouts}
 

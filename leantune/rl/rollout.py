@@ -63,7 +63,9 @@ class Rollouts:
     truncated: list[bool]  # N: stopped by max_new_tokens, not by eos / stop string / task
     decode_steps: int = 0  # forward passes after prefill
     seconds: float = 0.0
-    row_steps: int = 0  # sum over decode steps of the rows still running (= tokens generated)
+    row_steps: int = 0  # sum over policy forwards (prefill included) of the rows sampling from it
+    draft_tokens: int = 0  # speculative: tokens drafted and verified
+    accepted_tokens: int = 0  # speculative: drafted tokens the verification accepted
     extra: dict = field(default_factory=dict)
     group_sizes: list[int] | None = None  # per prompt, when routed (`route`); 0 = not sampled. None: group_size each
     features: torch.Tensor | None = None  # (n_p, H) the routing layer's prefill hidden state per prompt, when routed
@@ -75,6 +77,11 @@ class Rollouts:
     @property
     def tokens_generated(self) -> int:
         return sum(len(c) for c in self.completion_ids)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens generated per row of a policy forward: 1.0 for plain sampling, more when drafts are accepted."""
+        return self.tokens_generated / max(1, self.row_steps)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -165,6 +172,33 @@ def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
     return _shr(z, 40).to(torch.float32) * (2.0 ** -24)
 
 
+def row_uniforms_at(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """`row_uniforms` with a step per row: row i gets the ``steps[i]``-th uniform of stream ``keys[i]``, (n,) -> (n,).
+
+    Speculative rollouts (`leantune.rl.speculative`) draw token t of a row with the same uniform as plain
+    sampling does, whichever verify step reaches it.
+    """
+    z = splitmix64(keys + (steps.to(torch.long) + 1) * _i64(_GOLDEN))  # (n,); int64 products wrap mod 2^64
+    return _shr(z, 40).to(torch.float32) * (2.0 ** -24)
+
+
+def token_distribution(hidden: torch.Tensor, head_w: torch.Tensor, temperature: float,
+                       top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's next-token distribution at each of ``hidden`` (n, H) rows, as rollouts sample it.
+
+    Returns (logp (n, V) = log softmax(logits / temperature), the log-probs recorded for the loss;
+    weights (n, V) = the top-p-filtered probabilities tokens are drawn from, unnormalized;
+    entropy (n,) of softmax(logits / temperature) in nats). Plain and speculative sampling both call this,
+    so they process logits identically.
+    """
+    logits = (hidden @ head_w.T).float() / temperature  # (n, V)
+    logp = torch.log_softmax(logits, dim=-1)  # (n, V)
+    del logits
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(-1)  # (n,)
+    return logp, top_p_filter(probs, top_p), entropy
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
                        uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of ``probs`` (n, V), drawn with probability proportional to its entry: (n,).
@@ -198,6 +232,40 @@ def _tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def prefill_groups(decoder, distinct: Sequence[Sequence[int]], group_size: int, pad: int, cache: DynamicCache,
+                   dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill each distinct prompt once (left-padded) into ``cache``, then repeat its cache rows G times.
+
+    Returns (h (n, H): the last hidden state of each of the n = n_p * G rows, group-contiguous;
+    attn (n, P): the attention mask so far; next_pos (n,): each row's next position id).
+    """
+    width = max(len(p) for p in distinct)
+    input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
+    attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
+    for i, ids in enumerate(distinct):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, device=dev)
+        attn[i, width - len(ids):] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
+    out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                  **{_cache_kwarg(decoder): cache})
+    h = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)  # (n, H)
+    del out
+    cache.batch_repeat_interleave(group_size)
+    return h, attn.repeat_interleave(group_size, dim=0), positions[:, -1].repeat_interleave(group_size) + 1
+
+
+def row_finished(tokenizer, tokens: Sequence[int], eos: int, stop: Sequence[str],
+                 is_complete: Callable[[str], bool] | None) -> bool:
+    """Whether a completion whose last token is ``tokens[-1]`` stops there: eos, a stop string, or the task
+    saying the answer is complete (checked after every token, so a row stops at the first one)."""
+    if tokens[-1] == eos:
+        return True
+    if not stop and is_complete is None:
+        return False
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return any(s in text for s in stop) or (is_complete is not None and is_complete(text))
+
+
 def _cache_kwarg(decoder) -> str:
     """The decoder's KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
     import inspect
@@ -222,6 +290,9 @@ def sample_groups(
     fold_adapter: bool = True,
     route: Callable[[torch.Tensor], Sequence[int]] | None = None,
     route_layer: int | None = None,
+    speculative: str = "off",
+    speculative_tokens: int = 4,
+    speculative_ngram: int = 3,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -236,12 +307,27 @@ def sample_groups(
     ``route_layer`` (default the middle one) at each prompt's last token, (n_p, H) fp32, captured by a forward
     hook during the prefill only, and returns one size per prompt (0 = not sampled); ``group_size`` is then
     unused and the rollouts carry ``group_sizes`` and ``features``.
+    ``speculative``: "prompt_lookup" drafts up to ``speculative_tokens`` tokens per row by matching the
+    last (up to ``speculative_ngram``) tokens earlier in the prompt + completion and verifies them in one
+    policy forward (`leantune.rl.speculative`): the same distribution, the same recorded log-probs, and with
+    ``seeds`` the same tokens as plain sampling (up to float rounding), in fewer forwards when drafts hit.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds: one per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+    if speculative not in ("off", "prompt_lookup"):
+        raise ValueError(f"speculative: 'off' or 'prompt_lookup', got {speculative!r}")
+    if speculative != "off" and route is not None:
+        raise ValueError("speculative sampling does not take a router (rl.router with rl.speculative): use one of them")
     with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
+        if speculative == "prompt_lookup":
+            from leantune.rl.speculative import prompt_lookup_drafter, sample_speculative
+
+            return sample_speculative(
+                model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete, generator=generator,
+                seeds=seeds, max_draft=speculative_tokens, drafter=prompt_lookup_drafter(speculative_ngram))
         return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
                               generator=generator, seeds=seeds, route=route, route_layer=route_layer)
@@ -336,27 +422,18 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
         attn = attn[src]  # (n, P)
         next_pos = positions[:, -1][src] + 1  # (n,)
         for t in range(max_new_tokens):
-            logits = (h @ head_w.T).float() / temperature  # (n, V)
-            logp_all = torch.log_softmax(logits, dim=-1)  # (n, V)
-            del logits
-            probs = logp_all.exp()
-            entropy = -(probs * logp_all).sum(-1)  # (n,)
+            logp_all, weights, entropy = token_distribution(h, head_w, temperature, top_p)  # (n, V), (n, V), (n,)
             u = row_uniforms(keys[rows.cpu()], t) if keys is not None else None  # (n,)
-            nxt = sample_categorical(top_p_filter(probs, top_p), generator, uniforms=u)  # (n,)
+            nxt = sample_categorical(weights, generator, uniforms=u)  # (n,)
             nxt_logp = logp_all.gather(1, nxt[:, None]).squeeze(1)  # (n,)
-            del probs, logp_all
+            del weights, logp_all
             row_steps += len(rows)
             done = torch.zeros(len(rows), dtype=torch.bool)
             for r, (seq, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
                 tokens[seq].append(tok)
                 logps[seq].append(float(nxt_logp[r]))
                 ents[seq].append(float(entropy[r]))
-                if tok == eos:
-                    done[r] = True
-                elif stop or is_complete is not None:
-                    text = tokenizer.decode(tokens[seq], skip_special_tokens=True)
-                    if any(s in text for s in stop) or (is_complete is not None and is_complete(text)):
-                        done[r] = True
+                done[r] = row_finished(tokenizer, tokens[seq], eos, stop, is_complete)
             if t == max_new_tokens - 1:
                 for r, seq in enumerate(rows.tolist()):
                     truncated[seq] = not bool(done[r])
