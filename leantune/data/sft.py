@@ -301,12 +301,13 @@ class StreamedExamples(Sequence):
     """The kept examples of a row table, tokenized on access (``len()``, ``[i]``, slices, iteration).
 
     Holds the table (a file read by offset, or memory-mapped Arrow), the row key of each kept example
-    (8 bytes each) and an LRU of the last ``cache_size`` examples -- not the data. ``[i]`` equals the
-    eager loader's ``examples[i]``.
+    (8 bytes each), its token count (``lengths``, 4 bytes each: what packing plans with) and an LRU of
+    the last ``cache_size`` examples -- not the data. ``[i]`` equals the eager loader's ``examples[i]``.
     """
 
-    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
-        self.rows, self.keys, self.check = rows, keys, check
+    def __init__(self, rows, keys: array, check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256,
+                 lengths: array | None = None):
+        self.rows, self.keys, self.check, self.lengths = rows, keys, check, lengths
         self.tokenizer, self.cfg, self.eos = tokenizer, cfg, eos
         self.cache_size = cache_size
         self._cache: OrderedDict[int, Example] = OrderedDict()
@@ -343,7 +344,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
 
     rows = open_rows(path, cfg.split_for(role), role, cfg.columns)
     check = mapped_check(lambda data, where: check_record(data, where, cfg.format), cfg.columns)
-    stats, keys = DataStats(), array("q")
+    stats, keys, lengths = DataStats(), array("q"), array("I")
     dedup = Deduplicator(cfg.dedup) if cfg.dedup is not None and role == "train" else None
 
     def flush(batch: list[tuple[int, Record]]) -> None:
@@ -351,6 +352,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
             _count(stats, tokenized)
             if tokenized is not None:
                 keys.append(key)
+                lengths.append(len(tokenized[0]))
         batch.clear()
 
     batch: list[tuple[int, Record]] = []
@@ -368,7 +370,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
         raise DataError(f"{path}: no records (the file is empty or has only blank lines). Add at least one record.")
     if not keys:
         raise _all_dropped(path, stats, cfg)
-    return StreamedExamples(rows, keys, check, tokenizer, cfg, eos), stats
+    return StreamedExamples(rows, keys, check, tokenizer, cfg, eos, lengths=lengths), stats
 
 
 # --------------------------------------------------------------------------------------------
