@@ -1,0 +1,193 @@
+"""Sequence packing (``data.packing``) vs padded batches on the demo task: tokens/s and steps to accuracy.
+
+Two arms train the same LoRA adapter (same seeded init) on the demo's data (2-digit addition in the
+``messages`` shape, ``leantune.demo.write_task_data``), side by side in one process:
+
+- ``unpacked``: the demo recipe -- ``train.micro_batch_size`` (8) examples per step, each micro-batch
+  padded to its longest example, ``data.max_length`` 128;
+- ``packed``: ``data.packing: true`` with ``data.max_length`` = ``--packed-length`` (256), the same
+  ``train.micro_batch_size`` counting rows (each row holds ~3 of the demo's ~79-token examples).
+
+Held equal: model, adapter init, lr, seed, data, threads. The demo's cosine schedule is replaced by a
+constant lr after its 5 warm-up steps, because each arm trains in segments of ``--eval-every`` steps
+(``leantune.train.sft.train`` resumed from its own checkpoint, the model kept in memory), and a cosine
+schedule would depend on where the run stops. After each segment, greedy accuracy on ``--problems``
+held-out problems (``leantune.eval.evaluate.task_accuracy``, as the demo measures it). The packed arm is
+evaluated every ``eval_every / examples_per_row`` steps (rounded, at least 1), so both arms are evaluated
+after about the same number of examples.
+
+Measured:
+- ``tokens_per_s``: real (non-pad) tokens per second of training step (median over the steps after
+  the first of each segment; from the run's metrics.jsonl, which counts ``attention_mask`` tokens);
+- ``target_accuracy``: what the unpacked arm reaches at ``--steps`` (the demo's 60 steps);
+  ``steps_to_target`` / ``examples_to_target`` / ``train_s_to_target``: the first evaluation at which each
+  arm reaches it (null: not within its budget). The packed arm's budget is ``--steps`` too.
+
+    PYTHONPATH=. python benchmarks/packing.py                  # SmolLM2-135M-Instruct (the demo's model)
+    PYTHONPATH=. python benchmarks/packing.py --tiny           # tiny random model: a smoke test, accuracy ~0
+
+Prints one JSON object (``--json PATH`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def cpu_info() -> dict:
+    """lscpu's model name, core count and whether the CPU has AVX512-BF16."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {"model": fields.get("Model name", "?").strip(), "cores": os.cpu_count(),
+            "avx512_bf16": "avx512_bf16" in flags}
+
+
+def arm_recipe(base: dict, packed: bool, args, run_dir: Path, steps: int) -> dict:
+    from leantune.demo import _merge
+
+    over = {"optim": {"scheduler": "constant"},
+            "train": {"steps": steps, "save_every": 0, "output_dir": str(run_dir), "progress": False,
+                      "log_every": 1}}
+    if packed:
+        over["data"] = {"packing": True, "max_length": args.packed_length}
+    return _merge(base, over)
+
+
+def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target: float | None) -> dict:
+    import torch
+
+    from leantune.adapters import apply_adapter
+    from leantune.config import recipe_from_dict
+    from leantune.eval.evaluate import task_accuracy
+    from leantune.train.sft import train
+
+    packed = name == "packed"
+    run_dir = out / name
+    raw = arm_recipe(base_raw, packed, args, run_dir, args.steps)
+    recipe = recipe_from_dict(raw)
+    torch.manual_seed(0)
+    model = apply_adapter(copy.deepcopy(base_model), recipe.adapter, seed=recipe.train.seed)
+    every = args.eval_every
+    if packed:
+        from leantune.data.packing import pack_examples
+        from leantune.data.sft import load_sft_examples
+
+        stats = pack_examples(load_sft_examples(recipe.data.train, tok, recipe.data)[0], args.packed_length).stats
+        every = max(1, round(args.eval_every / stats.examples_per_row))
+    curve, step, train_s, reached, starts = [], 0, 0.0, None, set()
+    while step < args.steps:
+        starts.add(step + 1)  # the first step of a segment pays its warm-up
+        resume, step = step > 0, min(step + every, args.steps)
+        seg = recipe_from_dict(arm_recipe(base_raw, packed, args, run_dir, step))
+        result = train(seg, resume=resume, quiet=True, model=model, tokenizer=tok)
+        model = result.model
+        train_s = result.ledger["totals"]["wall_time_s"]
+        acc = task_accuracy(model, tok, recipe.eval.task, num_problems=args.problems,
+                            max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+        model.train()
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        examples = step * recipe.train.micro_batch_size * (stats.examples_per_row if packed else 1)
+        curve.append({"step": step, "accuracy": acc["accuracy"], "examples_seen": round(examples),
+                      "train_s": round(train_s, 2), "loss": rows[-1]["loss"]})
+        print(f"[{name}] step {step}: accuracy {acc['accuracy']:.1%}, train {train_s:.0f} s", flush=True)
+        if target is not None and acc["accuracy"] >= target and reached is None:
+            reached = curve[-1]
+            if not args.full_curves:
+                break
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in rows if r["step"] not in starts]
+    ledger = result.ledger
+    return {
+        "recipe": {"data.packing": packed, "data.max_length": recipe.data.max_length,
+                   "train.micro_batch_size": recipe.train.micro_batch_size, "eval_every_steps": every},
+        "packing": ledger["extra"]["packing"],
+        "tokens_per_s_median": statistics.median(tps) if tps else None,
+        "tokens_per_s_steps": len(tps),
+        "tokens": ledger["totals"]["tokens_processed"],
+        "steps": curve[-1]["step"],
+        "train_s": ledger["totals"]["wall_time_s"],
+        "curve": curve,
+        "reached_target_at": reached,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny random model instead of SmolLM2-135M (smoke test)")
+    p.add_argument("--steps", type=int, default=60, help="step budget of each arm (the demo: 60)")
+    p.add_argument("--eval-every", type=int, default=10, help="unpacked steps between accuracy checks")
+    p.add_argument("--packed-length", type=int, default=256, help="data.max_length of the packed arm")
+    p.add_argument("--problems", type=int, default=50, help="held-out problems per accuracy check (the demo: 50)")
+    p.add_argument("--full-curves", action="store_true", help="keep training the packed arm after it reaches the target")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the JSON here")
+    args = p.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from leantune.config import recipe_from_dict
+    from leantune.demo import DEMO_RECIPE, NUM_TRAIN, NUM_VALID, QUICK_OVERRIDES, _merge, write_task_data
+    from leantune.models.loading import load_model_and_tokenizer
+
+    t0 = time.perf_counter()
+    out = Path(tempfile.mkdtemp(prefix="leantune-packing-"))
+    base_raw = _merge(DEMO_RECIPE, QUICK_OVERRIDES if args.tiny else {})
+    base_raw["train"]["micro_batch_size"] = DEMO_RECIPE["train"]["micro_batch_size"]
+    data = write_task_data(base_raw["eval"]["task"], out / "data", NUM_TRAIN, NUM_VALID)
+    base_raw["data"].update(train=str(data["train"]), eval=None)
+    if args.tiny:
+        from leantune.models.tiny import save_tiny_model
+
+        base_raw["model"]["path"] = str(save_tiny_model(out / "tiny-model", chat_template=True))
+    base_model, tok, _ = load_model_and_tokenizer(recipe_from_dict(base_raw).model)
+    load_s = time.perf_counter() - t0
+    load_before = os.getloadavg()
+
+    unpacked = run_arm("unpacked", base_raw, base_model, tok, args, out, target=None)
+    target = unpacked["curve"][-1]["accuracy"]
+    if unpacked["reached_target_at"] is None:
+        unpacked["reached_target_at"] = next(c for c in unpacked["curve"] if c["accuracy"] >= target)
+    packed = run_arm("packed", base_raw, base_model, tok, args, out, target=target)
+
+    def ratio(a, b):
+        return None if not a or not b else round(a / b, 3)
+
+    reached = packed["reached_target_at"]
+    result = {
+        "benchmark": "packing",
+        "model": base_raw["model"]["path"] + (" (tiny random: accuracy means nothing)" if args.tiny else ""),
+        "cpu": cpu_info(), "torch_threads": torch.get_num_threads(),
+        "load_average_before_after": [load_before, os.getloadavg()],
+        "data": {"task": base_raw["eval"]["task"], "train_examples": NUM_TRAIN},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "target_accuracy": target,
+        "arms": {"unpacked": unpacked, "packed": packed},
+        "comparison": {
+            "tokens_per_s_packed_over_unpacked": ratio(packed["tokens_per_s_median"], unpacked["tokens_per_s_median"]),
+            "steps_to_target": {"unpacked": unpacked["reached_target_at"]["step"], "packed": reached and reached["step"]},
+            "examples_to_target": {"unpacked": unpacked["reached_target_at"]["examples_seen"],
+                                   "packed": reached and reached["examples_seen"]},
+            "train_s_to_target": {"unpacked": unpacked["reached_target_at"]["train_s"], "packed": reached and reached["train_s"]},
+        },
+        "model_load_s": round(load_s, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
