@@ -12,19 +12,21 @@ Held equal: model, adapter init, lr, seed, data, threads. The demo's cosine sche
 constant lr after its 5 warm-up steps, because each arm trains in segments of ``--eval-every`` steps
 (``leantune.train.sft.train`` resumed from its own checkpoint, the model kept in memory), and a cosine
 schedule would depend on where the run stops. After each segment, greedy accuracy on ``--problems``
-held-out problems (``leantune.eval.evaluate.task_accuracy``, as the demo measures it). The packed arm is
+held-out problems (``leantune.eval.evaluate.task_accuracy``, as the demo measures it; 0 skips it) and the
+exact held-out loss on the demo's 64 validation examples (``evaluate_loss``, unpacked). The packed arm is
 evaluated every ``eval_every / examples_per_row`` steps (rounded, at least 1), so both arms are evaluated
 after about the same number of examples.
 
 Measured:
 - ``tokens_per_s``: real (non-pad) tokens per second of training step (median over the steps after
   the first of each segment; from the run's metrics.jsonl, which counts ``attention_mask`` tokens);
-- ``target_accuracy``: what the unpacked arm reaches at ``--steps`` (the demo's 60 steps);
+- ``target``: the unpacked arm's accuracy (``--target accuracy``, the default) or held-out loss
+  (``--target eval_loss``, the default with ``--tiny``) at ``--steps`` (the demo's 60 steps);
   ``steps_to_target`` / ``examples_to_target`` / ``train_s_to_target``: the first evaluation at which each
   arm reaches it (null: not within its budget). The packed arm's budget is ``--steps`` too.
 
     PYTHONPATH=. python benchmarks/packing.py                  # SmolLM2-135M-Instruct (the demo's model)
-    PYTHONPATH=. python benchmarks/packing.py --tiny           # tiny random model: a smoke test, accuracy ~0
+    PYTHONPATH=. python benchmarks/packing.py --tiny --problems 0   # tiny random model: held-out loss only
 
 Prints one JSON object (``--json PATH`` also writes it).
 """
@@ -62,13 +64,21 @@ def arm_recipe(base: dict, packed: bool, args, run_dir: Path, steps: int) -> dic
     return _merge(base, over)
 
 
+def reached(point: dict, target: float | None, metric: str) -> bool:
+    """Whether an evaluation point meets the target: accuracy at least it, eval_loss at most it."""
+    if target is None:
+        return False
+    return point[metric] >= target if metric == "accuracy" else point[metric] <= target
+
+
 def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target: float | None) -> dict:
     import torch
 
     from leantune.adapters import apply_adapter
     from leantune.config import recipe_from_dict
     from leantune.eval.evaluate import task_accuracy
-    from leantune.train.sft import train
+    from leantune.data.sft import load_sft_examples
+    from leantune.train.sft import evaluate_loss, train
 
     packed = name == "packed"
     run_dir = out / name
@@ -77,13 +87,13 @@ def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target:
     torch.manual_seed(0)
     model = apply_adapter(copy.deepcopy(base_model), recipe.adapter, seed=recipe.train.seed)
     every = args.eval_every
+    held_out = load_sft_examples(args.valid, tok, recipe.data, role="eval")[0]
     if packed:
         from leantune.data.packing import pack_examples
-        from leantune.data.sft import load_sft_examples
 
         stats = pack_examples(load_sft_examples(recipe.data.train, tok, recipe.data)[0], args.packed_length).stats
         every = max(1, round(args.eval_every / stats.examples_per_row))
-    curve, step, train_s, reached, starts = [], 0, 0.0, None, set()
+    curve, step, train_s, reached_at, starts = [], 0, 0.0, None, set()
     while step < args.steps:
         starts.add(step + 1)  # the first step of a segment pays its warm-up
         resume, step = step > 0, min(step + every, args.steps)
@@ -92,15 +102,18 @@ def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target:
         model = result.model
         train_s = result.ledger["totals"]["wall_time_s"]
         acc = task_accuracy(model, tok, recipe.eval.task, num_problems=args.problems,
-                            max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+                            max_new_tokens=recipe.eval.max_new_tokens,
+                            batch_size=recipe.eval.batch_size) if args.problems else {"accuracy": None}
+        held = evaluate_loss(model, held_out, tok.pad_token_id, recipe.loss.weights, 8, recipe.loss.chunk_size)
         model.train()
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         examples = step * recipe.train.micro_batch_size * (stats.examples_per_row if packed else 1)
-        curve.append({"step": step, "accuracy": acc["accuracy"], "examples_seen": round(examples),
-                      "train_s": round(train_s, 2), "loss": rows[-1]["loss"]})
-        print(f"[{name}] step {step}: accuracy {acc['accuracy']:.1%}, train {train_s:.0f} s", flush=True)
-        if target is not None and acc["accuracy"] >= target and reached is None:
-            reached = curve[-1]
+        curve.append({"step": step, "accuracy": acc["accuracy"], "eval_loss": round(held["eval_loss"], 5),
+                      "examples_seen": round(examples), "train_s": round(train_s, 2), "loss": rows[-1]["loss"]})
+        print(f"[{name}] step {step}: accuracy {acc['accuracy']}, eval_loss {held['eval_loss']:.4f}, "
+              f"train {train_s:.0f} s", flush=True)
+        if reached_at is None and reached(curve[-1], target, args.target):
+            reached_at = curve[-1]
             if not args.full_curves:
                 break
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -116,7 +129,7 @@ def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target:
         "steps": curve[-1]["step"],
         "train_s": ledger["totals"]["wall_time_s"],
         "curve": curve,
-        "reached_target_at": reached,
+        "reached_target_at": reached_at,
     }
 
 
@@ -127,10 +140,14 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=10, help="unpacked steps between accuracy checks")
     p.add_argument("--packed-length", type=int, default=256, help="data.max_length of the packed arm")
     p.add_argument("--problems", type=int, default=50, help="held-out problems per accuracy check (the demo: 50)")
+    p.add_argument("--target", choices=["accuracy", "eval_loss"], default=None,
+                   help="what the packed arm must reach (the unpacked arm's final value): default accuracy, "
+                        "eval_loss with --tiny (a random tiny model solves no problem)")
     p.add_argument("--full-curves", action="store_true", help="keep training the packed arm after it reaches the target")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the JSON here")
     args = p.parse_args()
+    args.target = args.target or ("eval_loss" if args.tiny else "accuracy")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -146,6 +163,7 @@ def main() -> None:
     base_raw["train"]["micro_batch_size"] = DEMO_RECIPE["train"]["micro_batch_size"]
     data = write_task_data(base_raw["eval"]["task"], out / "data", NUM_TRAIN, NUM_VALID)
     base_raw["data"].update(train=str(data["train"]), eval=None)
+    args.valid = data["valid"]  # held-out loss after each segment (exact, unpacked)
     if args.tiny:
         from leantune.models.tiny import save_tiny_model
 
@@ -155,15 +173,14 @@ def main() -> None:
     load_before = os.getloadavg()
 
     unpacked = run_arm("unpacked", base_raw, base_model, tok, args, out, target=None)
-    target = unpacked["curve"][-1]["accuracy"]
-    if unpacked["reached_target_at"] is None:
-        unpacked["reached_target_at"] = next(c for c in unpacked["curve"] if c["accuracy"] >= target)
+    target = unpacked["curve"][-1][args.target]
+    unpacked["reached_target_at"] = next(c for c in unpacked["curve"] if reached(c, target, args.target))
     packed = run_arm("packed", base_raw, base_model, tok, args, out, target=target)
 
     def ratio(a, b):
         return None if not a or not b else round(a / b, 3)
 
-    reached = packed["reached_target_at"]
+    hit = packed["reached_target_at"]
     result = {
         "benchmark": "packing",
         "model": base_raw["model"]["path"] + (" (tiny random: accuracy means nothing)" if args.tiny else ""),
@@ -171,14 +188,14 @@ def main() -> None:
         "load_average_before_after": [load_before, os.getloadavg()],
         "data": {"task": base_raw["eval"]["task"], "train_examples": NUM_TRAIN},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "target_accuracy": target,
+        "target": {"metric": args.target, "value": target, "rule": "the unpacked arm's value at its last step"},
         "arms": {"unpacked": unpacked, "packed": packed},
         "comparison": {
             "tokens_per_s_packed_over_unpacked": ratio(packed["tokens_per_s_median"], unpacked["tokens_per_s_median"]),
-            "steps_to_target": {"unpacked": unpacked["reached_target_at"]["step"], "packed": reached and reached["step"]},
+            "steps_to_target": {"unpacked": unpacked["reached_target_at"]["step"], "packed": hit and hit["step"]},
             "examples_to_target": {"unpacked": unpacked["reached_target_at"]["examples_seen"],
-                                   "packed": reached and reached["examples_seen"]},
-            "train_s_to_target": {"unpacked": unpacked["reached_target_at"]["train_s"], "packed": reached and reached["train_s"]},
+                                   "packed": hit and hit["examples_seen"]},
+            "train_s_to_target": {"unpacked": unpacked["reached_target_at"]["train_s"], "packed": hit and hit["train_s"]},
         },
         "model_load_s": round(load_s, 1),
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -193,11 +193,12 @@ def check_packed_attention(model, lengths: tuple[int, ...] = (5, 3)) -> float:
     """
     from leantune.adapters.lora import causal_lm
 
-    decoder = causal_lm(model).get_decoder()
-    param = next(model.parameters())
-    vocab = causal_lm(model).config.vocab_size
+    lm = causal_lm(model)
+    decoder = lm.get_decoder()
+    # the compute dtype and device (not those of a quantized layer's codes)
+    param = next(p for p in model.parameters() if p.is_floating_point())
     gen = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, vocab, (1, n), generator=gen).to(param.device) for n in lengths]
+    seqs = [torch.randint(0, lm.config.vocab_size, (1, n), generator=gen).to(param.device) for n in lengths]
     was_training = model.training
     model.eval()
     try:
@@ -211,7 +212,7 @@ def check_packed_attention(model, lengths: tuple[int, ...] = (5, 3)) -> float:
     err = float((packed - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
     tol = 1e-4 if param.dtype == torch.float32 else 5e-2
     if not err <= tol:
-        impl = getattr(causal_lm(model).config, "_attn_implementation", "?")
+        impl = getattr(lm.config, "_attn_implementation", "?")
         raise ValueError(
             f"data.packing: this model's decoder (attention {impl!r}) does not keep packed examples apart: "
             f"hidden states differ from unpacked ones by {err:.2e} (relative, tolerance {tol:.0e}). "
