@@ -6,7 +6,8 @@ Two arms train the same LoRA adapter (same seeded init) on the demo's data (2-di
 - ``unpacked``: the demo recipe -- ``train.micro_batch_size`` (8) examples per step, each micro-batch
   padded to its longest example, ``data.max_length`` 128;
 - ``packed``: ``data.packing: true`` with ``data.max_length`` = ``--packed-length`` (256), the same
-  ``train.micro_batch_size`` counting rows (each row holds ~3 of the demo's ~79-token examples).
+  ``train.micro_batch_size`` counting rows (each row holds ~3 of the demo's ~79-token examples), or
+  ``--packed-rows`` rows (e.g. 3: about the unpacked arm's tokens per step).
 
 Held equal: model, adapter init, lr, seed, data, threads. The demo's cosine schedule is replaced by a
 constant lr after its 5 warm-up steps, because each arm trains in segments of ``--eval-every`` steps
@@ -18,6 +19,8 @@ evaluated every ``eval_every / examples_per_row`` steps (rounded, at least 1), s
 after about the same number of examples.
 
 Measured:
+- ``same_examples``: forward + backward of the same examples packed (8 rows) and padded (micro-batches of
+  8), alternated ``--repeats`` times after a warm-up: real tokens/s of each, robust to a changing load;
 - ``tokens_per_s``: real (non-pad) tokens per second of training step (median over the steps after
   the first of each segment; from the run's metrics.jsonl, which counts ``attention_mask`` tokens);
 - ``target``: the unpacked arm's accuracy (``--target accuracy``, the default) or held-out loss
@@ -61,6 +64,8 @@ def arm_recipe(base: dict, packed: bool, args, run_dir: Path, steps: int) -> dic
                       "log_every": 1}}
     if packed:
         over["data"] = {"packing": True, "max_length": args.packed_length}
+        if args.packed_rows:
+            over["train"]["micro_batch_size"] = args.packed_rows
     return _merge(base, over)
 
 
@@ -133,17 +138,71 @@ def run_arm(name: str, base_raw: dict, base_model, tok, args, out: Path, target:
     }
 
 
+def interleaved_step_times(base_raw: dict, base_model, tok, args) -> dict:
+    """Forward + backward over the *same* examples, packed and padded, alternating ``--repeats`` times.
+
+    The examples of the first ``--rows`` packed rows (8 rows of ``--packed-length``) are run once as those
+    rows and once as padded micro-batches of 8 examples (the unpacked arm's batches), with the trainer's
+    loss (``accumulate_gradients``, one optimizer step's worth, no update). Alternating the two keeps a
+    change in the machine's load from favouring either. Real tokens/s = the examples' tokens / median time.
+    """
+    import torch
+
+    from leantune.adapters import apply_adapter
+    from leantune.config import recipe_from_dict
+    from leantune.data.packing import collate_packed, pack_examples
+    from leantune.data.sft import collate, load_sft_examples
+    from leantune.train.sft import SFTLoss, accumulate_gradients
+
+    recipe = recipe_from_dict(arm_recipe(base_raw, True, args, Path(tempfile.mkdtemp()), 1))
+    examples = load_sft_examples(recipe.data.train, tok, recipe.data)[0]
+    rows = list(pack_examples(examples, args.packed_length)[: args.rows])
+    chosen = [e for row in rows for e in row]
+    mb = base_raw["train"]["micro_batch_size"]
+    w = recipe.loss.weights
+    packed = [collate_packed(rows, tok.pad_token_id, w)]
+    padded = [collate(chosen[i : i + mb], tok.pad_token_id, w) for i in range(0, len(chosen), mb)]
+    tokens = sum(len(e.input_ids) for e in chosen)
+    torch.manual_seed(0)
+    model = apply_adapter(copy.deepcopy(base_model), recipe.adapter, seed=0).train()
+    loss_module, times = SFTLoss(model), {"packed": [], "unpacked": []}
+    for r in range(args.repeats + 1):  # the first round is a warm-up
+        for name, batches in (("packed", packed), ("unpacked", padded)) if r % 2 else (("unpacked", padded), ("packed", packed)):
+            t = time.perf_counter()
+            accumulate_gradients(loss_module, batches, recipe.loss.chunk_size)
+            model.zero_grad(set_to_none=True)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "examples": len(chosen), "real_tokens": tokens,
+        "positions": {"packed": sum(b["input_ids"].numel() for b in packed),
+                      "unpacked": sum(b["input_ids"].numel() for b in padded)},
+        "micro_batches": {"packed": f"1 x {len(rows)} rows", "unpacked": f"{len(padded)} x <= {mb} examples"},
+        "step_s_median": {k: round(v, 4) for k, v in med.items()},
+        "step_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "tokens_per_s": {k: round(tokens / v, 1) for k, v in med.items()},
+        "packed_over_unpacked": round(med["unpacked"] / med["packed"], 3),
+        "repeats": args.repeats,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny random model instead of SmolLM2-135M (smoke test)")
     p.add_argument("--steps", type=int, default=60, help="step budget of each arm (the demo: 60)")
     p.add_argument("--eval-every", type=int, default=10, help="unpacked steps between accuracy checks")
     p.add_argument("--packed-length", type=int, default=256, help="data.max_length of the packed arm")
+    p.add_argument("--packed-rows", type=int, default=None,
+                   help="train.micro_batch_size (rows) of the packed arm; default: the unpacked arm's (8)")
     p.add_argument("--problems", type=int, default=50, help="held-out problems per accuracy check (the demo: 50)")
     p.add_argument("--target", choices=["accuracy", "eval_loss"], default=None,
                    help="what the packed arm must reach (the unpacked arm's final value): default accuracy, "
                         "eval_loss with --tiny (a random tiny model solves no problem)")
     p.add_argument("--full-curves", action="store_true", help="keep training the packed arm after it reaches the target")
+    p.add_argument("--rows", type=int, default=8, help="packed rows in the same-examples comparison")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of the same-examples comparison")
+    p.add_argument("--only-interleaved", action="store_true", help="only the same-examples step-time comparison")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the JSON here")
     args = p.parse_args()
@@ -172,6 +231,13 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     load_before = os.getloadavg()
 
+    same_examples = interleaved_step_times(base_raw, base_model, tok, args)
+    print(f"[interleaved] {same_examples['tokens_per_s']} real tokens/s", flush=True)
+    if args.only_interleaved:
+        print(json.dumps({"benchmark": "packing", "model": base_raw["model"]["path"], "cpu": cpu_info(),
+                          "load_average_before_after": [load_before, os.getloadavg()],
+                          "same_examples": same_examples, "wall_s": round(time.perf_counter() - t0, 1)}, indent=1))
+        return
     unpacked = run_arm("unpacked", base_raw, base_model, tok, args, out, target=None)
     target = unpacked["curve"][-1][args.target]
     unpacked["reached_target_at"] = next(c for c in unpacked["curve"] if reached(c, target, args.target))
@@ -189,6 +255,7 @@ def main() -> None:
         "data": {"task": base_raw["eval"]["task"], "train_examples": NUM_TRAIN},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target": {"metric": args.target, "value": target, "rule": "the unpacked arm's value at its last step"},
+        "same_examples": same_examples,
         "arms": {"unpacked": unpacked, "packed": packed},
         "comparison": {
             "tokens_per_s_packed_over_unpacked": ratio(packed["tokens_per_s_median"], unpacked["tokens_per_s_median"]),
