@@ -9,7 +9,9 @@ evaluation losses stay exact.
 
 Gradient accumulation is normalized by the number of loss-carrying tokens in the whole optimizer step
 (sum of weights, over every process), so ``micro_batch_size=8, grad_accum=1`` and ``micro_batch_size=1,
-grad_accum=8`` -- and 2 processes at ``grad_accum=4`` -- give the same update.
+grad_accum=8`` -- and 2 processes at ``grad_accum=4`` -- give the same update. With ``data.packing`` a
+micro-batch is ``micro_batch_size`` packed rows (``leantune.data.packing``): positions restart per example, the
+decoder builds a block-diagonal mask from them, and the loss-carrying tokens -- so the loss -- are unchanged.
 
 Everything around the step (device, processes, model and adapter, optimizer, resume, checkpoints, metrics,
 ledger) is the run session's (``leantune.train.session``).
