@@ -122,6 +122,10 @@ class DataConfig(Section):
     think_start: str = Field(default="<think>", description="Marker opening the thinking span inside a completion.")
     think_end: str = Field(default="</think>", description="Marker closing the thinking span; the rest is the answer span.")
     shuffle: bool = Field(default=True, description="Shuffle training examples every epoch (seeded).")
+    packing: bool = Field(
+        default=False,
+        description="SFT (`leantune train`): pack several examples into each row of up to max_length tokens (best-fit decreasing, once; rows shuffled per epoch), positions restarting per example and no attention across examples. train.micro_batch_size then counts rows. Less padding, more examples per step; the loss over the same examples is unchanged (docs/packing.md).",
+    )
     dedup: DedupConfig | None = Field(
         default=None,
         description="SFT: remove exact and near-duplicate training rows before tokenization, e.g. {exact: true, near: 0.8}; the counts go to the ledger (totals.data). null: keep every row. data.eval is not deduplicated.",
@@ -635,6 +639,9 @@ class Recipe(Section):
         """RecipeError unless the recipe has what ``command`` (train, rl, rft, dpo) needs beyond its own checks."""
         if command == "train" and self.data.train is None:
             raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
+        if command in ("rl", "dpo") and self.data.packing:
+            raise RecipeError(f"data.packing: packs SFT examples (leantune train, and rft's fine-tuning rounds); "
+                              f"leantune {command} does not pack. Set data.packing: false")
         if command in ("rl", "rft"):
             if self.data.train is None and self.rl.task is None:
                 raise RecipeError("rl: set data.train (prompt rows) or rl.task (a bundled task generates them)")

@@ -30,6 +30,7 @@ dropped too. Batches are right-padded; pad positions have span ``-1``.
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -299,12 +300,14 @@ class StreamedExamples(Sequence):
     """The kept examples of a row table, tokenized on access (``len()``, ``[i]``, slices, iteration).
 
     Holds the table (a file read by offset, or memory-mapped Arrow), the row key of each kept example
-    (8 bytes each, on disk: :class:`DiskInts`) and an LRU of the last ``cache_size`` examples -- not the
-    data. ``[i]`` equals the eager loader's ``examples[i]``.
+    (8 bytes each, on disk: :class:`DiskInts`), with ``data.packing`` its token count (``lengths``, 4 bytes
+    each in memory: what packing plans with, next to the plan's own arrays) and an LRU of the last
+    ``cache_size`` examples -- not the data. ``[i]`` equals the eager loader's ``examples[i]``.
     """
 
-    def __init__(self, rows, keys: Sequence[int], check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256):
-        self.rows, self.keys, self.check = rows, keys, check
+    def __init__(self, rows, keys: Sequence[int], check, tokenizer, cfg: DataConfig, eos: int, cache_size: int = 256,
+                 lengths: array | None = None):
+        self.rows, self.keys, self.check, self.lengths = rows, keys, check, lengths
         self.tokenizer, self.cfg, self.eos = tokenizer, cfg, eos
         self.cache_size = cache_size
         self._cache: OrderedDict[int, Example] = OrderedDict()
@@ -341,7 +344,8 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
 
     rows = open_rows(path, cfg.split_for(role), role, cfg.columns)
     check = mapped_check(lambda data, where: check_record(data, where, cfg.format), cfg.columns)
-    stats, keys = DataStats(), DiskInts()
+    # Without packing nothing here grows with the data; packing's plan needs every length (4 bytes each).
+    stats, keys, lengths = DataStats(), DiskInts(), array("I") if cfg.packing else None
     dedup = Deduplicator(cfg.dedup) if cfg.dedup is not None and role == "train" else None
 
     def flush(batch: list[tuple[int, Record]]) -> None:
@@ -349,6 +353,8 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
             _count(stats, tokenized)
             if tokenized is not None:
                 keys.append(key)
+                if lengths is not None:
+                    lengths.append(len(tokenized[0]))
         batch.clear()
 
     batch: list[tuple[int, Record]] = []
@@ -367,7 +373,7 @@ def _load_streamed(path, tokenizer, cfg: DataConfig, role, eos: int, chunk: int 
         raise DataError(f"{path}: no records (the file is empty or has only blank lines). Add at least one record.")
     if not keys:
         raise _all_dropped(path, stats, cfg)
-    return StreamedExamples(rows, keys, check, tokenizer, cfg, eos), stats
+    return StreamedExamples(rows, keys, check, tokenizer, cfg, eos, lengths=lengths), stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against s
 Assumptions (worst case within the recipe): every micro-batch is padded to ``data.max_length``; a
 micro-batch of more than one sequence carries padding, so SDPA gets an explicit attention mask (on CPU
 that costs a ``B x T x T`` mask per layer and un-grouped K/V); ``memory.loss_fraction`` of the
-positions carry a loss.
+positions carry a loss. With ``data.packing`` (SFT) a micro-batch is ``micro_batch_size`` packed rows
+of ``data.max_length`` tokens, and even one row gets the explicit (block-diagonal) mask.
 """
 
 from __future__ import annotations
@@ -538,7 +539,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         seq = recipe.data.max_length + recipe.rl.max_new_tokens
         loss_fraction = min(loss_fraction, recipe.rl.max_new_tokens / seq)
     n = batch * seq
-    masked = batch > 1
+    packed = recipe.data.packing and not rl  # rows of max_length tokens, a block-diagonal mask even at batch 1
+    masked = batch > 1 or packed
     rows = loss_rows(batch, seq, loss_fraction)
     cols = shape.vocab if rl else loss_cols(shape, recipe, rows)  # RL's log-probs run over the whole vocabulary
     head = head_copy_bytes(shape, recipe, cols, e, rl)
@@ -660,7 +662,10 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     if not on_device and (recipe.quant.bits or recipe.quant.embedding_bits) and plan.peak_phase == "load":
         plan.notes.append("peak is the load: the base is read in full precision and quantized afterwards, "
                           "so quantization lowers the training phases only")
-    if not rl and masked:
+    if packed:
+        plan.notes.append(f"data.packing: {batch} packed row(s) of {seq} tokens per micro-batch, with the explicit "
+                          "block-diagonal attention mask (B x T x T per layer)")
+    elif not rl and masked:
         plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
     if recipe.train.allocator != "system" and not on_device:
         plan.notes.append(f"calibrated on glibc's malloc; with train.allocator={recipe.train.allocator} the leantune "

@@ -9,7 +9,9 @@ evaluation losses stay exact.
 
 Gradient accumulation is normalized by the number of loss-carrying tokens in the whole optimizer step
 (sum of weights, over every process), so ``micro_batch_size=8, grad_accum=1`` and ``micro_batch_size=1,
-grad_accum=8`` -- and 2 processes at ``grad_accum=4`` -- give the same update.
+grad_accum=8`` -- and 2 processes at ``grad_accum=4`` -- give the same update. With ``data.packing`` a
+micro-batch is ``micro_batch_size`` packed rows (``leantune.data.packing``): positions restart per example, the
+decoder builds a block-diagonal mask from them, and the loss-carrying tokens -- so the loss -- are unchanged.
 
 Everything around the step (device, processes, model and adapter, optimizer, resume, checkpoints, metrics,
 ledger) is the run session's (``leantune.train.session``).
@@ -27,6 +29,7 @@ import torch
 from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm
 from leantune.config import Recipe, SpanWeights
+from leantune.data.packing import check_packed_attention, collate_packed, pack_examples
 from leantune.data.sft import Example, batch_at, collate, load_sft_examples
 from leantune.distributed import LossModule, all_reduce_sum, clip_grad_norm, rank_micro_steps
 from leantune.losses import linear_cross_entropy, vocab_subset, vocab_subset_cross_entropy
@@ -42,12 +45,18 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
                 candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_t w_t · CE(token t) over the batch, computed without materializing logits.
 
-    batch: input_ids, attention_mask, labels, loss_weights, each (B, T), labels aligned with input_ids.
+    batch: input_ids, attention_mask, labels, loss_weights, each (B, T), labels aligned with input_ids; a packed
+    batch (``leantune.data.packing.collate_packed``) also has position_ids, and then the decoder gets those and no
+    attention mask, so transformers builds the block-diagonal (per-example) causal mask from them.
     candidates: None for the exact loss; else (C,) token ids, and the softmax runs over candidates ∪ the
     batch's targets only (``vocab_subset_cross_entropy``, approximate: a lower bound of the exact loss).
     """
     lm = causal_lm(model)
-    out = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if "position_ids" in batch:
+        mask = {"position_ids": batch["position_ids"], "attention_mask": None}
+    else:
+        mask = {"attention_mask": batch["attention_mask"]}
+    out = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **mask)
     hidden = out.last_hidden_state  # (B, T, H)
     # (V, H): the Parameter, or a quantized head (quant.embedding_bits), which the exact loss dequantizes
     # 16 MiB of rows at a time and the subset loss only in the subset's rows
@@ -167,6 +176,13 @@ def _train(session: RunSession) -> TrainResult:
     train_examples, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
     eval_examples = load_sft_examples(recipe.data.eval, tokenizer, recipe.data, role="eval")[0] if recipe.data.eval else []
     session.info(f"data: {stats.as_dict()}")
+    # data.packing: the batches are drawn from packed rows instead of single examples (micro_batch_size counts rows)
+    train_items, collate_items, packing = train_examples, collate, None
+    if recipe.data.packing:
+        check_packed_attention(model)
+        train_items, collate_items = pack_examples(train_examples, recipe.data.max_length), collate_packed
+        packing = train_items.stats
+        session.info(f"packing: {packing.as_dict()}")
     pad_id = tokenizer.pad_token_id
     saved = session.trainer_state.get("candidates")  # resume: the subset the run started with, not a re-calibration
     candidates = torch.tensor(saved, dtype=torch.long) if saved is not None else sft_candidates(
@@ -190,8 +206,8 @@ def _train(session: RunSession) -> TrainResult:
     while session.step < cfg.steps:
         step = session.step
         weights = recipe.loss.weights_at(step)
-        batches = [session.to_device(collate(batch_at(train_examples, i, cfg.micro_batch_size, cfg.seed,
-                                                      recipe.data.shuffle), pad_id, weights))
+        batches = [session.to_device(collate_items(batch_at(train_items, i, cfg.micro_batch_size, cfg.seed,
+                                                            recipe.data.shuffle), pad_id, weights))
                    for i in rank_micro_steps(step, cfg.grad_accum, dist.world_size, dist.rank)]
         subset = step_vocab_subset(candidates, batches)
         if subset is not None:
@@ -254,4 +270,5 @@ def _train(session: RunSession) -> TrainResult:
                   "wall_time_s": totals["elapsed_s"], "data": stats.as_dict()}
     return session.finish(
         totals=run_totals, flops=flops, data_files=[recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else []),
-        extra={"final_metrics": row, "loss": loss_note(recipe, candidates, subset_rows), "offloaded_checkpoints": offloaded})
+        extra={"final_metrics": row, "loss": loss_note(recipe, candidates, subset_rows), "offloaded_checkpoints": offloaded,
+               "packing": None if packing is None else packing.as_dict()})
