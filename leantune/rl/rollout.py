@@ -232,13 +232,10 @@ def _tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def prefill_groups(decoder, distinct: Sequence[Sequence[int]], group_size: int, pad: int, cache: DynamicCache,
-                   dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prefill each distinct prompt once (left-padded) into ``cache``, then repeat its cache rows G times.
-
-    Returns (h (n, H): the last hidden state of each of the n = n_p * G rows, group-contiguous;
-    attn (n, P): the attention mask so far; next_pos (n,): each row's next position id).
-    """
+def left_padded(distinct: Sequence[Sequence[int]], pad: int, dev: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts left-padded into one batch: (input_ids, attention_mask, position_ids), each (n_p, P);
+    left padding does not shift positions."""
     width = max(len(p) for p in distinct)
     input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
     attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
@@ -246,6 +243,17 @@ def prefill_groups(decoder, distinct: Sequence[Sequence[int]], group_size: int, 
         input_ids[i, width - len(ids):] = torch.tensor(ids, device=dev)
         attn[i, width - len(ids):] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
+    return input_ids, attn, positions
+
+
+def prefill_groups(decoder, distinct: Sequence[Sequence[int]], group_size: int, pad: int, cache: DynamicCache,
+                   dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill each distinct prompt once (left-padded) into ``cache``, then repeat its cache rows G times.
+
+    Returns (h (n, H): the last hidden state of each of the n = n_p * G rows, group-contiguous;
+    attn (n, P): the attention mask so far; next_pos (n,): each row's next position id).
+    """
+    input_ids, attn, positions = left_padded(distinct, pad, dev)  # (n_p, P) each
     out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
                   **{_cache_kwarg(decoder): cache})
     h = out.last_hidden_state[:, -1].repeat_interleave(group_size, dim=0)  # (n, H)
@@ -375,13 +383,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
     dev = head_w.device
 
     distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
-    width = max(len(p) for p in distinct)
-    input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=dev)  # (n_p, P) left-padded
-    attn = torch.zeros((len(distinct), width), dtype=torch.long, device=dev)
-    for i, ids in enumerate(distinct):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, device=dev)
-        attn[i, width - len(ids):] = 1
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (n_p, P): left padding does not shift positions
+    input_ids, attn, positions = left_padded(distinct, pad, dev)  # (n_p, P) each
 
     cache = DynamicCache()
     cache_kw = _cache_kwarg(decoder)
