@@ -232,6 +232,19 @@ def _tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def decode_setup(model, tokenizer) -> tuple[bool, torch.nn.Module, torch.Tensor, int, int, torch.device]:
+    """Put ``model`` in eval mode for sampling; returns (was_training: restore it after, the decoder, the
+    dense head weight (V, H) -- for a quantized head a transient copy --, eos id, pad id (eos without one),
+    the device)."""
+    was_training = model.training
+    model.eval()
+    lm = causal_lm(model)
+    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return was_training, lm.get_decoder(), head_w, eos, pad, head_w.device
+
+
 def left_padded(distinct: Sequence[Sequence[int]], pad: int, dev: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The prompts left-padded into one batch: (input_ids, attention_mask, position_ids), each (n_p, P);
@@ -373,14 +386,7 @@ def _last_token_capture(decoder, layer: int | None):
 def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature, top_p, stop, is_complete,
                    generator, seeds, route=None, route_layer=None) -> Rollouts:
     start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H); quantized: a transient copy
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    dev = head_w.device
+    was_training, decoder, head_w, eos, pad, dev = decode_setup(model, tokenizer)  # model now in eval mode
 
     distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
     input_ids, attn, positions = left_padded(distinct, pad, dev)  # (n_p, P) each

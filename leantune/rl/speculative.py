@@ -39,12 +39,11 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from leantune.adapters.lora import causal_lm
-from leantune.quant.weight_only import dense_head_weight
 from leantune.rl.rollout import (
     Rollouts,
     _cache_kwarg,
     _tokenize_prompts,
+    decode_setup,
     prefill_groups,
     row_finished,
     row_keys,
@@ -161,14 +160,7 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
         raise ValueError(f"max_draft (rl.speculative_tokens) must be >= 1, got {max_draft}")
     drafter = drafter or prompt_lookup_drafter(3)
     start_time = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    head_w = dense_head_weight(lm.get_output_embeddings())  # (V, H); quantized: a transient copy
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    dev = head_w.device
+    was_training, decoder, head_w, eos, pad, dev = decode_setup(model, tokenizer)  # model now in eval mode
 
     distinct = _tokenize_prompts(tokenizer, prompts)
     prompt_ids = [ids for ids in distinct for _ in range(group_size)]
