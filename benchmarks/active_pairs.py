@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,13 +43,10 @@ def log(*args) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and whether it has AVX512-BF16 (Linux; else what `platform` knows)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{name} ({'has' if 'avx512_bf16' in info else 'no'} avx512_bf16)"
+    """The CPU's model name and whether it has AVX512-BF16."""
+    from leantune.compute import cpu_summary
+
+    return cpu_summary()
 
 
 def write_data(d: Path, n_pool: int, n_eval: int, seed: int) -> tuple[Path, Path]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import tempfile
 import time
@@ -101,13 +100,10 @@ def run(args, data: dict[str, Path], model_path: str, out: Path, dedup: dict | N
 
 
 def cpu_model() -> str:
-    """The CPU's model name and whether it has AVX512-BF16 (Linux; else what `platform` knows)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{name} ({'has' if 'avx512_bf16' in info else 'no'} avx512_bf16)"
+    """The CPU's model name and whether it has AVX512-BF16."""
+    from leantune.compute import cpu_summary
+
+    return cpu_summary()
 
 
 def main() -> None:

@@ -40,13 +40,10 @@ def log(*args) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name and whether it has AVX512-BF16 (Linux; else what `platform` knows)."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{name} ({'has' if 'avx512_bf16' in info else 'no'} avx512_bf16)"
+    """The CPU's model name and whether it has AVX512-BF16."""
+    from leantune.compute import cpu_summary
+
+    return cpu_summary()
 
 
 def prepare_sft(spec: dict) -> dict:

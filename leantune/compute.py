@@ -46,6 +46,13 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_summary() -> str:
+    """``"<model name> (has|no avx512_bf16)"``: the line every benchmark records with its figures."""
+    from leantune.metering import _cpu_model
+
+    return f"{_cpu_model()} ({'has' if 'avx512_bf16' in cpu_flags() else 'no'} avx512_bf16)"
+
+
 def probe_key(dtype: str, device: str) -> str:
     import torch
 
