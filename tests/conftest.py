@@ -71,3 +71,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def sigkill_mid_run(command: str, raw_recipe: dict, run_dir, at_step: int) -> str:
+    """Run ``leantune COMMAND`` on ``raw_recipe`` in a subprocess and SIGKILL it once its latest checkpoint
+    reaches ``at_step``; returns that checkpoint's name (fails if the run ended or stalled first)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(raw_recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", command, str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline, killed = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= f"step-{at_step:08d}":
+            proc.send_signal(signal.SIGKILL)
+            killed = latest.read_text().strip()
+            break
+        time.sleep(0.005)
+    rc = proc.wait(timeout=60)
+    assert killed is not None and rc == -signal.SIGKILL, f"not killed mid-run: {proc.stderr.read()[-2000:]}"
+    return killed
+
+
+def assert_same_adapter(run_a, run_b) -> None:
+    """The two runs' saved adapters are bit-identical."""
+    from safetensors.torch import load_file
+
+    a = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

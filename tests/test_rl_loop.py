@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
-from safetensors.torch import load_file
+from conftest import assert_same_adapter, sigkill_mid_run, write_jsonl
 
 from leantune.config import recipe_from_dict
 from leantune.losses import linear_token_logprobs
@@ -437,28 +431,10 @@ def test_rl_sigkill_then_resume_equals_uninterrupted(tiny_chat_model_dir, prompt
         r["adapter"]["dropout"] = 0.1
         return r
 
-    path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(raw("killed")))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", "rl", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline, killed = time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step-00000004":
-            proc.send_signal(signal.SIGKILL)
-            killed = latest.read_text().strip()
-            break
-        time.sleep(0.005)
-    rc = proc.wait(timeout=60)
-    assert killed is not None and rc == -signal.SIGKILL, f"not killed mid-run: {proc.stderr.read()[-2000:]}"
+    sigkill_mid_run("rl", raw("killed"), tmp_path / "killed", at_step=4)
     resumed = train_rl(recipe_from_dict(raw("killed")), resume=True, quiet=True)
     straight = train_rl(recipe_from_dict(raw("straight")), quiet=True)
-    a = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert_same_adapter(tmp_path / "killed", tmp_path / "straight")
     assert resumed.ledger["totals"]["rollouts"] == straight.ledger["totals"]["rollouts"] | {
         "rollout_s": resumed.ledger["totals"]["rollouts"]["rollout_s"]}
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import assert_same_adapter, sigkill_mid_run, write_jsonl
 
 from leantune.config import RouterConfig, recipe_from_dict
 from leantune.models.tiny import tiny_model, tiny_tokenizer
@@ -208,15 +208,6 @@ def test_router_config_is_checked():
 
 @pytest.mark.slow  # a subprocess run killed mid-way, then two more runs
 def test_rl_router_sigkill_then_resume_equals_uninterrupted(tiny_chat_model_dir, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-    from safetensors.torch import load_file
-
     rows = [{"prompt": f"Say something about {w}.", "answer": str(i)} for i, w in enumerate(
         ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss"])]
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)
@@ -228,28 +219,10 @@ def test_rl_router_sigkill_then_resume_equals_uninterrupted(tiny_chat_model_dir,
         r["train"].update(steps=6, save_every=1)
         return r
 
-    path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(raw("killed")))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "leantune.cli", "rl", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline, killed = time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() >= "step-00000003":
-            proc.send_signal(signal.SIGKILL)
-            killed = latest.read_text().strip()
-            break
-        time.sleep(0.005)
-    rc = proc.wait(timeout=60)
-    assert killed is not None and rc == -signal.SIGKILL, f"not killed mid-run: {proc.stderr.read()[-2000:]}"
+    sigkill_mid_run("rl", raw("killed"), tmp_path / "killed", at_step=3)
     resumed = train_rl(recipe_from_dict(raw("killed")), resume=True, quiet=True)
     straight = train_rl(recipe_from_dict(raw("straight")), quiet=True)
-    a = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert_same_adapter(tmp_path / "killed", tmp_path / "straight")
     ra, rb = resumed.ledger["totals"]["rollouts"], straight.ledger["totals"]["rollouts"]
     assert ra == rb | {"rollout_s": ra["rollout_s"]}
     assert rb["router_prompts_routed"] > 0
