@@ -54,6 +54,34 @@ def apply_lora(model, cfg: AdapterConfig, seed: int = 0):
     return peft_model
 
 
+def low_precision_lora(model, recipe):
+    """A context factory for the training forward: bf16 LoRA matmuls over a bf16 base, or ``nullcontext``.
+
+    PEFT keeps LoRA weights in fp32 over a bf16 base and casts every adapted projection's input to fp32 and its
+    output back (``LoraLayer._cast_input_dtype``): with q/k/v/o adapted that is 4 casts of the hidden states per
+    layer and per direction, 14% of a bf16 SmolLM2 step's time in `benchmarks/step_profile.py` (docs/compute.md).
+    With ``adapter.compute_dtype: auto`` the forward instead runs under bf16 autocast with PEFT's own switch for
+    that cast off (``peft.helpers.disable_input_dtype_casting``): autocast casts the small fp32 A and B to bf16
+    for the matmul, and the gradients still land in the fp32 parameters (mixed precision, as Trainer's
+    ``bf16=True``). The base's ops are unchanged: its weights and activations already are bf16, and
+    transformers' RMSNorm and rotary code upcast explicitly. Returns a zero-argument callable giving a fresh
+    context per forward.
+    """
+    if not (recipe.adapter.method == "lora" and recipe.adapter.compute_dtype == "auto"
+            and recipe.model.compute_dtype == "bfloat16" and recipe.quant.bits is None):
+        return contextlib.nullcontext
+    from peft.helpers import disable_input_dtype_casting
+
+    device_type = next(model.parameters()).device.type
+
+    @contextlib.contextmanager
+    def compute():
+        with torch.autocast(device_type, dtype=torch.bfloat16), disable_input_dtype_casting(model):
+            yield
+
+    return compute
+
+
 def causal_lm(model):
     """The transformers CausalLM under an optional PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -22,12 +22,13 @@ Run: ``leantune train recipes/sft_smollm2_addition.yaml`` (see ``leantune.cli``)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
 
 from leantune import ledger as ledger_mod
-from leantune.adapters.lora import causal_lm
+from leantune.adapters.lora import causal_lm, low_precision_lora
 from leantune.config import Recipe, SpanWeights
 from leantune.data.packing import check_packed_attention, collate_packed, pack_examples
 from leantune.data.sft import Example, batch_at, collate, load_sft_examples
@@ -42,7 +43,7 @@ from leantune.train.session import RunSession, TrainResult
 
 
 def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
-                candidates: torch.Tensor | None = None) -> torch.Tensor:
+                candidates: torch.Tensor | None = None, compute=contextlib.nullcontext) -> torch.Tensor:
     """Σ_t w_t · CE(token t) over the batch, computed without materializing logits.
 
     batch: input_ids, attention_mask, labels, loss_weights, each (B, T), labels aligned with input_ids; a packed
@@ -50,13 +51,16 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
     attention mask, so transformers builds the block-diagonal (per-example) causal mask from them.
     candidates: None for the exact loss; else (C,) token ids, and the softmax runs over candidates ∪ the
     batch's targets only (``vocab_subset_cross_entropy``, approximate: a lower bound of the exact loss).
+    compute: a context factory around the decoder's forward only (`leantune.adapters.lora.low_precision_lora`);
+    the loss over the head runs outside it, in the precision ``linear_cross_entropy`` chooses.
     """
     lm = causal_lm(model)
     if "position_ids" in batch:
         mask = {"position_ids": batch["position_ids"], "attention_mask": None}
     else:
         mask = {"attention_mask": batch["attention_mask"]}
-    out = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **mask)
+    with compute():
+        out = lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **mask)
     hidden = out.last_hidden_state  # (B, T, H)
     # (V, H): the Parameter, or a quantized head (quant.embedding_bits), which the exact loss dequantizes
     # 16 MiB of rows at a time and the subset loss only in the subset's rows
@@ -86,8 +90,8 @@ class SFTLoss(LossModule):
     """``lm_loss_sum`` as a module's forward, ``(batch, chunk_size=, candidates=)``: what DDP / FSDP2 wrap, since
     the loss calls the decoder and the lm_head itself (a wrapper only syncs work done inside its forward)."""
 
-    def __init__(self, model):
-        super().__init__(model, lm_loss_sum)
+    def __init__(self, model, compute=contextlib.nullcontext):
+        super().__init__(model, functools.partial(lm_loss_sum, compute=compute))
 
 
 def accumulate_gradients(loss_module, batches: list[dict[str, torch.Tensor]], chunk_size: int,
@@ -165,7 +169,8 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     touched.
     """
     session = RunSession(recipe, "train", resume=resume, quiet=quiet, recipe_path=recipe_path, model=model,
-                         tokenizer=tokenizer, loss_module=SFTLoss)
+                         tokenizer=tokenizer,
+                         loss_module=lambda m: SFTLoss(m, compute=low_precision_lora(m, recipe)))
     with session:
         return _train(session)
 
@@ -192,6 +197,9 @@ def _train(session: RunSession) -> TrainResult:
         session.info(f"loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
                      f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
     loss_module = session.loss_module  # the model's loss, DDP/FSDP2-wrapped under torchrun
+    if session.needs_backward and low_precision_lora(model, recipe) is not contextlib.nullcontext:
+        session.auto_choices["adapter.compute_dtype"] = ("bfloat16: LoRA matmuls under bf16 autocast over the bf16 "
+                                                         "base, fp32 adapter weights and optimizer state")
     totals = session.trainer_state.get("totals") or {"tokens": 0, "trainable_tokens": 0, "loss_weight": 0.0,
                                                      "elapsed_s": 0.0}
     subset_rows = []  # |subset| of every step (vocabulary-subset loss only), for the FLOPs bill
