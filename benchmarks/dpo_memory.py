@@ -3,8 +3,9 @@
 
 Every arm trains the same model on the same preference pairs (a filler prompt of ``prompt_fraction x seq_len``
 tokens and two completions that fill the rest, so prompt + completion = ``seq_len``), with the same LoRA
-config, optimizer (AdamW, constant lr, no warmup, clip 1.0), batch (pairs), beta and steps, in fp32, each arm
-in its own subprocess (peak RSS per run: a 10 ms psutil poll and ``ru_maxrss``, `sft_memory.RssMonitor`).
+config, optimizer (AdamW, constant lr, no warmup, clip 1.0), batch (pairs), beta and steps, in the dtype each
+library's users would pick on this CPU (``--dtype auto``: bf16 where the CPU has AVX512-BF16 or AMX -- leantune
+trains a bf16 base, TRL runs its ``bf16=True`` CPU autocast -- fp32 elsewhere), each arm in its own subprocess (peak RSS per run: a 10 ms psutil poll and ``ru_maxrss``, `sft_memory.RssMonitor`).
 The parent never imports torch.
 
 Arms (``--only NAME[,NAME...]``, a prefix selects several):
@@ -14,7 +15,7 @@ Arms (``--only NAME[,NAME...]``, a prefix selects several):
 - ``leantune_precompute``: the same with ``dpo.precompute_reference: true`` (the reference pass runs before
   training, outside the timed steps; its time is reported separately);
 - ``trl_dpo``: ``trl.DPOTrainer`` with ``peft_config`` (the reference is the adapter-disabled model too) and
-  its defaults otherwise, except fp32 and the shared lr / schedule / steps / batch / ``max_length`` / beta.
+  its defaults otherwise (its own padding and checkpointing settings), except the dtype and the shared lr / schedule / steps / batch / ``max_length`` / beta.
 
 tokens/s counts prompt + chosen + rejected tokens of each pair (the same count for every arm) and excludes
 the first optimizer step (warm-up). ``--leantune-ckpt`` sets the leantune arms' activation checkpointing.
@@ -39,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # this checkout's leantune
 sys.path.insert(0, str(HERE))
 import sft_memory as sm  # noqa: E402  (no torch at import: RssMonitor, model/tokenizer loading, filler text)
+from leantune.compute import cpu_summary  # noqa: E402  (no torch at import)
 
 
 def log(*args) -> None:
@@ -78,7 +80,7 @@ def run_leantune(spec: dict, mon) -> dict:
     policy = int(policy) if str(policy).isdigit() else policy
     run_dir = Path(spec["work_dir"]) / f"run-{spec['runner']}"
     recipe = Recipe.model_validate({
-        "model": {"path": spec["tiny_dir"] if spec["quick"] else f"builtin:{sm.MODEL_BUILTIN}", "dtype": "float32"},
+        "model": {"path": spec["tiny_dir"] if spec["quick"] else f"builtin:{sm.MODEL_BUILTIN}", "dtype": spec["dtype"]},
         "data": {"train": str(Path(spec["work_dir"]) / "pairs.jsonl"), "max_length": spec["seq_len"], "shuffle": False},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": list(sm.LORA_TARGETS)},
         "loss": {"chunk_size": spec["chunk_size"]},
@@ -206,7 +208,11 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    p.add_argument("--leantune-ckpt", default="off", help="leantune activation_checkpointing: off, all or k")
+    p.add_argument("--leantune-ckpt", default="off", help="leantune activation_checkpointing: off, selective, all or k; a comma list runs one live arm per value "
+                   "(the precomputed-reference arm uses the first)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 where the CPU has AVX512-BF16 or AMX, else fp32; leantune trains a bf16 base, "
+                   "TRL uses bf16=True (CPU autocast over fp32 weights)")
     p.add_argument("--chunk-size", type=int, default=256, help="leantune loss.chunk_size")
     p.add_argument("--only", action="append", default=[], help="run only these arms (names or prefixes)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per arm before it is killed")
@@ -222,8 +228,10 @@ def main(argv=None) -> int:
     if args._child:
         child_main(args._child)
         return 0
-    arms = [("leantune_live", "leantune", "live"), ("leantune_precompute", "leantune", "precompute"),
-            ("trl_dpo", "trl", "default")]
+    ckpts = [c.strip() for c in str(args.leantune_ckpt).split(",") if c.strip()]
+    tag = (lambda c: f"_ckpt-{c}") if len(ckpts) > 1 else (lambda c: "")
+    arms = [*((f"leantune_live{tag(c)}", "leantune", "live", c) for c in ckpts),
+            (f"leantune_precompute{tag(ckpts[0])}", "leantune", "precompute", ckpts[0]), ("trl_dpo", "trl", "default", None)]
     wanted = [w.strip() for item in args.only for w in item.split(",") if w.strip()]
     arms = [a for a in arms if not wanted or any(a[0].startswith(w) for w in wanted)]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpo-memory-"))
@@ -231,7 +239,7 @@ def main(argv=None) -> int:
     base = {"work_dir": str(work), "quick": args.quick, "seq_len": args.seq_len, "batch": args.batch,
             "steps": args.steps, "lr": args.lr, "beta": args.beta, "prompt_fraction": args.prompt_fraction,
             "threads": args.threads, "chunk_size": args.chunk_size, "leantune_ckpt": args.leantune_ckpt,
-            "tiny_dir": str(work / "tiny-model")}
+            "tiny_dir": str(work / "tiny-model"), "dtype": sm.resolve_bench_dtype(args.dtype)}
     log(f"work dir {work}; arms: {', '.join(a[0] for a in arms)}; load {sm.loadavg()}")
     if args.quick:
         code = "import sys; from leantune.models.tiny import save_tiny_model; save_tiny_model(sys.argv[1], layers=2)"
@@ -242,9 +250,10 @@ def main(argv=None) -> int:
         return 1
     data = {k: data[k] for k in ("pairs", "prompt_tokens", "completion_tokens", "tokens_per_pair")}
     runs = {}
-    for name, kind, arg in arms:
+    for name, kind, arg, ckpt in arms:
         log(f"--- {name}")
-        runs[name] = summarize(run_child({**base, "runner": name, "kind": kind, "runner_arg": arg}, args.timeout),
+        runs[name] = summarize(run_child({**base, "runner": name, "kind": kind, "runner_arg": arg, "leantune_ckpt": ckpt},
+                                         args.timeout),
                                data["tokens_per_pair"] * args.batch)
         r = runs[name]
         log(f"{name}: " + (f"peak {r['peak_rss_gib']} GiB, {r['tokens_per_s']} tok/s, losses {r['losses']}"
@@ -255,9 +264,10 @@ def main(argv=None) -> int:
                   if v.get("tokens_per_s") and ok["trl_dpo"].get("tokens_per_s") else None}
               for k, v in ok.items() if k.startswith("leantune") and "trl_dpo" in ok}
     result = {"benchmark": "dpo_memory", "mode": "quick" if args.quick else "full",
-              "model": "tiny (2 layers, hidden 64)" if args.quick else f"builtin:{sm.MODEL_BUILTIN} (fp32)",
+              "model": "tiny (2 layers, hidden 64)" if args.quick else f"builtin:{sm.MODEL_BUILTIN}",
               "settings": {k: base[k] for k in ("seq_len", "batch", "steps", "lr", "beta", "prompt_fraction", "threads",
-                                                "chunk_size", "leantune_ckpt")},
+                                                "chunk_size", "leantune_ckpt", "dtype")},
+              "cpu": cpu_summary(),
               "data": data, "runs": runs, "leantune_ratios": ratios, "versions": sm._versions(),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}}
     if args.json:

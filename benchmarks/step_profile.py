@@ -61,9 +61,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ckpt", default="off", help="train.activation_checkpointing (off, all, selective, k)")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--top", type=int, default=12, help="ops listed by self time")
+    ap.add_argument("--quiet-json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-profile", action="store_true",
                     help="no profiler: only the ledger's achieved FLOP/s and fraction of peak (no profiler overhead)")
+    ap.add_argument("--adapter-compute", default="auto",
+                    help="adapter.compute_dtype (auto: bf16 LoRA matmuls over a bf16 base; float32: PEFT's casts); "
+                    "with --no-profile a comma list runs the settings alternately --repeats times each, side by side")
+    ap.add_argument("--repeats", type=int, default=1, help="with --no-profile: runs per --adapter-compute setting")
     args = ap.parse_args(argv)
+    settings = [x.strip() for x in args.adapter_compute.split(",") if x.strip()]
+    if len(settings) > 1 or args.repeats > 1:
+        if not args.no_profile:
+            ap.error("several --adapter-compute settings or --repeats need --no-profile")
+        runs = []
+        for _ in range(args.repeats):
+            for setting in settings:
+                one = main([*(["--quick"] if args.quick else []), f"--seq={args.seq}", f"--batch={args.batch}",
+                            f"--steps={args.steps}", f"--dtype={args.dtype}", f"--ckpt={args.ckpt}",
+                            f"--chunk-size={args.chunk_size}", "--no-profile", f"--adapter-compute={setting}",
+                            "--quiet-json"])
+                runs.append(one)
+        by = {st: [r["ledger_compute"]["achieved_flops_per_s"] for r in runs if r["adapter_compute"] == st] for st in settings}
+        best = {st: max(v) for st, v in by.items()}
+        out = {"cpu": runs[0]["cpu"], "model": runs[0]["model"], "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+               "activation_checkpointing": args.ckpt, "steps": args.steps, "order": "alternating", "runs": runs,
+               "achieved_flops_per_s": by, "best_fraction_of_peak": {st: max(r["ledger_compute"]["fraction_of_peak"]
+                                                                           for r in runs if r["adapter_compute"] == st)
+                                                                     for st in settings},
+               "speedup_vs_first": {st: round(best[st] / best[settings[0]], 4) for st in settings}}
+        print(json.dumps(out, indent=1))
+        return out
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -86,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = Recipe.model_validate({
         "model": {"path": model_path, "dtype": args.dtype},
         "data": {"train": str(work / "train.jsonl"), "max_length": args.seq, "shuffle": False},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                    "compute_dtype": settings[0]},
         "loss": {"chunk_size": args.chunk_size},
         "optim": {"lr": 1e-4, "scheduler": "constant", "warmup_steps": 0},
         "train": {"steps": args.steps, "micro_batch_size": args.batch, "activation_checkpointing": ckpt,
@@ -119,8 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         out = {"cpu": _cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "seq": args.seq, "batch": args.batch,
                "dtype": args.dtype, "activation_checkpointing": args.ckpt, "steps": args.steps,
+               "adapter_compute": settings[0], "load_average": list(__import__("os").getloadavg()),
                "ledger_compute": {k: compute.get(k) for k in ("achieved_flops_per_s", "matmul_peak_flops_per_s", "fraction_of_peak")}}
-        print(json.dumps(out, indent=1))
+        if not args.quiet_json:
+            print(json.dumps(out, indent=1))
         return out
     events = state["prof"].key_averages()
     groups: dict[str, float] = {}
@@ -136,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "cpu": _cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": "tiny" if args.quick else "SmolLM2-135M-Instruct", "seq": args.seq, "batch": args.batch,
-        "dtype": args.dtype, "activation_checkpointing": args.ckpt, "window_steps": args.steps - 1,
+        "dtype": args.dtype, "activation_checkpointing": args.ckpt, "adapter_compute": settings[0],
+        "window_steps": args.steps - 1,
         "window_wall_s": round(wall, 3),
         "share_of_window": {g: round(v / wall, 4) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])}
         | {"outside ops": round(max(wall - covered, 0.0) / wall, 4)},
