@@ -226,8 +226,7 @@ def sample_with_tools(model, tokenizer, prompts: Sequence[str], *, tools: Toolbo
                       is_complete: Callable[[str], bool] | None = None, generator: torch.Generator | None = None,
                       seeds: Sequence[int] | None = None) -> Rollouts:
     """`sample_groups` with tool calls (module docstring); called by it when ``tools`` is given, the adapter
-    already folded. The rollouts carry ``loss_mask``, ``tool_calls`` and ``tool_errors`` per row, and
-    ``extra["tool_tokens"]``."""
+    already folded. The rollouts carry ``loss_mask``, ``tool_calls`` and ``tool_errors`` per row."""
     from leantune.rl.speculative import compact_holes
 
     start_time = time.perf_counter()
@@ -295,8 +294,7 @@ def sample_with_tools(model, tokenizer, prompts: Sequence[str], *, tools: Toolbo
         texts=tokenizer.batch_decode(tokens, skip_special_tokens=True), logprobs=[st.logps for st in rows_state],
         entropy=[st.ents for st in rows_state], truncated=truncated, decode_steps=steps, row_steps=row_steps,
         seconds=time.perf_counter() - start_time,
-        extra={"prefill_tokens": sum(len(p) for p in distinct),
-               "tool_tokens": sum(len(st.mask) - sum(st.mask) for st in rows_state)},
+        extra={"prefill_tokens": sum(len(p) for p in distinct)},
         loss_mask=[st.mask for st in rows_state], tool_calls=[st.calls for st in rows_state],
         tool_errors=[st.errors for st in rows_state],
     )
