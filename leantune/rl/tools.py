@@ -144,7 +144,7 @@ class Toolbox:
             j = text.find(close_tag, i + len(open_tag))
             if j < 0 or (best is not None and j >= best[0]):
                 continue
-            i = text.rfind(open_tag, 0, j - len(open_tag) + 1)
+            i = text.rfind(open_tag, 0, j)  # the last open marker that ends before the close
             best = (j, ToolCall(tool, text[i + len(open_tag): j]))
         return best[1] if best else None
 
