@@ -438,6 +438,32 @@ class RouterConfig(Section):
         return self
 
 
+class ToolsConfig(Section):
+    """Tool calls inside RL rollouts (`leantune.rl.tools`): a completion that writes ``<calc>EXPR</calc>`` (or
+    ``<python>CODE</python>``) has the tool's answer appended as ``<result>...</result>`` and keeps sampling.
+    The appended tokens are context: no loss, no importance ratio. docs/tools.md."""
+
+    enabled: bool = Field(default=False, description="Let rollouts call tools; the result is appended to the row and sampling continues.")
+    calculator: bool = Field(default=True, description="The calculator: exact + - * / and parentheses on non-negative integers (an `ast` evaluator, never eval).")
+    python: bool = Field(default=False, description="Python run in leantune's sandbox (leantune.rl.sandbox: time and memory limits, no network); its stdout is the result.")
+    calculator_tags: tuple[str, str] = Field(default=("<calc>", "</calc>"), description="Open and close markers of a calculator call.")
+    python_tags: tuple[str, str] = Field(default=("<python>", "</python>"), description="Open and close markers of a Python call.")
+    result_tags: tuple[str, str] = Field(default=("<result>", "</result>"), description="What wraps a tool's answer in the completion.")
+    max_calls: int = Field(default=4, ge=1, description="Tool calls acted on per completion; later call markers are plain text.")
+    max_result_tokens: int = Field(default=32, ge=1, description="Most tokens of one tool answer (markers included; a longer answer is cut, the close marker kept). They count against rl.max_new_tokens.")
+    python_timeout_s: float = Field(default=2.0, gt=0, description="Wall-clock limit of one Python call (sandbox).")
+    python_memory_mb: int = Field(default=256, gt=0, description="Address-space limit of one Python call, MiB (sandbox).")
+
+    @model_validator(mode="after")
+    def _usable(self):
+        if self.enabled and not (self.calculator or self.python):
+            raise ValueError("rl.tools.enabled with neither calculator nor python: turn one on")
+        tags = [*self.calculator_tags, *self.python_tags, *self.result_tags]
+        if any(not t for t in tags) or len(set(tags)) != len(tags):
+            raise ValueError(f"rl.tools: the six markers must be non-empty and distinct, got {tags}")
+        return self
+
+
 class RLConfig(Section):
     """RL with verifiable rewards (`leantune rl`): sample groups, score, filter, update. Steps come from `train.steps`."""
 
@@ -488,6 +514,7 @@ class RLConfig(Section):
     overlong_buffer: int = Field(default=16, ge=0, description="Soft overlong penalty ramp (tokens before max_new_tokens), for the `overlong` reward.")
     prompt_selection: PromptSelectionConfig = Field(default_factory=PromptSelectionConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
     entropy_reg: float = Field(
         default=0.0, ge=0,
         description="CorR-PO-style term (arXiv 2605.17770): adds entropy_reg x the mean per-completion Pearson correlation of token entropy and logit-gradient norm to the loss (pushes it negative); 0 = off. See docs/entropy_loss.md.",
@@ -536,10 +563,27 @@ class RLConfig(Section):
         if self.router.enabled and self.speculative != "off":
             raise ValueError("rl.router sizes groups inside plain sampling; speculative rollouts do not route yet: "
                              "set rl.speculative: off or rl.router.enabled: false")
+        if self.tools.enabled:
+            self._tools_supported()
         if self.async_rollouts and self.entropy_filter is not None:
             raise ValueError("rl.async_rollouts picks the next step's prompts before this step's update; the entropy "
                              "filter needs the updated policy: set rl.entropy_filter: null or rl.async_rollouts: false")
         return self
+
+    def _tools_supported(self) -> None:
+        """rl.tools runs in the plain sampler only, and a stop string must not end a row inside a tool call."""
+        if self.speculative != "off":
+            raise ValueError("rl.tools appends tool answers inside plain sampling; speculative rollouts do not call "
+                             "tools: set rl.speculative: off or rl.tools.enabled: false")
+        if self.router.enabled:
+            raise ValueError("rl.tools with rl.router is not supported (the router sizes groups inside its own "
+                             "sampler): set rl.router.enabled: false or rl.tools.enabled: false")
+        t = self.tools
+        tags = [*t.calculator_tags, *t.python_tags, *t.result_tags]
+        clash = [(s, tag) for s in self.stop for tag in tags if s in tag]
+        if clash:
+            raise ValueError(f"rl.stop {clash[0][0]!r} occurs in the rl.tools marker {clash[0][1]!r}: rows would stop "
+                             "inside a tool call; drop that stop string or change the marker")
 
 
 class RFTConfig(Section):

@@ -93,6 +93,9 @@ class SamplingStats:
     row_forwards: int = 0  # rows of the policy forwards sampled from (prefill included): tokens per forward's divisor
     draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
     accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
+    tool_calls: int = 0  # rl.tools: calls made (all rollouts)
+    tool_errors: int = 0  # rl.tools: calls answered with an error
+    tool_tokens: int = 0  # rl.tools: completion tokens written by tools (context, no loss)
 
     @property
     def acceptance_rate(self) -> float:
@@ -134,7 +137,8 @@ class Sampler:
         rl = self.rl
         return dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                     top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter, speculative=rl.speculative,
-                    speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram)
+                    speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram,
+                    tools=rl.tools if rl.tools.enabled else None)
 
     def prefetch(self, cand: list[int], prompts: list[str], step: int, skipped: int) -> None:
         """Start sampling round 0 of ``step`` (prompt indices ``cand``) on the workers now, with the current
@@ -202,6 +206,7 @@ class Batch:
     logprobs: list[list[float]] = field(default_factory=list)  # the sampling policy's token log-probs
     rows: list[dict] = field(default_factory=list)  # the prompt row of each kept group (prompt + reward fields)
     group_sizes: list[int] = field(default_factory=list)  # completions of each kept group (rl.group_size unless routed)
+    loss_mask: list[list[int]] = field(default_factory=list)  # per completion token: 1 sampled, 0 tool answer (rl.tools)
 
 
 def next_candidates(stream, selector, want: int, step: int, stats: SamplingStats | None = None) -> list[int]:
@@ -263,6 +268,9 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.row_forwards += ro.row_steps
         s.draft_tokens += ro.draft_tokens
         s.accepted_tokens += ro.accepted_tokens
+        s.tool_calls += sum(ro.tool_calls or [])
+        s.tool_errors += sum(ro.tool_errors or [])
+        s.tool_tokens += ro.tool_tokens
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)
@@ -295,6 +303,7 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
                 continue  # batch already full (the entropy filter or the router's over-draw can overshoot)
             for name in ("prompt_ids", "completion_ids", "truncated", "texts", "logprobs"):
                 getattr(keep, name).extend(getattr(ro, name)[sl])
+            keep.loss_mask.extend(ro.masks()[sl])
             keep.rewards += rewards[sl]
             keep.correct += correct[sl]
             keep.rows.append(rows[gi])

@@ -39,6 +39,9 @@ class RLTotals:
     row_forwards: int = 0  # rows of the rollout policy forwards sampled from (tokens per forward = tokens / this)
     draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
     accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
+    tool_calls: int = 0  # rl.tools: calls made in all rollouts
+    tool_errors: int = 0  # rl.tools: calls answered with an error
+    tool_tokens: int = 0  # rl.tools: completion tokens written by tools (run through the decoder, no loss)
 
     def add(self, s: SamplingStats, u, rl: RLConfig, dt: float) -> None:
         g = rl.group_size
@@ -63,10 +66,13 @@ class RLTotals:
         self.router_brier_sum += s.router_brier_sum
         self.router_brier_n += s.router_brier_n
         self.overlong_rollouts_masked += u.overlong_masked
-        self.early_stop_tokens_saved += s.rollouts * rl.max_new_tokens - s.tokens_generated
+        self.early_stop_tokens_saved += s.rollouts * rl.max_new_tokens - s.tokens_generated - s.tool_tokens
         self.row_forwards += s.row_forwards
         self.draft_tokens += s.draft_tokens
         self.accepted_tokens += s.accepted_tokens
+        self.tool_calls += s.tool_calls
+        self.tool_errors += s.tool_errors
+        self.tool_tokens += s.tool_tokens
 
 
 def ledger_totals(steps: int, t: RLTotals) -> dict:
@@ -80,13 +86,15 @@ def ledger_totals(steps: int, t: RLTotals) -> dict:
 
 def rl_flops(model, t: RLTotals, rl: RLConfig) -> dict:
     """FLOPs: rollouts are one forward pass over the prefilled prompts (each distinct prompt once) and the
-    generated tokens (the LM head only on the rows that sample); the update is forward + backward over each
+    generated tokens (the LM head only on the rows that sample) and the tool answers fed back (rl.tools, no
+    head); the update is forward + backward over each
     micro-batch's distinct prompts and the completions of the sequences trained, the LM head on completion
     tokens only (LoRA-aware, as for SFT). No-grad reference/old-policy passes (rl.beta > 0,
     rl.updates_per_batch > 1) are not counted."""
     seq = round(rl.max_new_tokens + t.prompt_tokens / max(1, t.rollouts_generated + t.zo_rollouts))
     rollout = ledger_mod.zeroth_order_flops(
-        ledger_mod.flops_from_model(model, tokens=t.tokens_generated + t.prefill_tokens, loss_tokens=t.tokens_generated,
+        ledger_mod.flops_from_model(model, tokens=t.tokens_generated + t.prefill_tokens + t.tool_tokens,
+                                    loss_tokens=t.tokens_generated,
                                     seq_len=seq), forward_passes=1)
     update = ledger_mod.flops_from_model(model, tokens=t.update_tokens, loss_tokens=t.tokens_trained, seq_len=seq)
     return {"total": rollout["total"] + update["total"], "rollouts": rollout["total"], "update": update["total"],

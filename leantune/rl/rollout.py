@@ -69,14 +69,27 @@ class Rollouts:
     extra: dict = field(default_factory=dict)
     group_sizes: list[int] | None = None  # per prompt, when routed (`route`); 0 = not sampled. None: group_size each
     features: torch.Tensor | None = None  # (n_p, H) the routing layer's prefill hidden state per prompt, when routed
+    loss_mask: list[list[int]] | None = None  # rl.tools: N x (T_j,) 1 = sampled, 0 = tool answer (context); None: all 1
+    tool_calls: list[int] | None = None  # rl.tools: calls each completion made
+    tool_errors: list[int] | None = None  # rl.tools: of those, calls whose answer was an error
 
     def sizes(self, n_prompts: int) -> list[int]:
         """Completions per prompt (group-contiguous): ``group_sizes`` when routed, else group_size each."""
         return list(self.group_sizes) if self.group_sizes is not None else [self.group_size] * n_prompts
 
+    def masks(self) -> list[list[int]]:
+        """Per completion token: 1 if the policy sampled it, 0 if a tool wrote it (`leantune.rl.tools`)."""
+        return self.loss_mask if self.loss_mask is not None else [[1] * len(c) for c in self.completion_ids]
+
+    @property
+    def tool_tokens(self) -> int:
+        """Completion tokens written by tools (context, not sampled)."""
+        return 0 if self.loss_mask is None else sum(len(m) - sum(m) for m in self.loss_mask)
+
     @property
     def tokens_generated(self) -> int:
-        return sum(len(c) for c in self.completion_ids)
+        """Tokens the policy sampled (tool answers excluded)."""
+        return sum(len(c) for c in self.completion_ids) - self.tool_tokens
 
     @property
     def tokens_per_forward(self) -> float:
@@ -314,6 +327,7 @@ def sample_groups(
     speculative: str = "off",
     speculative_tokens: int = 4,
     speculative_ngram: int = 3,
+    tools=None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -332,6 +346,8 @@ def sample_groups(
     last (up to ``speculative_ngram``) tokens earlier in the prompt + completion and verifies them in one
     policy forward (`leantune.rl.speculative`): the same distribution, the same recorded log-probs, and with
     ``seeds`` the same tokens as plain sampling (up to float rounding), in fewer forwards when drafts hit.
+    ``tools``: a `leantune.config.ToolsConfig` (or `leantune.rl.tools.Toolbox`); when enabled, a row that
+    closes a tool call gets the answer appended as context and keeps sampling (`leantune.rl.tools`).
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
@@ -341,6 +357,16 @@ def sample_groups(
         raise ValueError(f"speculative: 'off' or 'prompt_lookup', got {speculative!r}")
     if speculative != "off" and route is not None:
         raise ValueError("speculative sampling does not take a router (rl.router with rl.speculative): use one of them")
+    if tools is not None and getattr(tools, "enabled", True):
+        if speculative != "off" or route is not None:
+            raise ValueError("tool calls run in plain sampling only: no speculative drafts, no router (rl.tools)")
+        from leantune.rl.tools import Toolbox, sample_with_tools
+
+        toolbox = tools if isinstance(tools, Toolbox) else Toolbox.from_config(tools)
+        with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
+            return sample_with_tools(model, tokenizer, prompts, tools=toolbox, group_size=group_size,
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                     is_complete=is_complete, generator=generator, seeds=seeds)
     with folded_adapter(model) if fold_adapter else contextlib.nullcontext():
         if speculative == "prompt_lookup":
             from leantune.rl.speculative import prompt_lookup_drafter, sample_speculative

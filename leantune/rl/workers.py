@@ -18,7 +18,8 @@ many workers while one learner updates the policy):
   worker's chunk again, same prompts, same seeds. A failed attempt returns nothing, so nothing is counted
   twice.
 - The task's stop rule (``is_complete``) is rebuilt in the worker from the task *name*
-  (`leantune.tasks.get_task`): closures do not travel.
+  (`leantune.tasks.get_task`): closures do not travel. Tool settings (``tools``, a `ToolsConfig`) travel
+  with the other sampling arguments; the tools run in the worker (`leantune.rl.tools`).
 
 Layout and fields of the result are those of `sample_groups` (group-contiguous, prompt order), plus in
 ``extra``: ``adapter_bytes_sent``, ``worker_seconds``, ``worker_restarts``, ``sync_seconds``,
@@ -86,6 +87,10 @@ def merge_rollouts(parts: Sequence[Rollouts], group_size: int) -> Rollouts:
         out.row_steps += ro.row_steps
         out.draft_tokens += ro.draft_tokens
         out.accepted_tokens += ro.accepted_tokens
+    if any(ro.loss_mask is not None for ro in parts):  # rl.tools
+        out.loss_mask = [m for ro in parts for m in ro.masks()]
+        out.tool_calls = [c for ro in parts for c in (ro.tool_calls or [0] * len(ro))]
+        out.tool_errors = [c for ro in parts for c in (ro.tool_errors or [0] * len(ro))]
     out.extra["prefill_tokens"] = sum(ro.extra.get("prefill_tokens", 0) for ro in parts)
     if any(ro.group_sizes is not None for ro in parts):  # routed (torchrun ranks): sizes and features in chunk order
         out.group_sizes = [n for ro in parts for n in (ro.group_sizes or [])]
@@ -238,7 +243,7 @@ class RolloutPool:
                group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                stop: Sequence[str] = (), seeds: Sequence[int], fold_adapter: bool = True,
                task: str | None = None, speculative: str = "off", speculative_tokens: int = 4,
-               speculative_ngram: int = 3) -> RolloutHandle:
+               speculative_ngram: int = 3, tools=None) -> RolloutHandle:
         """Start sampling and return at once; the weights are copied before this returns."""
         if seeds is None or len(seeds) != len(prompts):
             raise ValueError(f"seeds: one per prompt (the pool's rollouts are determined by them), got "
@@ -246,19 +251,19 @@ class RolloutPool:
         weights = adapter_state if isinstance(adapter_state, AdapterWeights) else self.put_adapter(adapter_state)
         kwargs = dict(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       stop=list(stop), fold_adapter=fold_adapter, speculative=speculative,
-                      speculative_tokens=speculative_tokens, speculative_ngram=speculative_ngram)
+                      speculative_tokens=speculative_tokens, speculative_ngram=speculative_ngram, tools=tools)
         return RolloutHandle(self, weights, list(prompts), [int(s) for s in seeds], kwargs, task)
 
     def sample_groups(self, adapter_state: dict[str, torch.Tensor] | AdapterWeights, prompts: Sequence[str], *,
                       group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                       stop: Sequence[str] = (), seeds: Sequence[int], fold_adapter: bool = True,
                       task: str | None = None, speculative: str = "off", speculative_tokens: int = 4,
-                      speculative_ngram: int = 3) -> Rollouts:
+                      speculative_ngram: int = 3, tools=None) -> Rollouts:
         """`sample_groups` over the workers: prompts in contiguous chunks, results in prompt order."""
         return self.submit(adapter_state, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop=stop, seeds=seeds, fold_adapter=fold_adapter,
                            task=task, speculative=speculative, speculative_tokens=speculative_tokens,
-                           speculative_ngram=speculative_ngram).result()
+                           speculative_ngram=speculative_ngram, tools=tools).result()
 
     def close(self) -> None:
         ray = _ray()

@@ -10,7 +10,7 @@ problem["answer"])`` checks any task. ``docs/tasks.md`` describes each task.
 >>> get_task("arithmetic").NAME
 'arithmetic'
 >>> available_tasks()
-['addition', 'arithmetic', 'code', 'countdown', 'multistep']
+['addition', 'arithmetic', 'code', 'countdown', 'countdown_calculator', 'multistep']
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _TASKS = {
     "arithmetic": "leantune.tasks.arithmetic",
     "code": "leantune.tasks.code",
     "countdown": "leantune.tasks.countdown",
+    "countdown_calculator": "leantune.tasks.countdown_calculator",
     "multistep": "leantune.tasks.multistep",
 }
 
@@ -44,7 +45,7 @@ def get_task(name: str) -> ModuleType:
     >>> get_task("arithmatic")
     Traceback (most recent call last):
     ...
-    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: addition, arithmetic, code, countdown, multistep
+    leantune.tasks.UnknownTaskError: unknown task 'arithmatic' (did you mean 'arithmetic'?); available tasks: addition, arithmetic, code, countdown, countdown_calculator, multistep
     """
     key = str(name).strip().lower()
     if key not in _TASKS:

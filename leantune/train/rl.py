@@ -90,19 +90,22 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     loss_fn = POLICY_LOSSES[rl.loss]
     estimator = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]]
     adv = ragged_advantages(estimator, torch.tensor(batch.rewards), batch.group_sizes or g) if n else torch.zeros(0)
-    lengths = [len(c) for c in batch.completion_ids]
+    lengths = [len(c) for c in batch.completion_ids]  # tokens through the decoder (tool answers included)
+    # rl.tools: tool answers are context, not actions: only sampled tokens carry a loss (and count for DAPO)
+    loss_mask = batch.loss_mask or [[1] * k for k in lengths]
+    sampled = [sum(m) for m in loss_mask]
     # Overlong filtering (DAPO): a completion cut at max_new_tokens has no verdict on its ending; mask it.
     use = [not (rl.overlong_filter and t) for t in batch.truncated]
-    window = PolicyWindow(num_sequences=n, num_tokens=float(max(sum(k for k, u in zip(lengths, use) if u), 1)),
+    window = PolicyWindow(num_sequences=n, num_tokens=float(max(sum(k for k, u in zip(sampled, use) if u), 1)),
                           max_completion_length=rl.max_new_tokens)
     # Sequences that carry gradient: non-zero advantage (or any, when the KL term is on), not masked, not empty.
-    active = [i for i in range(n) if use[i] and lengths[i] > 0 and (rl.beta > 0 or adv[i] != 0)]
+    active = [i for i in range(n) if use[i] and sampled[i] > 0 and (rl.beta > 0 or adv[i] != 0)]
     params = [p for p in model.parameters() if p.requires_grad]
     micro = [active[i : i + micro_batch] for i in range(0, len(active), micro_batch)]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = list(enumerate(micro))[rank::world]  # (k, indices) of the micro-batches this rank runs
     ran = sum(len(p) for idx in micro for p in {tuple(batch.prompt_ids[i]) for i in idx}) + sum(lengths[i] for i in active)
-    out = UpdateStats(sequences_trained=len(active), tokens_trained=sum(lengths[i] for i in active) * rl.updates_per_batch,
+    out = UpdateStats(sequences_trained=len(active), tokens_trained=sum(sampled[i] for i in active) * rl.updates_per_batch,
                       update_tokens=ran * rl.updates_per_batch, overlong_masked=sum(not u for u in use))
     if not active:
         return out
@@ -129,6 +132,7 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         step_loss = 0.0
         for k, idx in mine:
             logps, entropy, mask, *gnorm = logps_of(idx, grad=True, grad_stats=rl.entropy_reg > 0)
+            mask = mask * _padded([loss_mask[i] for i in idx], device).to(mask.dtype)  # (B, T): 0 on tool answers
             loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
                                epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
             if rl.entropy_reg > 0:  # CorR-PO-style term (arXiv 2605.17770), on top of whichever loss
@@ -188,7 +192,7 @@ def zeroth_order_update(model, tokenizer, optimizer, scheduler, batch: Batch, re
         ro = sample_groups(model, tokenizer, prompts, group_size=g, max_new_tokens=rl.max_new_tokens,
                            temperature=rl.temperature, top_p=rl.top_p, stop=rl.stop,
                            is_complete=getattr(task, "is_complete", None), generator=generator,
-                           fold_adapter=rl.fold_adapter)
+                           fold_adapter=rl.fold_adapter, tools=rl.tools if rl.tools.enabled else None)
         out.zo_rollouts += len(ro)
         out.zo_tokens_generated += ro.tokens_generated
         out.zo_prompt_tokens += sum(len(p) for p in ro.prompt_ids)
@@ -235,6 +239,9 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         row["entropy_grad_corr"] = u.entropy_grad_corr
     if rl.speculative != "off":
         row.update(spec_acceptance=s.acceptance_rate, tokens_per_forward=s.tokens_per_forward)
+    if rl.tools.enabled:
+        row.update(tool_calls_per_completion=s.tool_calls / n_roll, tool_errors=s.tool_errors,
+                   tool_error_frac=s.tool_errors / max(1, s.tool_calls), tool_tokens=s.tool_tokens)
     if u.zo_rollouts:
         row.update(zo_reward_plus=u.zo_reward_plus, zo_reward_minus=u.zo_reward_minus, zo_rollouts=u.zo_rollouts)
     return row
@@ -306,6 +313,10 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
                            "prompts_skipped": totals.router_prompts_skipped,
                            "brier": totals.router_brier_sum / totals.router_brier_n if totals.router_brier_n else None,
                            "layer": rl.router.layer, "fixed_group_size": rl.group_size}
+    if rl.tools.enabled:
+        extra["tools"] = {"calls": totals.tool_calls, "errors": totals.tool_errors, "tool_tokens": totals.tool_tokens,
+                          "calls_per_completion": totals.tool_calls / max(1, totals.rollouts_generated),
+                          "calculator": rl.tools.calculator, "python": rl.tools.python, "max_calls": rl.tools.max_calls}
     if workers is not None:
         extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
                                     "adapter_bytes_sent": sampler.bytes_sent, "adapter_sync_s": sampler.sync_seconds,
