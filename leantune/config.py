@@ -88,6 +88,94 @@ class DedupConfig(Section):
         return self
 
 
+class MixtureConfig(Section):
+    """Training data from several datasets grouped by source, chosen chunk by chunk (`data.mixture`, docs/mixture.md).
+    With select: dash, a two-level Gaussian Thompson sampler (a source, then a dataset in it: DaSH, arXiv 2512.10952)
+    learns which datasets lower the held-out loss the most."""
+
+    sources: dict[str, list[str]] = Field(
+        description="Source name -> its datasets: SFT data files (any source data.train takes, usually .jsonl), e.g. {arith: [clean.jsonl, noisy.jsonl], web: [text.jsonl]}. Relative paths are from the working directory.",
+    )
+    select: Literal["uniform", "weights", "dash"] = Field(
+        default="dash",
+        description="How each chunk's dataset is chosen: uniform = every dataset equally likely; weights = drawn with `weights`; dash = two-level Gaussian Thompson sampling on each chunk's held-out loss gain (arXiv 2512.10952).",
+    )
+    weights: dict[str, float | list[float]] | None = Field(
+        default=None,
+        description="select: weights only. Source name -> its weight (split equally over its datasets) or a list with one weight per dataset; every source needs one, >= 0, not all 0. Chunks are drawn with these probabilities (normalized).",
+    )
+    chunk_steps: int = Field(default=4, gt=0, description="Optimizer steps per chunk: each chunk trains on one dataset. dash: one held-out evaluation per chunk, so smaller = more feedback, more evaluation work.")
+    heldout: str | float | None = Field(
+        default=None,
+        description="select: dash only: where the reward's held-out loss is measured. A file (any source data.eval takes): the data you want to get better at; a fraction in (0, 1): that share of every dataset (seeded), never trained on; null: data.eval.",
+    )
+    heldout_max: int = Field(default=64, gt=0, description="dash: at most this many held-out examples (the first ones; a fraction's are seeded) per evaluation. More: a less noisy reward, more work per chunk.")
+    prior_mean: float = Field(default=0.0, description="dash: prior mean of every arm's reward (held-out loss gain per chunk, nats).")
+    prior_std: float = Field(default=0.1, gt=0, description="dash: prior standard deviation of every arm's mean reward (nats): larger = trust the first rewards more.")
+    noise_std: float = Field(default=0.05, gt=0, description="dash: known standard deviation of one chunk's reward around its arm's mean (nats): larger = each reward moves the posterior less, more exploration.")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_nonempty(cls, sources):
+        if not sources:
+            raise ValueError("data.mixture.sources: name at least one source, e.g. {arith: [train.jsonl]}")
+        for name, paths in sources.items():
+            if not str(name).strip():
+                raise ValueError("data.mixture.sources: a source has an empty name")
+            if not paths:
+                raise ValueError(f"data.mixture.sources.{name}: empty source; list at least one dataset file or remove it")
+            for i, p in enumerate(paths):
+                if not str(p).strip():
+                    raise ValueError(f"data.mixture.sources.{name}[{i}]: empty path")
+        return sources
+
+    @model_validator(mode="after")
+    def _weights_and_heldout(self):
+        if self.select == "weights":
+            if self.weights is None:
+                raise ValueError("data.mixture.weights: select: weights needs a weight per source, e.g. "
+                                 + "{" + ", ".join(f"{n}: 1.0" for n in self.sources) + "}")
+            missing = [n for n in self.sources if n not in self.weights]
+            if missing:
+                raise ValueError(f"data.mixture.weights: no weight for source(s) {', '.join(missing)}; every source needs one (0 to skip it)")
+            unknown = [n for n in self.weights if n not in self.sources]
+            if unknown:
+                raise ValueError(f"data.mixture.weights: {', '.join(unknown)} is not a source; sources: {', '.join(self.sources)}")
+            for name, w in self.weights.items():
+                ws = w if isinstance(w, list) else [w]
+                if isinstance(w, list) and len(w) != len(self.sources[name]):
+                    raise ValueError(f"data.mixture.weights.{name}: {len(w)} weights for {len(self.sources[name])} datasets; "
+                                     "give one per dataset, or one number for the whole source")
+                if any(x < 0 for x in ws):
+                    raise ValueError(f"data.mixture.weights.{name}: weights must be >= 0 (got {w})")
+            if sum(sum(w) if isinstance(w, list) else w for w in self.weights.values()) <= 0:
+                raise ValueError("data.mixture.weights: all weights are 0; give at least one dataset a positive weight")
+        elif self.weights is not None:
+            raise ValueError(f"data.mixture.weights: only used with select: weights (select is {self.select}); remove it")
+        if isinstance(self.heldout, float) and not 0 < self.heldout < 1:
+            raise ValueError(f"data.mixture.heldout: a fraction must be in (0, 1), got {self.heldout}")
+        if self.heldout is not None and self.select != "dash":
+            raise ValueError(f"data.mixture.heldout: only select: dash measures a held-out loss (select is {self.select}); remove it")
+        return self
+
+    def datasets(self) -> list[tuple[str, str]]:
+        """Every (source, path), in recipe order: the index of a dataset everywhere (ledger, checkpoints)."""
+        return [(name, path) for name, paths in self.sources.items() for path in paths]
+
+    def missing_files(self) -> list[str]:
+        """``data.mixture.sources.NAME[i]: file not found: PATH`` for every dataset path, and the held-out file, that
+        does not exist (a hub id -- ``owner/name`` with no suffix and no local match -- is left to the loader)."""
+        out = []
+        entries = [(f"data.mixture.sources.{n}[{i}]", p) for n in self.sources for i, p in enumerate(self.sources[n])]
+        if isinstance(self.heldout, str):
+            entries.append(("data.mixture.heldout", self.heldout))
+        for field, path in entries:
+            hub_id = re.fullmatch(r"[A-Za-z0-9][\w-]*/[A-Za-z0-9][\w-]*(:[\w.-]+)?", path) is not None
+            if not hub_id and not Path(path).exists():
+                out.append(f"{field}: file not found: {path}")
+        return out
+
+
 class DataConfig(Section):
     """Where the examples come from and how they become tokens (docs/data.md has a recipe per source)."""
 
@@ -130,11 +218,22 @@ class DataConfig(Section):
         default=None,
         description="SFT: remove exact and near-duplicate training rows before tokenization, e.g. {exact: true, near: 0.8}; the counts go to the ledger (totals.data). null: keep every row. data.eval is not deduplicated.",
     )
+    mixture: MixtureConfig | None = Field(
+        default=None,
+        description="SFT (`leantune train`) instead of data.train: datasets grouped by source, each chunk of mixture.chunk_steps steps drawn from one of them (uniform, fixed weights, or DaSH Thompson sampling on the held-out loss gain; docs/mixture.md). null: data.train.",
+    )
 
     @model_validator(mode="after")
     def _splits_and_columns(self):
         if self.split is not None and self.train is None:
             raise ValueError("data.split is set but data.train is not; set data.train or remove data.split")
+        if self.mixture is not None and self.train is not None:
+            raise ValueError("data.mixture replaces data.train; set one of them")
+        if self.mixture is not None and self.split is not None:
+            raise ValueError("data.split applies to data.train; a mixture's files are read whole (remove data.split)")
+        if self.mixture is not None and self.mixture.select == "dash" and self.mixture.heldout is None and self.eval is None:
+            raise ValueError("data.mixture.heldout: select: dash needs held-out data for its reward; set mixture.heldout "
+                             "(a file or a fraction such as 0.05) or data.eval")
         if self.eval_split is not None and self.eval is None:
             raise ValueError("data.eval_split is set but data.eval is not; set data.eval or remove data.eval_split")
         for target, column in self.columns.items():
@@ -685,8 +784,13 @@ class Recipe(Section):
 
     def require_for(self, command: str) -> None:
         """RecipeError unless the recipe has what ``command`` (train, rl, rft, dpo) needs beyond its own checks."""
-        if command == "train" and self.data.train is None:
-            raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file)")
+        if command == "train" and self.data.train is None and self.data.mixture is None:
+            raise RecipeError("data.train: leantune train needs training data (a .jsonl or .parquet file) or data.mixture")
+        if command == "train" and self.data.mixture is not None and (missing := self.data.mixture.missing_files()):
+            raise RecipeError("; ".join(missing))
+        if command != "train" and self.data.mixture is not None:
+            raise RecipeError(f"data.mixture: mixes SFT data for leantune train; leantune {command} reads data.train. "
+                              "Remove data.mixture")
         if command in ("rl", "dpo") and self.data.packing:
             raise RecipeError(f"data.packing: packs SFT examples (leantune train, and rft's fine-tuning rounds); "
                               f"leantune {command} does not pack. Set data.packing: false")

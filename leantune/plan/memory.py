@@ -478,7 +478,7 @@ def _gib(n: int) -> str:
 
 def is_rl(recipe: Recipe) -> bool:
     """An RL recipe names an ``rl`` section (or has no SFT data): rollouts join the plan."""
-    return "rl" in recipe.model_fields_set or recipe.data.train is None
+    return "rl" in recipe.model_fields_set or (recipe.data.train is None and recipe.data.mixture is None)
 
 
 def with_init_adapter(recipe: Recipe) -> Recipe:

@@ -31,6 +31,7 @@ from leantune import ledger as ledger_mod
 from leantune.adapters.lora import causal_lm, low_precision_lora
 from leantune.config import Recipe, SpanWeights
 from leantune.data.packing import check_packed_attention, collate_packed, pack_examples
+from leantune.data.mixture import MixtureSchedule, load_mixture
 from leantune.data.sft import Example, batch_at, collate, load_sft_examples
 from leantune.distributed import LossModule, all_reduce_sum, clip_grad_norm, rank_micro_steps
 from leantune.losses import linear_cross_entropy, vocab_subset, vocab_subset_cross_entropy
@@ -178,16 +179,29 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
 def _train(session: RunSession) -> TrainResult:
     recipe, cfg, model, dist = session.recipe, session.recipe.train, session.model, session.dist
     tokenizer = session.tokenizer
-    train_examples, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
     eval_examples = load_sft_examples(recipe.data.eval, tokenizer, recipe.data, role="eval")[0] if recipe.data.eval else []
+    mixture = heldout = None
+    if recipe.data.mixture is None:
+        train_examples, stats = load_sft_examples(recipe.data.train, tokenizer, recipe.data)
+        datasets = [train_examples]
+    else:  # data.mixture: one list of examples per dataset, each chunk of steps drawn from one (leantune.data.mixture)
+        datasets, heldout, stats, per_dataset = load_mixture(recipe.data.mixture, tokenizer, recipe.data, cfg.seed,
+                                                             eval_examples)
+        train_examples = [e for d in datasets for e in d] if recipe.loss.vocab_subset else None
+        session.info(f"mixture: {recipe.data.mixture.select} over {len(datasets)} datasets: "
+                     + ", ".join(f"{p} ({s['examples']} examples)" for (_, p), s in
+                                 zip(recipe.data.mixture.datasets(), per_dataset))
+                     + (f"; held-out reward on {len(heldout)} examples" if heldout is not None else ""))
     session.info(f"data: {stats.as_dict()}")
     # data.packing: the batches are drawn from packed rows instead of single examples (micro_batch_size counts rows)
-    train_items, collate_items, packing = train_examples, collate, None
+    collate_items, packing = collate, None
     if recipe.data.packing:
         check_packed_attention(model)
-        train_items, collate_items = pack_examples(train_examples, recipe.data.max_length), collate_packed
-        packing = train_items.stats
-        session.info(f"packing: {packing.as_dict()}")
+        datasets, collate_items = [pack_examples(d, recipe.data.max_length) for d in datasets], collate_packed
+        packing = datasets[0].stats if len(datasets) == 1 else [d.stats.as_dict() for d in datasets]
+        session.info(f"packing: {packing if isinstance(packing, list) else packing.as_dict()}")
+    if recipe.data.mixture is not None:
+        mixture = MixtureSchedule(recipe.data.mixture, datasets, cfg.seed, session.trainer_state.get("mixture"))
     pad_id = tokenizer.pad_token_id
     saved = session.trainer_state.get("candidates")  # resume: the subset the run started with, not a re-calibration
     candidates = torch.tensor(saved, dtype=torch.long) if saved is not None else sft_candidates(
@@ -211,12 +225,26 @@ def _train(session: RunSession) -> TrainResult:
     bar = session.progress("train")
     row: dict = {}  # stays empty when a finished run is resumed
     model.train()
+    per_step = cfg.grad_accum * dist.world_size  # global micro-batches per optimizer step
+
+    def heldout_loss() -> float:  # data.mixture's reward: the held-out loss of the model as it is now
+        return evaluate_loss(model, heldout, pad_id, recipe.loss.weights, cfg.micro_batch_size, recipe.loss.chunk_size,
+                             loss_module=loss_module)["eval_loss"]
+
     while session.step < cfg.steps:
         step = session.step
         weights = recipe.loss.weights_at(step)
-        batches = [session.to_device(collate_items(batch_at(train_items, i, cfg.micro_batch_size, cfg.seed,
+        micro = rank_micro_steps(step, cfg.grad_accum, dist.world_size, dist.rank)
+        if mixture is None:
+            items, micro_at = datasets[0], micro
+        else:  # this chunk's dataset, at that dataset's own position in its seeded epochs
+            d = mixture.begin_step(step, heldout_loss)
+            items = datasets[d]
+            micro_at = [mixture.micro_index(d, i, step, per_step) for i in micro]
+        batches = [session.to_device(collate_items(batch_at(items, i, cfg.micro_batch_size,
+                                                            cfg.seed if mixture is None else cfg.seed + d,
                                                             recipe.data.shuffle), pad_id, weights))
-                   for i in rank_micro_steps(step, cfg.grad_accum, dist.world_size, dist.rank)]
+                   for i in micro_at]
         subset = step_vocab_subset(candidates, batches)
         if subset is not None:
             subset_rows.append(subset.numel())
@@ -239,8 +267,9 @@ def _train(session: RunSession) -> TrainResult:
             session.optimizer.zero_grad(set_to_none=True)
         session.step += 1
         step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        step_trainable = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         totals["tokens"] += step_tokens
-        totals["trainable_tokens"] += sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        totals["trainable_tokens"] += step_trainable
         totals["loss_weight"] += norm
         totals["elapsed_s"] += dt[0]
         rss = session.memory.sample()
@@ -249,16 +278,19 @@ def _train(session: RunSession) -> TrainResult:
                "rss_bytes": rss, "elapsed_s": totals["elapsed_s"]}
         if zo is not None:
             row.update(projected_grad=zo["projected_grad"], zo_restore_bytes=zo["restore_bytes"])
+        if mixture is not None:  # this rank's counts (per-dataset tokens are not summed over ranks)
+            row.update(mixture.end_step(step, step_tokens, step_trainable, cfg.steps, heldout_loss))
         is_last = session.step == cfg.steps
         if eval_examples and ((cfg.eval_every and session.step % cfg.eval_every == 0) or is_last):
             row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size, recipe.loss.chunk_size,
                                      loss_module=loss_module))
-        session.log(row, force="eval_loss" in row)
+        session.log(row, force="eval_loss" in row or "mixture_dataset" in row)
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", rss=f"{rss / 2**30:.2f}G")
         bar.update(1)
         if session.should_save():
             session.save_checkpoint({"totals": totals,
-                                     "candidates": None if candidates is None else candidates.tolist()})
+                                     "candidates": None if candidates is None else candidates.tolist(),
+                                     "mixture": None if mixture is None else mixture.state_dict()})
     bar.close()
     offloaded = None
     if spill is not None:
@@ -276,7 +308,14 @@ def _train(session: RunSession) -> TrainResult:
         flops = ledger_mod.zeroth_order_flops(flops, forward_passes=2 * recipe.optim.zo_samples)
     run_totals = {"steps": session.step, "tokens_processed": totals["tokens"], "trainable_tokens": totals["trainable_tokens"],
                   "wall_time_s": totals["elapsed_s"], "data": stats.as_dict()}
+    if mixture is not None:
+        train_files = [p for _, p in recipe.data.mixture.datasets()]
+        if isinstance(recipe.data.mixture.heldout, str):
+            train_files.append(recipe.data.mixture.heldout)
+    else:
+        train_files = [recipe.data.train]
     return session.finish(
-        totals=run_totals, flops=flops, data_files=[recipe.data.train] + ([recipe.data.eval] if recipe.data.eval else []),
+        totals=run_totals, flops=flops, data_files=train_files + ([recipe.data.eval] if recipe.data.eval else []),
         extra={"final_metrics": row, "loss": loss_note(recipe, candidates, subset_rows), "offloaded_checkpoints": offloaded,
-               "packing": None if packing is None else packing.as_dict()})
+               "packing": packing if packing is None or isinstance(packing, list) else packing.as_dict(),
+               "mixture": None if mixture is None else mixture.ledger(len(heldout) if heldout is not None else 0)})
