@@ -378,8 +378,11 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
     from leantune.adapters.lora import causal_lm
     from leantune.config import Recipe
 
-    policy = spec["runner_arg"]
-    policy = int(policy) if str(policy).isdigit() else policy
+    policy, _, micro = str(spec["runner_arg"]).partition("/mb")  # "all/mb1": micro-batch 1, accumulated to --batch
+    policy = int(policy) if policy.isdigit() else policy
+    micro = int(micro) if micro else spec["batch"]
+    if spec["batch"] % micro:
+        raise ValueError(f"--leantune-ckpt ...{spec['runner_arg']}: the micro-batch must divide --batch {spec['batch']}")
     model_path = spec["tiny_dir"] if spec["quick"] else f"builtin:{MODEL_BUILTIN}"
     run_dir = Path(spec["work_dir"]) / f"run-{spec['runner']}"
     recipe = Recipe.model_validate({
@@ -389,7 +392,7 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
         "loss": {"chunk_size": spec["chunk_size"]},
         "optim": {"lr": spec["lr"], "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                   "max_grad_norm": 1.0},
-        "train": {"steps": spec["steps"], "micro_batch_size": spec["batch"], "grad_accum": 1, "seed": 0,
+        "train": {"steps": spec["steps"], "micro_batch_size": micro, "grad_accum": spec["batch"] // micro, "seed": 0,
                   "activation_checkpointing": policy, "output_dir": str(run_dir), "threads": spec["threads"],
                   "progress": False, "log_every": 1},
     })
@@ -407,8 +410,14 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
             lora_init["trainable"] = _n_trainable(model)
             lora_init["attn"] = getattr(causal_lm(model).config, "_attn_implementation", None)
             mon.set_phase("train")
-        for b in batches:
-            digests.append(_digest_batch(b["input_ids"], b["labels"]))
+        if len(batches) > 1 and len({b["input_ids"].shape[1] for b in batches}) == 1:  # accumulated: the step's batch
+            import torch
+
+            digests.append(_digest_batch(torch.cat([b["input_ids"] for b in batches]),
+                                         torch.cat([b["labels"] for b in batches])))
+        else:
+            for b in batches:
+                digests.append(_digest_batch(b["input_ids"], b["labels"]))
         c0 = mon.cpu_seconds()
         out = original(loss_module, batches, chunk_size, *rest, **kw)
         step_cpu.append(mon.cpu_seconds() - c0)
@@ -427,6 +436,7 @@ def run_leantune(spec: dict, mon: RssMonitor) -> dict:
     step_times = [step_tokens / r["tokens_per_s"] for r in rows]
     return {
         "config": {"activation_checkpointing": policy, "loss.chunk_size": spec["chunk_size"],
+                   "micro_batch_size": micro, "grad_accum": spec["batch"] // micro,
                    "attn_implementation": lora_init.get("attn"), "optimizer": "torch.optim.AdamW (foreach)"},
         "losses": [r["loss"] for r in rows],
         "step_times_s": step_times,
@@ -715,7 +725,9 @@ def parse_args(argv=None):
                    help="auto (default): bfloat16 where the CPU has AVX512-BF16 or AMX, float32 elsewhere; leantune "
                    "trains a bf16 base, the peers use their bf16=True (CPU autocast over fp32 weights)")
     p.add_argument("--leantune-ckpt", default="all,2",
-                   help="comma-separated leantune activation_checkpointing policies, one row each (off, all, k)")
+                   help="comma-separated leantune activation_checkpointing policies, one row each (off, selective, "
+                   "all, k); a '/mbN' suffix (e.g. all/mb1) trains micro-batches of N accumulated to --batch per step "
+                   "(the same examples and update)")
     p.add_argument("--chunk-size", type=int, default=256, help="leantune loss.chunk_size")
     p.add_argument("--only", action="append", default=[],
                    help="run only these runners (comma-separated names or prefixes; repeatable)")
@@ -738,7 +750,7 @@ def parse_args(argv=None):
 
 def runner_table(args) -> list[tuple[str, str, str]]:
     """(name, kind, arg) of every runner, in run order."""
-    rows = [(f"leantune_ckpt_{p.strip()}", "leantune", p.strip()) for p in args.leantune_ckpt.split(",") if p.strip()]
+    rows = [(f"leantune_ckpt_{p.strip().replace('/', '_')}", "leantune", p.strip()) for p in args.leantune_ckpt.split(",") if p.strip()]
     rows += [("trainer_peft", "trainer_peft", "default"), ("trainer_peft_gc", "trainer_peft", "gc"),
              ("trl_sft", "trl", "default")]
     if args.only:
