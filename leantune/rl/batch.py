@@ -9,6 +9,7 @@ cost is a `SamplingStats`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from leantune.config import Recipe, RecipeError, RLConfig
@@ -93,6 +94,7 @@ class SamplingStats:
     row_forwards: int = 0  # rows of the policy forwards sampled from (prefill included): tokens per forward's divisor
     draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
     accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
+    draft_row_forwards: int = 0  # rl.speculative: draft: rows of the draft model's forwards
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,6 +103,14 @@ class SamplingStats:
     @property
     def tokens_per_forward(self) -> float:
         return self.tokens_generated / max(1, self.row_forwards)
+
+
+def draft_location(spec: str | None) -> str | None:
+    """``rl.speculative_draft`` as every sampler reads it: an existing relative path made absolute (Ray workers may
+    run in another directory); ``layers:N`` and other forms unchanged."""
+    if spec and not spec.startswith("layers:") and os.path.exists(spec):
+        return os.path.abspath(spec)
+    return spec
 
 
 class Sampler:
@@ -134,7 +144,8 @@ class Sampler:
         rl = self.rl
         return dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                     top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter, speculative=rl.speculative,
-                    speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram)
+                    speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram,
+                    speculative_draft=draft_location(rl.speculative_draft))
 
     def prefetch(self, cand: list[int], prompts: list[str], step: int, skipped: int) -> None:
         """Start sampling round 0 of ``step`` (prompt indices ``cand``) on the workers now, with the current
@@ -263,6 +274,7 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.row_forwards += ro.row_steps
         s.draft_tokens += ro.draft_tokens
         s.accepted_tokens += ro.accepted_tokens
+        s.draft_row_forwards += ro.draft_row_steps
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)

@@ -39,6 +39,7 @@ class RLTotals:
     row_forwards: int = 0  # rows of the rollout policy forwards sampled from (tokens per forward = tokens / this)
     draft_tokens: int = 0  # rl.speculative: tokens drafted and verified
     accepted_tokens: int = 0  # rl.speculative: drafted tokens accepted
+    draft_row_forwards: int = 0  # rl.speculative: draft: rows of the draft model's forwards
 
     def add(self, s: SamplingStats, u, rl: RLConfig, dt: float) -> None:
         g = rl.group_size
@@ -67,6 +68,7 @@ class RLTotals:
         self.row_forwards += s.row_forwards
         self.draft_tokens += s.draft_tokens
         self.accepted_tokens += s.accepted_tokens
+        self.draft_row_forwards += s.draft_row_forwards
 
 
 def ledger_totals(steps: int, t: RLTotals) -> dict:

@@ -235,6 +235,8 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         row["entropy_grad_corr"] = u.entropy_grad_corr
     if rl.speculative != "off":
         row.update(spec_acceptance=s.acceptance_rate, tokens_per_forward=s.tokens_per_forward)
+        if rl.speculative == "draft":
+            row["draft_row_forwards"] = s.draft_row_forwards
     if u.zo_rollouts:
         row.update(zo_reward_plus=u.zo_reward_plus, zo_reward_minus=u.zo_reward_minus, zo_rollouts=u.zo_rollouts)
     return row
