@@ -283,10 +283,13 @@ class DraftRollout:
         self.cache_kw = _cache_kwarg(draft.decoder)
         self.forwards = self.row_forwards = 0  # batched draft forwards and their rows (prefill excluded)
         self._round: tuple[torch.Tensor, int] | None = None  # (catch-up widths (n,), drafts fed per row)
+        self.attn = self.next_pos = None  # (n, L) mask of the draft cache, (n,) next position id: set by `prefill`
+        self.seen: list[int] = []  # completion tokens each row's cache holds
 
     def prefill(self, distinct: Sequence[Sequence[int]], group_size: int, dev: torch.device) -> None:
-        _, self.attn, self.next_pos = prefill_groups(self.draft.decoder, distinct, group_size, self.pad, self.cache, dev)
-        self.seen = [0] * self.attn.shape[0]  # completion tokens each row's cache holds
+        _, self.attn, self.next_pos = prefill_groups(self.draft.decoder, distinct, group_size, self.pad, self.cache,
+                                                     dev)
+        self.seen = [0] * self.attn.shape[0]
 
     def _forward(self, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.attn = torch.cat([self.attn, fed.to(self.attn)], dim=1)
@@ -477,7 +480,8 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
                 attn = attn[:, :-drop]
             attn = compact_holes(cache, attn)
             # 4. draft the next tokens and run the policy once over pending token + drafts
-            room = [max_new_tokens - len(tokens[seq]) - 1 for seq in rows.tolist()]  # the forward also yields one token past the drafts
+            # most drafts per row: the verify forward also yields one token past them
+            room = [max_new_tokens - len(tokens[seq]) - 1 for seq in rows.tolist()]
             if drafting is None:
                 drafts = []
                 for seq, rm in zip(rows.tolist(), room):
