@@ -1,7 +1,9 @@
-"""Rollout-phase tokens/s: plain sampling vs exact speculative rollouts (`rl.speculative: prompt_lookup`), side by side.
+"""Rollout-phase tokens/s: plain sampling vs exact speculative rollouts (`rl.speculative: prompt_lookup | draft`).
 
     HF_HUB_OFFLINE=1 python benchmarks/speculative.py --task addition --init runs/sft_smollm2_addition \
         --out benchmarks/results/speculative.json
+    HF_HUB_OFFLINE=1 python benchmarks/speculative.py --task addition --no-lookup --draft layers:8 \
+        --out benchmarks/results/speculative_draft.json   # self-speculation: the policy's first 8 layers draft
 
 The policy is SmolLM2-135M-Instruct (`builtin:`, the dtype `model.dtype: auto` picks) with a LoRA adapter: the
 one in ``--init`` (e.g. the demo's SFT run, whose completions copy the operands from the prompt) or a fresh one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,6 +53,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--k", type=int, nargs="+", default=[2, 4], help="rl.speculative_tokens values to compare")
     ap.add_argument("--ngram", type=int, default=3)
+    ap.add_argument("--draft", nargs="*", default=[], help="rl.speculative_draft values for draft mode (layers:N or a path)")
+    ap.add_argument("--no-lookup", action="store_true", help="skip the prompt_lookup settings")
     ap.add_argument("--repeats", type=int, default=3, help="calls per setting (different prompts each)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
@@ -70,7 +75,10 @@ def main() -> None:
     batches = [[r["prompt"] for r in rows[i * args.prompts:(i + 1) * args.prompts]] for i in range(args.repeats)]
     settings = [("plain", dict(speculative="off"))] + [
         (f"prompt_lookup_k{k}", dict(speculative="prompt_lookup", speculative_tokens=k, speculative_ngram=args.ngram))
-        for k in args.k]
+        for k in args.k if not args.no_lookup] + [
+        (f"draft_{d}_k{k}", dict(speculative="draft", speculative_tokens=k, speculative_draft=d))
+        for d in args.draft for k in args.k]
+    load_before = os.getloadavg()
     kw = dict(group_size=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               is_complete=getattr(task, "is_complete", None))
     warm = batches[0][:2]
@@ -87,6 +95,7 @@ def main() -> None:
             runs[name].append(dict(seconds=ro.seconds, tokens=ro.tokens_generated, tokens_per_s=ro.tokens_generated / ro.seconds,
                                    policy_forwards=ro.decode_steps + 1, row_forwards=ro.row_steps,
                                    draft_tokens=ro.draft_tokens, accepted_tokens=ro.accepted_tokens,
+                                   draft_forwards=ro.extra.get("draft_forwards", 0), draft_row_forwards=ro.draft_row_steps,
                                    identical_to_plain=same))
             print(name, i, {k: round(v, 3) if isinstance(v, float) else v for k, v in runs[name][-1].items()}, flush=True)
     summary = {}
@@ -96,6 +105,8 @@ def main() -> None:
                              total_tokens_per_s=tokens / sum(r["seconds"] for r in rs),
                              acceptance_rate=acc / drafted if drafted else None, tokens_per_forward=tokens / rowf,
                              policy_forwards_per_call=statistics.mean(r["policy_forwards"] for r in rs),
+                             draft_forwards_per_call=statistics.mean(r["draft_forwards"] for r in rs),
+                             draft_row_forwards_per_token=sum(r["draft_row_forwards"] for r in rs) / tokens,
                              identical_to_plain=statistics.mean(r["identical_to_plain"] for r in rs))
     base = summary["plain"]["total_tokens_per_s"]
     for s in summary.values():
@@ -103,7 +114,8 @@ def main() -> None:
     res = dict(cpu=cpu_model(), torch=torch.__version__, model=args.model, init=args.init,
                dtype=str(next(model.parameters()).dtype), task=args.task, prompts_per_call=args.prompts,
                group_size=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-               ngram=args.ngram, repeats=args.repeats, summary=summary, runs=runs)
+               ngram=args.ngram, repeats=args.repeats, load_average_before=load_before,
+               load_average_after=os.getloadavg(), summary=summary, runs=runs)
     print(json.dumps(dict(res, runs=None), indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -588,17 +588,37 @@ class RLConfig(Section):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, gt=0, description="Completion budget; a completion cut here is 'overlong'.")
     stop: list[str] = Field(default_factory=list, description="Stop strings; generation also stops when the task says the answer is complete.")
-    speculative: Literal["off", "prompt_lookup"] = Field(
+    speculative: Literal["off", "prompt_lookup", "draft"] = Field(
         default="off",
         description="Exact speculative rollouts. prompt_lookup: draft up to `speculative_tokens` tokens per row by "
         "matching the last `speculative_ngram` tokens earlier in the prompt + completion, verify them in one policy "
         "forward with the speculative-sampling rule (arXiv 2211.17192): the same distribution, log-probs and (per-prompt "
         "seeds) tokens as off, fewer forwards when completions copy from the prompt. Each forward is up to "
         "1 + speculative_tokens tokens wide, so it pays when the forward is memory-bound (small batches, large models) "
-        "and acceptance is high; docs/speculative.md has measurements.",
+        "and acceptance is high; draft: a draft model (`speculative_draft`) samples the k tokens from its own "
+        "distribution q, accepted with probability min(1, p/q) (arXiv 2302.01318): the same distribution and log-probs "
+        "as off, other tokens; docs/speculative.md has measurements.",
     )
     speculative_tokens: int = Field(default=4, gt=0, le=64, description="Most tokens drafted per row per policy forward (k).")
     speculative_ngram: int = Field(default=3, gt=0, description="Longest n-gram prompt lookup matches (it falls back to shorter ones, down to 1).")
+    speculative_draft: str | None = Field(
+        default=None,
+        description="The draft model of speculative: draft. 'layers:N': the policy's own first N decoder layers + final "
+        "norm + LM head (self-speculation, shares the weights and the adapter); or a model directory (safetensors) / "
+        ".gguf file sharing the policy's tokenizer. Exact whatever the draft; a better one is accepted more often.",
+    )
+
+    @model_validator(mode="after")
+    def _speculative_draft(self):
+        spec = self.speculative_draft
+        if self.speculative == "draft" and not spec:
+            raise ValueError("rl.speculative: draft needs rl.speculative_draft: 'layers:N' (the policy's first N "
+                             "layers) or the path of a draft model sharing the policy's tokenizer")
+        if spec and spec.startswith("layers:") and not spec[len("layers:"):].isdigit():
+            raise ValueError(f"rl.speculative_draft: {spec!r}: expected layers:N with N a positive integer, e.g. layers:8")
+        if spec == "layers:0":
+            raise ValueError("rl.speculative_draft: layers:0 drafts from no layer at all; use layers:1 or more")
+        return self
     fold_adapter: bool = Field(
         default=True,
         description="Sample with each LoRA delta folded into a copy of its base weight (one matmul per layer, faster rollouts; the copy lives while sampling and `leantune plan` counts it). No effect on a quantized base.",

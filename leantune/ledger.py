@@ -318,7 +318,8 @@ def summarize_ledger(ledger: dict) -> str:
                      f"{num(r.get('overlong_rollouts_masked'))} overlong masked"))
         if r.get("draft_tokens"):
             rows.append(("speculative", f"{num(r.get('accepted_tokens'))} of {num(r.get('draft_tokens'))} drafted tokens "
-                         f"accepted ({r['acceptance_rate']:.0%}), {r['tokens_per_forward']:.2f} tokens per policy forward"))
+                         f"accepted ({r['acceptance_rate']:.0%}), {r['tokens_per_forward']:.2f} tokens per policy forward"
+                         + (f", {num(r['draft_row_forwards'])} draft-model row forwards" if r.get("draft_row_forwards") else "")))
     if model.get("combined"):
         rows.append(("model", f"{model['location']} sha256 {model['combined'][:16]} ({len(model['files'])} file{'s' if len(model['files']) != 1 else ''})"))
     else:

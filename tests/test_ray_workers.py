@@ -134,3 +134,19 @@ def test_chunk_bounds_cover_every_prompt_once():
             b = chunk_bounds(n, parts)
             assert [i for lo, hi in b for i in range(lo, hi)] == list(range(n))
             assert all(hi > lo for lo, hi in b) and len(b) == min(n, parts)
+
+
+def test_draft_mode_travels_to_the_workers(setup, tmp_path):
+    """rl.speculative: draft over the pool: the self-draft (`layers:1`, adapter applied on each worker) and a draft
+    model directory (loaded by each worker) give what in-process sampling gives with the same seeds."""
+    pool, model, tok = setup
+    state = _random_adapter(model, seed=2)
+    seeds = [300 + i for i in range(len(PROMPTS))]
+    draft_dir = str(save_tiny_model(tmp_path / "draft", seed=7, layers=1))
+    for draft in ("layers:1", draft_dir):
+        kw = dict(KW, speculative="draft", speculative_draft=draft, speculative_tokens=3)
+        ref = sample_groups(model, tok, PROMPTS, seeds=seeds, **kw)
+        ro = pool.sample_groups(state, PROMPTS, seeds=seeds, **kw)
+        _assert_same(ro, ref)
+        assert ro.draft_tokens == ref.draft_tokens > 0
+        assert ro.draft_row_steps > 0  # not equal: a chunk's draft forwards run as many rows as its longest draft

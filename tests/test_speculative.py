@@ -252,3 +252,197 @@ def test_rl_speculative_reaches_the_sampler_the_metrics_and_the_ledger(policy):
     merged = merge_rollouts([ro, ro], 2)
     assert (merged.draft_tokens, merged.accepted_tokens, merged.row_steps) == (2 * ro.draft_tokens,
                                                                                2 * ro.accepted_tokens, 2 * ro.row_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# rl.speculative: draft -- a draft model samples the drafts from its own q; the general rule min(1, p/q)
+
+
+def _rule_draft_resample_from_p(weights, q, draft, u_accept, u_resample):
+    """WRONG: accepts with probability min(1, p/q) but on rejection draws from p instead of norm(max(p - q, 0))."""
+    p = weights / weights.sum(-1, keepdim=True)
+    x = draft.clamp(min=0)[:, None]
+    accept = (draft >= 0) & (u_accept * q.gather(1, x).squeeze(1) < p.gather(1, x).squeeze(1))
+    return torch.where(accept, draft, sample_categorical(p, uniforms=u_resample))
+
+
+def _rule_draft_inverted_ratio(weights, q, draft, u_accept, u_resample):
+    """WRONG: accepts with probability min(1, q/p) (the ratio upside down), residual right."""
+    p = weights / weights.sum(-1, keepdim=True)
+    has, x = draft >= 0, draft.clamp(min=0)[:, None]
+    accept = has & (u_accept * p.gather(1, x).squeeze(1) < q.gather(1, x).squeeze(1))
+    residual = (p - q).clamp(min=0)
+    residual = torch.where((~has | (residual.sum(-1) <= 0))[:, None], p, residual)
+    return torch.where(accept, draft, sample_categorical(residual, uniforms=u_resample))
+
+
+def _draft_completions(model, tok, seeds, draft, rule=None, tokens=TOKENS):
+    from leantune.rl.speculative import draft_model_for
+
+    ro = sample_speculative(model, tok, [PROMPT] * len(seeds), group_size=SAMPLES // len(seeds), max_new_tokens=tokens,
+                            temperature=TEMPERATURE, seeds=seeds, max_draft=4, verify=rule,
+                            draft_model=draft_model_for(model, draft))
+    return ro, Counter(tuple(c) for c in ro.completion_ids)
+
+
+def test_draft_model_distribution_matches_plain_sampling_and_the_test_rejects_wrong_rules(policy):
+    """Whole completions from plain sampling (seeds 0..9) vs draft-model speculative sampling (seeds 100..109),
+    600 each, chi-square test of homogeneity. The test's draft is the policy with its LM head x3 (q = the policy at
+    a third of the temperature: sharper than p, so drafts are accepted ~70% and rejected often): p > 0.001 with the
+    shipped rule, p < 1e-6 for two wrong rules. The self-draft `layers:1` (first of the two layers) passes too.
+    Fixed seeds: deterministic (measured p: 0.29 sharpened, 0.29 layers:1; wrong rules 5e-16 and 0)."""
+    from leantune.rl.speculative import DraftModel
+
+    model, tok = policy
+    _, plain = _completions(model, tok, list(range(10)))
+    sharp = DraftModel(model.model, model.lm_head.weight.detach() * 3.0, "head x3")
+    spec_seeds = list(range(100, 110))
+    for draft in (sharp, "layers:1"):
+        ro, spec = _draft_completions(model, tok, spec_seeds, draft)
+        assert ro.accepted_tokens > 300 and ro.draft_tokens - ro.accepted_tokens > 300, "needs accepts and rejects"
+        pval, dof = _chi2_pvalue(plain, spec)
+        assert dof >= 8 and pval > 1e-3, (draft, pval, dof)
+    for wrong in (_rule_draft_resample_from_p, _rule_draft_inverted_ratio):
+        _, spec = _draft_completions(model, tok, spec_seeds, sharp, wrong)
+        pval, _ = _chi2_pvalue(plain, spec)
+        assert pval < 1e-6, (wrong.__name__, pval)
+
+
+def test_verify_sampled_drafts_emits_exactly_p_in_expectation():
+    """The rule on explicit distributions, summed exactly over draws: sum_x q(x) [min(1, p/q)(x) 1_{y=x} +
+    (1 - min(1, p/q)(x)) residual(y)] == p(y) (arXiv 2211.17192, Theorem 1), via a fine grid of uniforms."""
+    from leantune.rl.speculative import verify_sampled_drafts
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(7, generator=g) * 2, 0)
+    q = torch.softmax(torch.randn(7, generator=g) * 2, 0)
+    m = 400  # uniforms on a midpoint grid, both coordinates
+    grid = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    ua, ur = torch.meshgrid(grid, grid, indexing="ij")
+    ua, ur = ua.reshape(-1).float(), ur.reshape(-1).float()
+    out = torch.zeros(7, dtype=torch.float64)
+    for x in range(7):
+        s = verify_sampled_drafts((p * 5)[None].expand(len(ua), 7), q[None].expand(len(ua), 7),
+                                  torch.full((len(ua),), x), ua, ur)
+        out += q[x].double() * torch.bincount(s, minlength=7).double() / len(ua)
+    torch.testing.assert_close(out, p.double(), atol=3e-3, rtol=0)
+    bonus = verify_sampled_drafts(p[None].expand(len(ur), 7), torch.zeros(len(ur), 7), torch.full((len(ur),), -1), ua, ur)
+    torch.testing.assert_close(torch.bincount(bonus, minlength=7).double() / len(ur), p.double(), atol=3e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A separate 1-layer tiny model (another seed) with the policy's tokenizer, saved as safetensors."""
+    from leantune.models.tiny import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("draft"), seed=7, layers=1))
+
+
+@pytest.mark.parametrize("draft", ["layers:1", "path"])
+def test_draft_mode_records_the_policys_logprobs_and_counts_its_forwards(policy, draft_dir, draft):
+    """Draft mode (self-draft and a draft model loaded from a directory): the recorded log-probs == a
+    teacher-forced recompute of the policy; stops like plain sampling; draft forwards and tokens counted."""
+    model, tok = policy
+    spec = draft_dir if draft == "path" else draft
+    ro = sample_groups(model, tok, [PROMPT, "abc abc ab"], group_size=3, max_new_tokens=16, temperature=0.05,
+                       top_p=0.9, seeds=[1, 2], speculative="draft", speculative_draft=spec, stop=["fox"])
+    assert ro.accepted_tokens > 0 and ro.draft_tokens > ro.accepted_tokens
+    assert ro.row_steps == ro.tokens_generated - ro.accepted_tokens  # one token per row forward + each accepted draft
+    assert ro.draft_row_steps > 0 and ro.extra["draft_forwards"] > 0
+    assert all(len(c) == 16 or "fox" in t or c[-1] == tok.eos_token_id for c, t in zip(ro.completion_ids, ro.texts))
+    with torch.no_grad():
+        lp, _, mask = completion_logprobs(model, ro.prompt_ids, ro.completion_ids, pad_id=tok.pad_token_id,
+                                          temperature=0.05)
+    recorded = torch.zeros_like(lp)
+    for i, row in enumerate(ro.logprobs):
+        recorded[i, : len(row)] = torch.tensor(row)
+    torch.testing.assert_close(recorded * mask, lp * mask, atol=2e-4, rtol=0)
+
+
+def test_draft_mode_greedy_equals_plain_greedy_and_a_full_self_draft_is_always_accepted(policy):
+    """top_p -> 0: p and q are point masses, the rule keeps the policy's argmax: the same tokens as plain greedy.
+    A self-draft with all the policy's layers is the policy: every draft accepted, k + 1 tokens per forward."""
+    model, tok = policy
+    prompts = [PROMPT, "12 + 30 = 42"]
+    kw = dict(group_size=2, max_new_tokens=20, temperature=1.0, top_p=1e-6)
+    plain = sample_groups(model, tok, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    spec = sample_groups(model, tok, prompts, generator=torch.Generator().manual_seed(1), speculative="draft",
+                         speculative_draft="layers:1", **kw)
+    assert spec.completion_ids == plain.completion_ids and spec.draft_tokens > 0
+    full = sample_groups(model, tok, prompts, group_size=2, max_new_tokens=21, temperature=0.5, seeds=[0, 1],
+                         speculative="draft", speculative_draft="layers:2", speculative_tokens=4)
+    assert full.accepted_tokens == full.draft_tokens > 0
+    assert full.tokens_per_forward == 21 / 5  # prefill: 1 token, then 4 forwards of 4 drafts + 1 bonus
+
+
+def test_draft_model_errors_name_the_setting(policy):
+    from pydantic import ValidationError
+
+    from leantune.config import RLConfig
+    from leantune.models.tiny import tiny_model
+    from leantune.rl.speculative import DraftModel, draft_model_for
+
+    model, tok = policy
+    with pytest.raises(ValueError, match="layers:3, but the policy has 2 decoder layers"):
+        draft_model_for(model, "layers:3")
+    other = tiny_model(vocab_size=256)
+    with pytest.raises(ValueError, match="vocabulary of 256 tokens, the policy"):
+        draft_model_for(model, DraftModel(other.model, other.lm_head.weight, "small vocab"))
+    with pytest.raises(ValidationError, match="needs rl.speculative_draft"):
+        RLConfig(speculative="draft")
+    with pytest.raises(ValidationError, match="layers:N with N a positive integer"):
+        RLConfig(speculative="draft", speculative_draft="layers:x")
+    assert RLConfig(speculative="draft", speculative_draft="layers:8").speculative_draft == "layers:8"
+
+
+def test_self_draft_shares_the_policys_weights_and_runs_its_first_layers(policy):
+    """`layers:N` is a view: no parameter copied, and its hidden state == the policy decoder's after N layers
+    followed by the final norm."""
+    from leantune.rl.speculative import self_draft
+
+    model, _ = policy
+    draft = self_draft(model, 1)
+    assert {id(p) for p in draft.decoder.parameters()} <= {id(p) for p in model.parameters()}
+    assert draft.head_w.data_ptr() == model.lm_head.weight.data_ptr()
+    assert model.model.config.num_hidden_layers == 2  # the policy's own config untouched
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        mid = model.model(input_ids=ids, output_hidden_states=True).hidden_states[1]  # after layer 0
+        torch.testing.assert_close(draft.decoder(input_ids=ids).last_hidden_state, model.model.norm(mid))
+
+
+def test_rl_speculative_draft_reaches_the_sampler_the_metrics_and_the_ledger(policy, draft_dir, monkeypatch):
+    """`rl.speculative: draft` through `Sampler` and `collect_batch` (a relative draft path made absolute for Ray
+    workers): drafts and draft-model forwards counted in `SamplingStats`, the metrics row, the run totals, the
+    ledger's summary and `merge_rollouts`."""
+    import os
+
+    from leantune.config import RLConfig
+    from leantune.ledger import summarize_ledger
+    from leantune.rl.bill import RLTotals, ledger_totals
+    from leantune.rl.selection import PromptSelector, PromptStream
+    from leantune.rl.workers import merge_rollouts
+    from leantune.train.rl import Sampler, UpdateStats, collect_batch, step_metrics
+
+    model, tok = policy
+    monkeypatch.chdir(os.path.dirname(draft_dir))
+    pool = [{"prompt": p} for p in (PROMPT, "abc abc abc ab")]
+    reward = lambda prompts, texts, **_: [float(len(t) % 3) for t in texts]  # noqa: E731
+    rl = RLConfig(group_size=3, prompts_per_step=2, temperature=0.05, max_new_tokens=12, dynamic_sampling=False,
+                  speculative="draft", speculative_draft=os.path.basename(draft_dir), speculative_tokens=3)
+    sampler = Sampler(model, tok, rl, None, seed=0)
+    assert sampler._kwargs()["speculative_draft"] == draft_dir  # absolute
+    batch = collect_batch(sampler, pool, PromptStream(len(pool), seed=0), PromptSelector(enabled=False), reward,
+                          reward, rl, step=0)
+    s = batch.stats
+    assert s.draft_tokens > s.accepted_tokens > 0 and s.draft_row_forwards > 0
+    row = step_metrics(0, s, UpdateStats(), rl, 1e-4, 1.0)
+    assert row["draft_row_forwards"] == s.draft_row_forwards and row["tokens_per_forward"] > 1.0
+    totals = RLTotals()
+    totals.add(s, UpdateStats(), rl, 1.0)
+    rollouts = ledger_totals(1, totals)["rollouts"]
+    assert rollouts["draft_row_forwards"] == s.draft_row_forwards
+    assert f"{s.draft_row_forwards:,} draft-model row forwards" in summarize_ledger({"totals": ledger_totals(1, totals)})
+    ro = sample_groups(model, tok, [PROMPT], group_size=2, max_new_tokens=8, temperature=0.05, seeds=[3],
+                       speculative="draft", speculative_draft="layers:1")
+    assert merge_rollouts([ro, ro], 2).draft_row_steps == 2 * ro.draft_row_steps > 0

@@ -9,6 +9,7 @@ cost is a `SamplingStats`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from leantune.config import Recipe, RecipeError, RLConfig
@@ -96,6 +97,7 @@ class SamplingStats:
     tool_calls: int = 0  # rl.tools: calls made (all rollouts)
     tool_errors: int = 0  # rl.tools: calls answered with an error
     tool_tokens: int = 0  # rl.tools: completion tokens written by tools (context, no loss)
+    draft_row_forwards: int = 0  # rl.speculative: draft: rows of the draft model's forwards
 
     @property
     def acceptance_rate(self) -> float:
@@ -104,6 +106,14 @@ class SamplingStats:
     @property
     def tokens_per_forward(self) -> float:
         return self.tokens_generated / max(1, self.row_forwards)
+
+
+def draft_location(spec: str | None) -> str | None:
+    """``rl.speculative_draft`` as every sampler reads it: an existing relative path made absolute (Ray workers may
+    run in another directory); ``layers:N`` and other forms unchanged."""
+    if spec and not spec.startswith("layers:") and os.path.exists(spec):
+        return os.path.abspath(spec)
+    return spec
 
 
 class Sampler:
@@ -138,6 +148,7 @@ class Sampler:
         return dict(group_size=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
                     top_p=rl.top_p, stop=rl.stop, fold_adapter=rl.fold_adapter, speculative=rl.speculative,
                     speculative_tokens=rl.speculative_tokens, speculative_ngram=rl.speculative_ngram,
+                    speculative_draft=draft_location(rl.speculative_draft),
                     tools=rl.tools if rl.tools.enabled else None)
 
     def prefetch(self, cand: list[int], prompts: list[str], step: int, skipped: int) -> None:
@@ -271,6 +282,7 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.tool_calls += sum(ro.tool_calls or [])
         s.tool_errors += sum(ro.tool_errors or [])
         s.tool_tokens += ro.tool_tokens
+        s.draft_row_forwards += ro.draft_row_steps
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)

@@ -42,6 +42,7 @@ class RLTotals:
     tool_calls: int = 0  # rl.tools: calls made in all rollouts
     tool_errors: int = 0  # rl.tools: calls answered with an error
     tool_tokens: int = 0  # rl.tools: completion tokens written by tools (run through the decoder, no loss)
+    draft_row_forwards: int = 0  # rl.speculative: draft: rows of the draft model's forwards
 
     def add(self, s: SamplingStats, u, rl: RLConfig, dt: float) -> None:
         g = rl.group_size
@@ -73,6 +74,7 @@ class RLTotals:
         self.tool_calls += s.tool_calls
         self.tool_errors += s.tool_errors
         self.tool_tokens += s.tool_tokens
+        self.draft_row_forwards += s.draft_row_forwards
 
 
 def ledger_totals(steps: int, t: RLTotals) -> dict:

@@ -66,6 +66,7 @@ class Rollouts:
     row_steps: int = 0  # sum over policy forwards (prefill included) of the rows sampling from it
     draft_tokens: int = 0  # speculative: tokens drafted and verified
     accepted_tokens: int = 0  # speculative: drafted tokens the verification accepted
+    draft_row_steps: int = 0  # speculative draft: sum over draft-model forwards of their rows
     extra: dict = field(default_factory=dict)
     group_sizes: list[int] | None = None  # per prompt, when routed (`route`); 0 = not sampled. None: group_size each
     features: torch.Tensor | None = None  # (n_p, H) the routing layer's prefill hidden state per prompt, when routed
@@ -328,6 +329,7 @@ def sample_groups(
     speculative_tokens: int = 4,
     speculative_ngram: int = 3,
     tools=None,
+    speculative_draft=None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -346,6 +348,9 @@ def sample_groups(
     last (up to ``speculative_ngram``) tokens earlier in the prompt + completion and verifies them in one
     policy forward (`leantune.rl.speculative`): the same distribution, the same recorded log-probs, and with
     ``seeds`` the same tokens as plain sampling (up to float rounding), in fewer forwards when drafts hit.
+    "draft" samples the drafts from a draft model, ``speculative_draft`` ("layers:N": the policy's first N
+    layers; a path; or a `DraftModel`), and verifies them with the general rule: the same distribution and
+    recorded log-probs as plain sampling, other tokens.
     ``tools``: a `leantune.config.ToolsConfig` (or `leantune.rl.tools.Toolbox`); when enabled, a row that
     closes a tool call gets the answer appended as context and keeps sampling (`leantune.rl.tools`).
     """
@@ -353,8 +358,8 @@ def sample_groups(
         raise ValueError("group_size and max_new_tokens must be >= 1")
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds: one per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
-    if speculative not in ("off", "prompt_lookup"):
-        raise ValueError(f"speculative: 'off' or 'prompt_lookup', got {speculative!r}")
+    if speculative not in ("off", "prompt_lookup", "draft"):
+        raise ValueError(f"speculative: 'off', 'prompt_lookup' or 'draft', got {speculative!r}")
     if speculative != "off" and route is not None:
         raise ValueError("speculative sampling does not take a router (rl.router with rl.speculative): use one of them")
     if tools is not None and getattr(tools, "enabled", True):
@@ -375,6 +380,13 @@ def sample_groups(
                 model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete, generator=generator,
                 seeds=seeds, max_draft=speculative_tokens, drafter=prompt_lookup_drafter(speculative_ngram))
+        if speculative == "draft":
+            from leantune.rl.speculative import draft_model_for, sample_speculative
+
+            return sample_speculative(
+                model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete, generator=generator,
+                seeds=seeds, max_draft=speculative_tokens, draft_model=draft_model_for(model, speculative_draft))
         return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
                               generator=generator, seeds=seeds, route=route, route_layer=route_layer)

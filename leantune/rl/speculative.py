@@ -19,6 +19,16 @@ plain rollout token for token, up to float rounding of the wider forward. tests/
 the distribution with a chi-square test (and that the test rejects a wrong rule), the recorded log-probs
 against a teacher-forced recompute, and greedy equality.
 
+Draft model (`DraftModel`, `DraftRollout`): a small causal LM sharing the policy's vocabulary proposes k tokens
+per row autoregressively, each sampled from its own distribution q (the same temperature and top-p processing as
+p), with its own batched KV cache. `verify_sampled_drafts` applies the general rule: accept x with probability
+min(1, p(x) / q(x)); on rejection sample from norm(max(p - q, 0)); after k accepted, a bonus token from p. The
+output is distributed exactly as p whatever q is (a poor draft only lowers acceptance); the coupling to plain
+sampling's uniforms is lost (draws use separate counter-based streams per row, token and purpose), so the tokens
+differ from plain sampling's, the distribution does not. The draft is either a model directory / GGUF file loaded
+like the policy (`load_draft_model`), or the policy's own first N decoder layers + final norm + LM head
+(`self_draft`, layer-skip self-speculation: a view sharing the policy's modules, adapter included).
+
 `p` is what plain sampling draws from: `token_distribution` (logits / temperature, softmax, top-p), and
 the recorded log-prob of each token is log softmax(logits / temperature) at its position, as in plain
 sampling.
@@ -33,8 +43,11 @@ row waits for another's.
 
 from __future__ import annotations
 
+import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -42,6 +55,7 @@ from transformers import DynamicCache
 from leantune.rl.rollout import (
     Rollouts,
     _cache_kwarg,
+    _i64,
     _tokenize_prompts,
     decode_setup,
     prefill_groups,
@@ -49,7 +63,9 @@ from leantune.rl.rollout import (
     row_keys,
     row_uniforms_at,
     sample_categorical,
+    splitmix64,
     token_distribution,
+    top_p_filter,
 )
 
 
@@ -140,45 +156,262 @@ def compact_holes(cache: DynamicCache, attn: torch.Tensor, slack: float = 0.25, 
     return attn.gather(1, order)
 
 
+def verify_sampled_drafts(weights: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept: torch.Tensor,
+                          u_resample: torch.Tensor) -> torch.Tensor:
+    """The token each verified position emits if reached, under the speculative rule for a sampled draft.
+
+    weights (K, V): the policy's sampling distribution at each position, unnormalized (`token_distribution`);
+    q (K, V): the draft distribution the drafted token was sampled from, normalized (rows of bonus positions
+    unused); draft (K,): the drafted token each position checks (-1: none, the bonus position); u_accept,
+    u_resample (K,) in [0, 1), independent. Returns s (K,); the caller accepts a drafted token iff s == draft.
+    Accept x iff u_accept < p(x) / q(x) (probability min(1, p(x)/q(x))); otherwise s ~ norm(max(p - q, 0)), which
+    is 0 at x whenever x can be rejected, so s != x; at the bonus position s ~ p (arXiv 2211.17192 Algorithm 1,
+    arXiv 2302.01318 Algorithm 2). Where the residual is all zero (p == q, acceptance then certain up to
+    rounding) it falls back to p.
+    """
+    p = weights / weights.sum(-1, keepdim=True)  # (K, V)
+    has = draft >= 0  # (K,)
+    x = draft.clamp(min=0)[:, None]  # (K, 1)
+    px, qx = p.gather(1, x).squeeze(1), q.gather(1, x).squeeze(1)  # (K,), (K,)
+    accept = has & (u_accept * qx < px)
+    residual = (p - q).clamp_(min=0)  # (K, V)
+    use_p = ~has | (residual.sum(-1) <= 0)  # (K,)
+    residual = torch.where(use_p[:, None], p, residual)
+    return torch.where(accept, draft, sample_categorical(residual, uniforms=u_resample))
+
+
+SampledVerify = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Salts that split a row's stream key into independent streams per purpose: the draft's own samples and the
+# acceptance tests; the residual / bonus draws use the plain stream (`row_uniforms_at(keys, t)`).
+_DRAFT_SALT, _ACCEPT_SALT = 0x5DEECE66D, 0x2545F4914F6CDD1D
+
+
+def salted_keys(keys: torch.Tensor, salt: int) -> torch.Tensor:
+    """Stream keys (n,) -> keys of an independent stream per row, (n,) (splitmix64 of key + salt)."""
+    return splitmix64(keys + _i64(salt))
+
+
+@dataclass
+class DraftModel:
+    """A draft for `rl.speculative: draft`: a decoder (input ids -> last hidden states, with a KV cache) and the
+    dense LM-head weight (V, H) it samples from; V must be the policy's vocabulary. ``name`` says which."""
+
+    decoder: torch.nn.Module
+    head_w: torch.Tensor  # (V, H)
+    name: str
+
+
+def self_draft(model, n_layers: int) -> DraftModel:
+    """Layer-skip self-speculation (arXiv 2309.08168, 2404.16710): the policy's first ``n_layers`` decoder layers,
+    its final norm and LM head, as a view sharing the policy's modules (no copy). The view is a shallow copy of
+    the decoder whose config says ``num_hidden_layers = n_layers``: transformers' decoders (Llama, Qwen2/3,
+    Mistral, Gemma, Phi3) run ``self.layers[: config.num_hidden_layers]``. The LoRA adapter applies to the draft
+    as to the policy (folded or not: the layers are the same modules)."""
+    decoder, head_w = _decoder_and_head(model)
+    total = decoder.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"rl.speculative_draft: layers:{n_layers}, but the policy has {total} decoder layers "
+                         f"(use 1..{total}; fewer is cheaper, more is accepted more often)")
+    view = copy.copy(decoder)  # shares _modules/_parameters: the same layers, norm, embeddings
+    view.config = copy.deepcopy(decoder.config)
+    view.config.num_hidden_layers = n_layers
+    if getattr(view.config, "layer_types", None):
+        view.config.layer_types = list(view.config.layer_types)[:n_layers]
+    return DraftModel(view, head_w, f"layers:{n_layers}")
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The policy's decoder and dense LM-head weight (V, H), as `decode_setup` finds them."""
+    from leantune.adapters.lora import causal_lm
+    from leantune.quant.weight_only import dense_head_weight
+
+    lm = causal_lm(model)
+    return lm.get_decoder(), dense_head_weight(lm.get_output_embeddings())
+
+
+@functools.lru_cache(maxsize=2)
+def load_draft_model(path: str, dtype: str, device: str) -> DraftModel:
+    """A draft model directory (safetensors) or GGUF file, loaded like the policy (`leantune.models.loading`:
+    no remote code, no pickles), frozen, in ``dtype`` on ``device``; cached per process (Ray workers load it once)."""
+    from leantune.adapters.lora import causal_lm
+    from leantune.config import ModelConfig
+    from leantune.models.loading import load_model
+    from leantune.quant.weight_only import dense_head_weight
+
+    lm = load_model(ModelConfig(path=path, dtype=dtype)).to(device).eval().requires_grad_(False)
+    return DraftModel(lm.get_decoder(), dense_head_weight(causal_lm(lm).get_output_embeddings()), path)
+
+
+def draft_model_for(model, spec: str | DraftModel | None) -> DraftModel:
+    """``rl.speculative_draft`` -> a `DraftModel`: ``layers:N`` (`self_draft`), a path (`load_draft_model`, in the
+    policy's dtype and device), or a `DraftModel` as is. Checks the vocabulary matches the policy's."""
+    if spec is None:
+        raise ValueError("rl.speculative: draft needs rl.speculative_draft: 'layers:N' (the policy's first N layers) "
+                         "or the path of a draft model sharing the policy's tokenizer")
+    head_w = _decoder_and_head(model)[1]  # (V, H): the policy's vocabulary, dtype and device
+    if isinstance(spec, DraftModel):
+        draft = spec
+    elif spec.startswith("layers:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"rl.speculative_draft: {spec!r}: expected layers:N with N an integer") from None
+        draft = self_draft(model, n)
+    else:
+        dtype = "bfloat16" if head_w.dtype == torch.bfloat16 else "float32"
+        draft = load_draft_model(spec, dtype, str(head_w.device))
+    vocab = head_w.shape[0]
+    if draft.head_w.shape[0] != vocab:
+        raise ValueError(f"rl.speculative_draft: {draft.name} has a vocabulary of {draft.head_w.shape[0]} tokens, the "
+                         f"policy {vocab}: the draft must share the policy's tokenizer")
+    return draft
+
+
+class DraftRollout:
+    """The draft model's side of a batched speculative rollout: its own KV cache over the same rows as the policy's.
+
+    Per verify round (`propose`): feed each row the tokens its cache lacks (the pending token, plus the last
+    accepted draft and the bonus token after a fully accepted round), then sample up to k tokens one forward at
+    a time from q. After verification (`commit`): the columns of rejected drafts become masked holes, trailing
+    columns no row kept are cropped, holes are compacted as in the policy's cache (`compact_holes`).
+    """
+
+    def __init__(self, draft: DraftModel, temperature: float, top_p: float, pad: int):
+        self.draft, self.temperature, self.top_p, self.pad = draft, temperature, top_p, pad
+        self.cache = DynamicCache()
+        self.cache_kw = _cache_kwarg(draft.decoder)
+        self.forwards = self.row_forwards = 0  # batched draft forwards and their rows (prefill excluded)
+        self._round: tuple[torch.Tensor, int] | None = None  # (catch-up widths (n,), drafts fed per row)
+        self.attn = self.next_pos = None  # (n, L) mask of the draft cache, (n,) next position id: set by `prefill`
+        self.seen: list[int] = []  # completion tokens each row's cache holds
+
+    def prefill(self, distinct: Sequence[Sequence[int]], group_size: int, dev: torch.device) -> None:
+        _, self.attn, self.next_pos = prefill_groups(self.draft.decoder, distinct, group_size, self.pad, self.cache,
+                                                     dev)
+        self.seen = [0] * self.attn.shape[0]
+
+    def _forward(self, ids: torch.Tensor, fed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, fed.to(self.attn)], dim=1)
+        out = self.draft.decoder(input_ids=ids, attention_mask=self.attn, position_ids=positions, use_cache=True,
+                                 **{self.cache_kw: self.cache})
+        self.forwards += 1
+        self.row_forwards += ids.shape[0]
+        return out.last_hidden_state  # (n, w, H)
+
+    def propose(self, tokens: list[list[int]], room: list[int], max_draft: int, keys: torch.Tensor | None,
+                generator: torch.Generator | None) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Draft for the batch's rows: ``tokens`` each row's completion so far (its last token not yet in either
+        cache), ``room`` the most drafts each row may take. Returns (drafts, q (n, kmax, V): the normalized
+        distribution each draft was sampled from; None when nothing is drafted)."""
+        n, dev = len(tokens), self.attn.device
+        lens = [max(0, min(max_draft, r)) for r in room]
+        kmax = max(lens, default=0)
+        if kmax == 0:
+            self._round = None
+            return [[] for _ in range(n)], None
+        catch = [t[s:] for t, s in zip(tokens, self.seen)]  # each non-empty: the pending token at least
+        c = torch.tensor([len(x) for x in catch], dtype=torch.long)  # (n,)
+        width = int(c.max())
+        ids = torch.tensor([x + [self.pad] * (width - len(x)) for x in catch], dtype=torch.long, device=dev)  # (n, C)
+        fed = torch.arange(width)[None, :] < c[:, None]  # (n, C)
+        positions = self.next_pos[:, None] + torch.arange(width, device=dev)[None, :]  # (n, C)
+        h = self._forward(ids, fed, positions)[torch.arange(n, device=dev), (c - 1).to(dev)]  # (n, H)
+        t0 = torch.tensor([len(t) for t in tokens], dtype=torch.long)  # (n,): token index of the first draft
+        dkeys = salted_keys(keys, _DRAFT_SALT) if keys is not None else None
+        xs, qs = [], []
+        for j in range(kmax):
+            logits = (h @ self.draft.head_w.T).float() / self.temperature  # (n, V)
+            q = top_p_filter(torch.softmax(logits, dim=-1), self.top_p)  # (n, V), unnormalized after top-p
+            q = q / q.sum(-1, keepdim=True)
+            del logits
+            u = row_uniforms_at(dkeys, t0 + j) if dkeys is not None else torch.rand(n, generator=generator)  # (n,)
+            x = sample_categorical(q, uniforms=u.to(q.device))  # (n,)
+            xs.append(x)
+            qs.append(q)
+            if j < kmax - 1:  # the last draft is not fed: the policy's verify decides what follows it
+                pos = (self.next_pos + c.to(dev) + j)[:, None]  # (n, 1)
+                h = self._forward(x[:, None].to(dev), torch.ones(n, 1, dtype=torch.bool), pos)[:, -1]
+        self._round = (c, kmax - 1)
+        drafted = torch.stack(xs, 1).tolist()  # (n, kmax)
+        return [d[:k] for d, k in zip(drafted, lens)], torch.stack(qs, 1)  # (n, kmax, V)
+
+    def commit(self, acc: torch.Tensor) -> None:
+        """After verification: each row (same order as `propose`'s) accepted its first ``acc`` (n,) drafts."""
+        if self._round is None:
+            return
+        c, fed = self._round
+        self._round = None
+        kept = torch.clamp(acc, max=fed)  # (n,) drafts whose column stays
+        if fed:
+            self.attn[:, -fed:] = (torch.arange(fed)[None, :] < kept[:, None]).to(self.attn)
+        step = c + kept  # (n,) completion tokens each cache gained
+        self.next_pos = self.next_pos + step.to(self.next_pos.device)
+        self.seen = [s + int(d) for s, d in zip(self.seen, step.tolist())]
+        drop = fed - int(kept.max())
+        if drop:
+            self.cache.crop(-drop)
+            self.attn = self.attn[:, :-drop]
+        self.attn = compact_holes(self.cache, self.attn)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep`` (indices, as the policy's batch does when rows finish)."""
+        self.cache.batch_select_indices(keep.to(self.attn.device))
+        self.attn, self.next_pos = self.attn[keep.to(self.attn.device)], self.next_pos[keep.to(self.attn.device)]
+        self.seen = [self.seen[i] for i in keep.tolist()]
+
+
 @torch.no_grad()
 def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (),
                        is_complete: Callable[[str], bool] | None = None, generator: torch.Generator | None = None,
                        seeds: Sequence[int] | None = None, max_draft: int = 4,
                        drafter: Callable[[Sequence[int]], PromptLookup] | None = None,
-                       verify: Verify = verify_point_drafts) -> Rollouts:
+                       draft_model: DraftModel | None = None,
+                       verify: Verify | SampledVerify | None = None) -> Rollouts:
     """`leantune.rl.rollout.sample_groups` with drafts verified in one forward (see the module docstring).
 
     Same arguments and result as `sample_groups` (adapter folding is the caller's), plus ``max_draft``: k,
     the most tokens drafted per row per forward; ``drafter``: prompt ids -> draft state (default: prompt
-    lookup with 3-grams); ``verify``: the acceptance rule (`verify_point_drafts`; tests swap in wrong ones).
-    The result also counts ``draft_tokens`` and ``accepted_tokens``; ``row_steps`` counts the rows of every
-    policy forward whose output was sampled from, prefill included, so tokens_per_forward =
-    tokens_generated / row_steps (1.0 for plain sampling).
+    lookup with 3-grams); ``draft_model``: draft with this model instead (`DraftModel`, q sampled); ``verify``:
+    the acceptance rule (default `verify_point_drafts`, with a draft model `verify_sampled_drafts`; tests swap
+    in wrong ones). The result also counts ``draft_tokens`` and ``accepted_tokens``; ``row_steps`` counts the
+    rows of every policy forward whose output was sampled from, prefill included, so tokens_per_forward =
+    tokens_generated / row_steps (1.0 for plain sampling); ``draft_row_steps`` the rows of every draft-model
+    forward (``extra["draft_forwards"]``: the batched draft forwards).
     """
     if max_draft < 1:
         raise ValueError(f"max_draft (rl.speculative_tokens) must be >= 1, got {max_draft}")
+    if draft_model is not None and drafter is not None:
+        raise ValueError("sample_speculative: give a drafter (point-mass drafts) or a draft_model, not both")
     drafter = drafter or prompt_lookup_drafter(3)
+    verify = verify or (verify_point_drafts if draft_model is None else verify_sampled_drafts)
     start_time = time.perf_counter()
     was_training, decoder, head_w, eos, pad, dev = decode_setup(model, tokenizer)  # model now in eval mode
 
     distinct = _tokenize_prompts(tokenizer, prompts)
     prompt_ids = [ids for ids in distinct for _ in range(group_size)]
     n = len(prompt_ids)
-    states = [base.fork() for base in (drafter(ids) for ids in distinct) for _ in range(group_size)]
+    states = ([base.fork() for base in (drafter(ids) for ids in distinct) for _ in range(group_size)]
+              if draft_model is None else None)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     ents: list[list[float]] = [[] for _ in range(n)]
     truncated = [False] * n
     keys = row_keys(seeds, group_size) if seeds is not None else None  # (n,)
+    acc_keys = salted_keys(keys, _ACCEPT_SALT) if keys is not None else None  # (n,)
     rows = torch.arange(n)  # cache row -> sequence index (CPU)
     cache = DynamicCache()
     cache_kw = _cache_kwarg(decoder)
+    drafting = DraftRollout(draft_model, temperature, top_p, pad) if draft_model is not None else None
     steps = row_steps = drafted = accepted = 0
     try:
         h, attn, next_pos = prefill_groups(decoder, distinct, group_size, pad, cache, dev)  # (n, H), (n, P), (n,)
+        if drafting is not None:
+            drafting.prefill(distinct, group_size, dev)
         hidden = h[:, None]  # (n, w=1, H): the prefill's last position, no drafts
         drafts: list[list[int]] = [[] for _ in range(n)]
+        q = None  # (n, kmax, V): the draft model's distributions behind ``drafts``
         while True:
             # 1. the policy's distribution at every verified position, and the token each would emit
             w = hidden.shape[1]
@@ -187,10 +420,21 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
             rr, jj = valid.nonzero(as_tuple=True)  # (K,), (K,)
             logp_all, weights, entropy = token_distribution(hidden[rr.to(dev), jj.to(dev)], head_w, temperature, top_p)
             want = torch.tensor([d + [-1] * (w - len(d)) for d in drafts], dtype=torch.long)  # (n, w): draft checked at (r, j)
-            t_at = torch.tensor([len(tokens[q]) for q in rows.tolist()], dtype=torch.long)[rr] + jj  # (K,) token index
+            t_at = torch.tensor([len(tokens[seq]) for seq in rows.tolist()], dtype=torch.long)[rr] + jj  # (K,) token index
             u = (row_uniforms_at(keys[rows[rr]], t_at) if keys is not None
                  else torch.rand(len(rr), generator=generator))  # (K,)
-            s = verify(weights, want[rr, jj].to(dev), u.to(dev)).cpu()  # (K,)
+            if drafting is None:
+                s = verify(weights, want[rr, jj].to(dev), u.to(dev)).cpu()  # (K,)
+            else:
+                u_acc = (row_uniforms_at(acc_keys[rows[rr]], t_at) if acc_keys is not None
+                         else torch.rand(len(rr), generator=generator))  # (K,)
+                q_at = torch.zeros_like(weights)  # (K, V); rows of bonus positions stay 0 (unused)
+                if q is not None:
+                    drafted_at = (jj < lens[rr]).nonzero().squeeze(1)  # verified positions that check a draft
+                    q_at[drafted_at.to(dev)] = q[rr[drafted_at].to(dev), jj[drafted_at].to(dev)].to(q_at)
+                s = verify(weights, q_at, want[rr, jj].to(dev), u_acc.to(dev), u.to(dev)).cpu()  # (K,)
+                del q_at, q
+                q = None
             s_logp = logp_all.gather(1, s.to(dev)[:, None]).squeeze(1).tolist()  # (K,)
             s_ent = entropy.tolist()  # (K,)
             del logp_all, weights, entropy
@@ -200,6 +444,8 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
             row_steps += len(rows)
             drafted += int(lens.sum())
             accepted += int(acc.sum())
+            if drafting is not None:
+                drafting.commit(acc)
             # 2. emit each row's tokens up to its first rejection (or the bonus), stopping like plain sampling
             done = torch.zeros(len(rows), dtype=torch.bool)
             s_tok, at_k, n_acc = s.tolist(), at.tolist(), acc.tolist()
@@ -226,17 +472,24 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
                 cache.batch_select_indices(keep.to(dev))
                 rows, nxt, acc = rows[keep], nxt[keep], acc[keep]
                 attn, next_pos = attn[keep.to(dev)], next_pos[keep.to(dev)]
+                if drafting is not None:
+                    drafting.select(keep)
             drop = w - 1 - int(acc.max()) if steps else 0  # trailing columns no remaining row kept
             if drop:
                 cache.crop(-drop)
                 attn = attn[:, :-drop]
             attn = compact_holes(cache, attn)
             # 4. draft the next tokens and run the policy once over pending token + drafts
-            drafts = []
-            for seq in rows.tolist():
-                states[seq].extend(tokens[seq][len(states[seq].ids) - len(prompt_ids[seq]):])
-                room = max_new_tokens - len(tokens[seq]) - 1  # the forward also yields one token past the drafts
-                drafts.append(states[seq].propose(min(max_draft, room)))
+            # most drafts per row: the verify forward also yields one token past them
+            room = [max_new_tokens - len(tokens[seq]) - 1 for seq in rows.tolist()]
+            if drafting is None:
+                drafts = []
+                for seq, rm in zip(rows.tolist(), room):
+                    states[seq].extend(tokens[seq][len(states[seq].ids) - len(prompt_ids[seq]):])
+                    drafts.append(states[seq].propose(min(max_draft, rm)))
+            else:
+                drafts, q = drafting.propose([tokens[seq] for seq in rows.tolist()], room, max_draft,
+                                             keys[rows] if keys is not None else None, generator)
             w = 1 + max(len(d) for d in drafts)
             x = torch.tensor([[t, *d] + [pad] * (w - 1 - len(d)) for t, d in zip(nxt.tolist(), drafts)],
                              dtype=torch.long)  # (n, w): pending token, drafts, padding
@@ -252,9 +505,12 @@ def sample_speculative(model, tokenizer, prompts: Sequence[str], *, group_size: 
         del cache
         model.train(was_training)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    extra = {"prefill_tokens": sum(len(p) for p in distinct)}
+    if drafting is not None:
+        extra.update(draft_forwards=drafting.forwards, draft=draft_model.name)
     return Rollouts(
         group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
         entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps, draft_tokens=drafted,
-        accepted_tokens=accepted, seconds=time.perf_counter() - start_time,
-        extra={"prefill_tokens": sum(len(p) for p in distinct)},
+        accepted_tokens=accepted, draft_row_steps=drafting.row_forwards if drafting is not None else 0,
+        seconds=time.perf_counter() - start_time, extra=extra,
     )

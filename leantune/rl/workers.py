@@ -87,6 +87,7 @@ def merge_rollouts(parts: Sequence[Rollouts], group_size: int) -> Rollouts:
         out.row_steps += ro.row_steps
         out.draft_tokens += ro.draft_tokens
         out.accepted_tokens += ro.accepted_tokens
+        out.draft_row_steps += ro.draft_row_steps
     if any(ro.loss_mask is not None for ro in parts):  # rl.tools
         out.loss_mask = [m for ro in parts for m in ro.masks()]
         out.tool_calls = [c for ro in parts for c in (ro.tool_calls or [0] * len(ro))]
@@ -243,7 +244,7 @@ class RolloutPool:
                group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                stop: Sequence[str] = (), seeds: Sequence[int], fold_adapter: bool = True,
                task: str | None = None, speculative: str = "off", speculative_tokens: int = 4,
-               speculative_ngram: int = 3, tools=None) -> RolloutHandle:
+               speculative_ngram: int = 3, speculative_draft: str | None = None, tools=None) -> RolloutHandle:
         """Start sampling and return at once; the weights are copied before this returns."""
         if seeds is None or len(seeds) != len(prompts):
             raise ValueError(f"seeds: one per prompt (the pool's rollouts are determined by them), got "
@@ -251,19 +252,21 @@ class RolloutPool:
         weights = adapter_state if isinstance(adapter_state, AdapterWeights) else self.put_adapter(adapter_state)
         kwargs = dict(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       stop=list(stop), fold_adapter=fold_adapter, speculative=speculative,
-                      speculative_tokens=speculative_tokens, speculative_ngram=speculative_ngram, tools=tools)
+                      speculative_tokens=speculative_tokens, speculative_ngram=speculative_ngram,
+                      speculative_draft=speculative_draft, tools=tools)
         return RolloutHandle(self, weights, list(prompts), [int(s) for s in seeds], kwargs, task)
 
     def sample_groups(self, adapter_state: dict[str, torch.Tensor] | AdapterWeights, prompts: Sequence[str], *,
                       group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                       stop: Sequence[str] = (), seeds: Sequence[int], fold_adapter: bool = True,
                       task: str | None = None, speculative: str = "off", speculative_tokens: int = 4,
-                      speculative_ngram: int = 3, tools=None) -> Rollouts:
+                      speculative_ngram: int = 3, speculative_draft: str | None = None, tools=None) -> Rollouts:
         """`sample_groups` over the workers: prompts in contiguous chunks, results in prompt order."""
         return self.submit(adapter_state, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop=stop, seeds=seeds, fold_adapter=fold_adapter,
                            task=task, speculative=speculative, speculative_tokens=speculative_tokens,
-                           speculative_ngram=speculative_ngram, tools=tools).result()
+                           speculative_ngram=speculative_ngram, speculative_draft=speculative_draft,
+                           tools=tools).result()
 
     def close(self) -> None:
         ray = _ray()

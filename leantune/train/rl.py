@@ -239,6 +239,8 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         row["entropy_grad_corr"] = u.entropy_grad_corr
     if rl.speculative != "off":
         row.update(spec_acceptance=s.acceptance_rate, tokens_per_forward=s.tokens_per_forward)
+        if rl.speculative == "draft":
+            row["draft_row_forwards"] = s.draft_row_forwards
     if rl.tools.enabled:
         row.update(tool_calls_per_completion=s.tool_calls / n_roll, tool_errors=s.tool_errors,
                    tool_error_frac=s.tool_errors / max(1, s.tool_calls), tool_tokens=s.tool_tokens)
