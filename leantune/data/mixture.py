@@ -21,7 +21,9 @@ every dataset of that source and take the largest. Both the chosen source's arm 
 are updated with the same observed ``r``. (The paper's group and dataset posteriors ``N(μ_i, σ_i²)`` /
 ``N(θ_i, σ̂_i²)``, chosen group first then a dataset in it, both updated per reward; this version keeps the two
 levels' priors independent and the noise variance fixed.) The reward is not stationary -- every chunk's gain
-shrinks as training goes on -- which the model ignores; docs/mixture.md shows what that costs.
+shrinks as training goes on -- which the model ignores by default; ``reward: advantage`` (``chunk_signal``: the
+gain minus the mean gain of the last chunks) and ``discount`` (``discount_arm``: discounted Thompson sampling,
+arXiv 1707.09727) are the closed-form remedies; docs/mixture.md shows what each costs and gains.
 
 Randomness: chunk ``c``'s draw uses ``random.Random("mixture|seed|c")``, a pure function of the seed and the
 chunk index, so the sampler's whole state is its posteriors, its counters and the held-out loss at the chunk's
