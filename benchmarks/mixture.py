@@ -57,7 +57,10 @@ def arm_recipe(arm: str, model_dir: Path, paths: dict, out: Path, args, seed: in
                "chunk_steps": args.chunk_steps}
     if arm == "dash":
         mixture.update(select="dash", heldout=str(paths["reward"]), heldout_max=args.reward_examples,
-                       prior_mean=args.prior_mean, prior_std=args.prior_std, noise_std=args.noise_std)
+                       prior_mean=args.prior_mean, prior_std=args.prior_std, noise_std=args.noise_std,
+                       reward=args.reward, discount=args.discount)
+        if args.reward == "advantage":
+            mixture["baseline_chunks"] = args.baseline_chunks
     elif arm == "uniform":
         mixture.update(select="uniform")
     else:
@@ -104,6 +107,7 @@ def run_arm(arm: str, model_dir: Path, paths: dict, root: Path, args, seed: int)
         result["reward_eval_tokens"] = mix["heldout_evaluations"] * heldout_tokens(paths["reward"], model_dir,
                                                                                   args.reward_examples)
         result["late_clean_share"] = late_share(mix["choices"], 0)
+        result["rewards"], result["signals"] = mix["rewards"], mix.get("signals")
     return result
 
 
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-mean", type=float, default=0.0)
     p.add_argument("--prior-std", type=float, default=0.1)
     p.add_argument("--noise-std", type=float, default=0.05)
+    p.add_argument("--reward", default="gain", choices=["gain", "relative", "advantage"], help="data.mixture.reward")
+    p.add_argument("--discount", type=float, default=1.0, help="data.mixture.discount")
+    p.add_argument("--baseline-chunks", type=int, default=2, help="data.mixture.baseline_chunks (reward: advantage)")
     p.add_argument("--targets", type=float, nargs="+", default=[2.0, 1.5, 1.2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)

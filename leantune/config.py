@@ -113,6 +113,12 @@ class MixtureConfig(Section):
     prior_mean: float = Field(default=0.0, description="dash: prior mean of every arm's reward (held-out loss gain per chunk, nats).")
     prior_std: float = Field(default=0.1, gt=0, description="dash: prior standard deviation of every arm's mean reward (nats): larger = trust the first rewards more.")
     noise_std: float = Field(default=0.05, gt=0, description="dash: known standard deviation of one chunk's reward around its arm's mean (nats): larger = each reward moves the posterior less, more exploration.")
+    reward: Literal["gain", "relative", "advantage"] = Field(
+        default="gain",
+        description="dash: what the posteriors learn from a chunk. gain = held-out loss before - after (the paper's; shrinks as training goes on, so the first dataset tried tends to win); relative = gain / loss before; advantage = gain - mean gain of the last baseline_chunks chunks (the gain relative to what chunks gained at this point of training; the first chunk updates nothing).",
+    )
+    baseline_chunks: int = Field(default=2, gt=0, description="dash, reward: advantage: how many of the previous chunks (any dataset) the baseline averages.")
+    discount: float = Field(default=1.0, gt=0, le=1, description="dash: before every update every arm keeps this share of what it learned and moves back toward the prior (discounted Thompson sampling, arXiv 1707.09727): an observation k chunks old weighs discount**k. 1 = never forget.")
 
     @field_validator("sources")
     @classmethod
@@ -156,6 +162,11 @@ class MixtureConfig(Section):
             raise ValueError(f"data.mixture.heldout: a fraction must be in (0, 1), got {self.heldout}")
         if self.heldout is not None and self.select != "dash":
             raise ValueError(f"data.mixture.heldout: only select: dash measures a held-out loss (select is {self.select}); remove it")
+        for name in ("reward", "baseline_chunks", "discount"):
+            if name in self.model_fields_set and self.select != "dash":
+                raise ValueError(f"data.mixture.{name}: only select: dash learns from rewards (select is {self.select}); remove it")
+        if "baseline_chunks" in self.model_fields_set and self.reward != "advantage":
+            raise ValueError(f"data.mixture.baseline_chunks: only reward: advantage uses a baseline (reward is {self.reward}); remove it")
         return self
 
     def datasets(self) -> list[tuple[str, str]]:

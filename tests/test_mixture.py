@@ -16,7 +16,9 @@ from leantune.data.mixture import (
     GaussianArm,
     MixtureSampler,
     MixtureSchedule,
+    chunk_signal,
     dataset_probabilities,
+    discount_arm,
     gaussian_update,
     heldout_split,
     write_demo_sources,
@@ -59,6 +61,96 @@ def test_sampler_updates_source_and_dataset_with_the_same_reward():
     assert s.dataset_arms[0] == gaussian_update(prior, -0.2, noise)
     assert s.source_arms[0] == gaussian_update(gaussian_update(prior, 0.7, noise), -0.2, noise)
     assert s.source_arms[1] == prior and s.dataset_arms[2] == prior
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-stationary rewards: discounting and the chunk's signal
+
+
+def test_discount_arm_by_hand():
+    # prior N(0.3, 0.7), posterior N(1.1, 0.2): data precision 1/0.2 - 1/0.7 = 25/7, data sum 1.1/0.2 - 0.3/0.7 = 5.5 - 3/7
+    # gamma 0.45: precision 10/7 + 0.45·25/7 = 21.25/7, mean (3/7 + 0.45·(5.5 - 3/7)) / (21.25/7)
+    arm = discount_arm(GaussianArm(1.1, 0.2, 4), GaussianArm(0.3, 0.7), 0.45)
+    assert arm.var == pytest.approx(7 / 21.25, rel=1e-12)
+    assert arm.mean == pytest.approx((3 / 7 + 0.45 * (5.5 - 3 / 7)) * 7 / 21.25, rel=1e-12)
+    assert arm.pulls == 4
+    assert discount_arm(GaussianArm(1.1, 0.2, 4), GaussianArm(0.3, 0.7), 1.0) == GaussianArm(1.1, 0.2, 4)
+
+
+def test_discounted_sampler_equals_weighted_batch_posterior():
+    """Discount every arm before every observation == the batch posterior with observation t weighted gamma**(T-1-t):
+    precision 1/v0 + Σ w/s², mean (m0/v0 + Σ w·r/s²) / precision, for the pulled arms and their sources alike."""
+    gamma, m0, s0, sn = 0.83, -0.07, 0.37, 0.13
+    cfg = MixtureConfig(sources={"a": ["a0", "a1"], "b": ["b0"]}, heldout=0.1, prior_mean=m0, prior_std=s0,
+                        noise_std=sn, discount=gamma)
+    obs = [(1, 0.71), (2, -0.3), (1, 0.113), (0, 1.9), (2, 0.0421), (1, -0.333)]
+    s = MixtureSampler(cfg, seed=0)
+    for d, r in obs:
+        s.observe(d, r)
+    T = len(obs)
+
+    def batch(pulled):
+        w = [gamma ** (T - 1 - t) for t in range(T) if obs[t][0] in pulled]
+        rs = [obs[t][1] for t in range(T) if obs[t][0] in pulled]
+        precision = 1 / s0 ** 2 + sum(w) / sn ** 2
+        return (m0 / s0 ** 2 + sum(wi * ri for wi, ri in zip(w, rs)) / sn ** 2) / precision, 1 / precision
+
+    for arm, pulled in [(s.dataset_arms[0], {0}), (s.dataset_arms[1], {1}), (s.dataset_arms[2], {2}),
+                        (s.source_arms[0], {0, 1}), (s.source_arms[1], {2})]:
+        mean, var = batch(pulled)
+        assert arm.mean == pytest.approx(mean, rel=1e-10) and arm.var == pytest.approx(var, rel=1e-10)
+    assert s.signals == [r for _, r in obs]
+
+
+def test_chunk_signal_by_hand():
+    past = [1.3, -0.7, 0.25, 0.11]
+    assert chunk_signal("gain", 0.37, 2.9, past, 3) == 0.37
+    assert chunk_signal("relative", 0.37, 2.9, past, 3) == pytest.approx(0.37 / 2.9)
+    assert chunk_signal("advantage", 0.37, 2.9, past, 3) == pytest.approx(0.37 - (-0.7 + 0.25 + 0.11) / 3)
+    assert chunk_signal("advantage", 0.37, 2.9, past[:1], 3) == pytest.approx(0.37 - 1.3)  # fewer than the window
+    assert chunk_signal("advantage", 0.37, 2.9, [], 3) is None  # no baseline for the first chunk
+
+
+def test_advantage_sampler_skips_first_chunk_and_updates_with_the_signal():
+    cfg = MixtureConfig(sources={"a": ["a0", "a1"], "b": ["b0"]}, heldout=0.1, prior_std=0.3, noise_std=0.2,
+                        reward="advantage", baseline_chunks=2)
+    s = MixtureSampler(cfg, seed=0)
+    assert s.observe(1, 0.9, 4.0) is None and s.dataset_arms[1] == s.prior  # first chunk: nothing learned
+    assert s.observe(0, 0.5, 3.1) == pytest.approx(0.5 - 0.9)
+    assert s.observe(0, 0.2, 2.6) == pytest.approx(0.2 - (0.9 + 0.5) / 2)
+    noise = 0.2 ** 2
+    assert s.dataset_arms[0] == gaussian_update(gaussian_update(s.prior, 0.5 - 0.9, noise), 0.2 - 0.7, noise)
+    assert s.dataset_arms[1] == s.prior and s.rewards == [0.9, 0.5, 0.2]
+
+
+NS_SOURCES = {"a": ["a0", "a1"], "b": ["b0", "b1"]}
+NS_QUALITY = [0.6, 1.0, 0.2, -0.3]  # a1 the best arm at every round; every arm's reward decays with training
+
+
+def _play_decaying(seed: int, rounds: int = 60, **dash) -> list[int]:
+    """A non-stationary bandit: reward of arm d at round c = NS_QUALITY[d] · (0.85^c + 0.05) + N(0, 0.02²), the
+    ranking fixed, the scale shrinking 20-fold (as a held-out gain does over training). Round 0 is forced onto a0,
+    so the best arm is not the first one tried."""
+    cfg = MixtureConfig(sources=NS_SOURCES, select="dash", heldout=0.1, prior_std=0.1, noise_std=0.05, **dash)
+    sampler, noise = MixtureSampler(cfg, seed=seed), random.Random(f"decaying|{seed}")
+    for c in range(rounds):
+        d = 0 if c == 0 else sampler.choose(c)
+        if c == 0:
+            sampler.choices.append(0)
+        sampler.observe(d, NS_QUALITY[d] * (0.85 ** c + 0.05) + noise.gauss(0.0, 0.02), 3.0)
+    return sampler.choices
+
+
+def test_decaying_rewards_gain_locks_in_advantage_finds_best():
+    """reward: gain keeps the first arm (its early rewards outweigh the best arm's later ones); reward: advantage
+    compares each chunk with what chunks just gained and picks the best arm in most late rounds."""
+    seeds = range(10)
+    late = lambda choices: choices[-20:].count(1) / 20  # noqa: E731
+    old = [late(_play_decaying(seed, reward="gain")) for seed in seeds]
+    new = [late(_play_decaying(seed, reward="advantage")) for seed in seeds]
+    assert sum(x > 0.5 for x in old) <= 2, old  # the old rule: best arm in most late rounds in at most 2 of 10 seeds
+    assert sum(x > 0.5 for x in new) >= 8, new  # the fix: in at least 8 of 10
+    assert sum(new) / len(new) > 0.8 > 0.2 > sum(old) / len(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +225,13 @@ def _mix(**mixture):
     ({"select": "dash", "heldout": 1.5}, "fraction must be in (0, 1)"),
     ({"select": "uniform", "heldout": 0.1}, "only select: dash measures a held-out loss"),
     ({"select": "uniform", "chunk_steps": 0}, "data.mixture.chunk_steps"),
+    ({"select": "uniform", "discount": 0.9}, "data.mixture.discount: only select: dash"),
+    ({"select": "weights", "weights": {"a": 1, "b": 1}, "reward": "advantage"}, "data.mixture.reward: only select: dash"),
+    ({"heldout": 0.1, "discount": 0}, "data.mixture.discount"),
+    ({"heldout": 0.1, "discount": 1.5}, "data.mixture.discount"),
+    ({"heldout": 0.1, "reward": "loss"}, "data.mixture.reward"),
+    ({"heldout": 0.1, "reward": "gain", "baseline_chunks": 3}, "only reward: advantage uses a baseline"),
+    ({"heldout": 0.1, "reward": "advantage", "baseline_chunks": 0}, "data.mixture.baseline_chunks"),
 ])
 def test_mixture_config_errors(mixture, message):
     with pytest.raises(RecipeError) as err:
@@ -184,12 +283,15 @@ def _schedule_run(cfg, stop_at: int | None, steps: int = 11):
 
 
 @pytest.mark.parametrize("stop_at", [1, 3, 4, 10])
-def test_schedule_state_resume_equals_uninterrupted(stop_at):
-    cfg = MixtureConfig(sources=BANDIT, chunk_steps=3, heldout=0.2)
+@pytest.mark.parametrize("dash", [{}, {"reward": "advantage", "discount": 0.7}, {"reward": "relative", "discount": 0.9}])
+def test_schedule_state_resume_equals_uninterrupted(stop_at, dash):
+    cfg = MixtureConfig(sources=BANDIT, chunk_steps=3, heldout=0.2, prior_std=0.3, **dash)
     assert _schedule_run(cfg, stop_at) == _schedule_run(cfg, None)
     trace, ledger = _schedule_run(cfg, None)
     assert ledger["chunks"] == 4 and sum(d["steps"] for d in ledger["datasets"]) == 11
     assert len(ledger["rewards"]) == 4 and ledger["heldout_evaluations"] == 5
+    assert ledger["reward"] == cfg.reward and ledger["discount"] == cfg.discount
+    assert (ledger["signals"][0] is None) == (cfg.reward == "advantage")
 
 
 # ----------------------------------------------------------------------------------------------

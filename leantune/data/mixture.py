@@ -21,7 +21,9 @@ every dataset of that source and take the largest. Both the chosen source's arm 
 are updated with the same observed ``r``. (The paper's group and dataset posteriors ``N(μ_i, σ_i²)`` /
 ``N(θ_i, σ̂_i²)``, chosen group first then a dataset in it, both updated per reward; this version keeps the two
 levels' priors independent and the noise variance fixed.) The reward is not stationary -- every chunk's gain
-shrinks as training goes on -- which the model ignores; docs/mixture.md shows what that costs.
+shrinks as training goes on -- which the model ignores by default; ``reward: advantage`` (``chunk_signal``: the
+gain minus the mean gain of the last chunks) and ``discount`` (``discount_arm``: discounted Thompson sampling,
+arXiv 1707.09727) are the closed-form remedies; docs/mixture.md shows what each costs and gains.
 
 Randomness: chunk ``c``'s draw uses ``random.Random("mixture|seed|c")``, a pure function of the seed and the
 chunk index, so the sampler's whole state is its posteriors, its counters and the held-out loss at the chunk's
@@ -65,6 +67,49 @@ def gaussian_update(arm: GaussianArm, reward: float, noise_var: float) -> Gaussi
     """
     var = 1.0 / (1.0 / arm.var + 1.0 / noise_var)
     return GaussianArm(var * (arm.mean / arm.var + reward / noise_var), var, arm.pulls + 1)
+
+
+def discount_arm(arm: GaussianArm, prior: GaussianArm, gamma: float) -> GaussianArm:
+    """Forget a share ``1 - gamma`` of what the arm learned: the posterior whose data precision and data-weighted
+    reward sum (what it gained over ``prior``) are both multiplied by ``gamma``, so it moves back toward ``prior``.
+
+    Applied to every arm before every observation, an observation ``k`` rewards ago weighs ``gamma**k``: the
+    Gaussian form of discounted Thompson sampling (arXiv 1707.09727, which discounts Beta counts the same way).
+    ``gamma = 1`` returns ``arm`` unchanged; ``gamma = 0`` returns ``prior`` (keeping the pull count).
+
+    >>> a = discount_arm(GaussianArm(1.0, 0.5, 3), GaussianArm(0.0, 1.0), 0.5)   # data precision 1 -> 0.5, sum 2 -> 1
+    >>> a.mean, a.var, a.pulls
+    (0.6666666666666666, 0.6666666666666666, 3)
+    """
+    if gamma == 1.0:
+        return arm
+    data_precision = 1.0 / arm.var - 1.0 / prior.var  # Σ w/s² of the observations so far (>= 0)
+    data_sum = arm.mean / arm.var - prior.mean / prior.var  # Σ w·r/s²
+    var = 1.0 / (1.0 / prior.var + gamma * data_precision)
+    return GaussianArm(var * (prior.mean / prior.var + gamma * data_sum), var, arm.pulls)
+
+
+def chunk_signal(kind: str, gain: float, loss_before: float, past_gains: Sequence[float], window: int) -> float | None:
+    """What the posteriors learn from one chunk (``data.mixture.reward``), from its held-out gain
+    ``gain = L_before - L_after``, the loss before it, and the gains of the chunks before it (oldest first).
+
+    - ``gain``: the gain itself (arXiv 2512.10952's reward; it shrinks as training goes on);
+    - ``relative``: ``gain / L_before``, the share of the loss the chunk removed;
+    - ``advantage``: ``gain`` minus the mean gain of the last ``window`` chunks (whatever their datasets): the
+      gain relative to what a chunk gained at this point of training. The first chunk has no baseline: None
+      (the posteriors are not updated).
+
+    >>> chunk_signal("advantage", 0.5, 3.0, [0.9, 2.0, 1.0], window=2), chunk_signal("relative", 0.5, 2.0, [], 2)
+    (-1.0, 0.25)
+    """
+    if kind == "gain":
+        return gain
+    if kind == "relative":
+        return gain / loss_before
+    if kind == "advantage":
+        recent = list(past_gains)[-window:]
+        return gain - sum(recent) / len(recent) if recent else None
+    raise ValueError(f"unknown data.mixture.reward {kind!r}; expected gain, relative or advantage")
 
 
 def chunk_rng(seed: int, chunk: int) -> random.Random:
@@ -131,6 +176,7 @@ class MixtureSampler:
     dataset_arms: list[GaussianArm] = field(init=False)
     choices: list[int] = field(default_factory=list)  # dataset of every chunk so far
     rewards: list[float] = field(default_factory=list)  # dash: the held-out gain of every finished chunk
+    signals: list[float | None] = field(default_factory=list)  # dash: what the posteriors learned from it (reward:)
 
     def __post_init__(self):
         self.datasets = self.cfg.datasets()
@@ -138,9 +184,9 @@ class MixtureSampler:
         self.source_of = [self.sources.index(s) for s, _ in self.datasets]
         self.members = [[d for d, g in enumerate(self.source_of) if g == i] for i in range(len(self.sources))]
         self.probabilities = dataset_probabilities(self.cfg) if self.cfg.select == "weights" else None
-        prior = GaussianArm(self.cfg.prior_mean, self.cfg.prior_std ** 2)
-        self.source_arms = [prior] * len(self.sources)
-        self.dataset_arms = [prior] * len(self.datasets)
+        self.prior = GaussianArm(self.cfg.prior_mean, self.cfg.prior_std ** 2)
+        self.source_arms = [self.prior] * len(self.sources)
+        self.dataset_arms = [self.prior] * len(self.datasets)
 
     def choose(self, chunk: int) -> int:
         """The dataset chunk ``chunk`` trains on (its draw is seeded by the chunk index); recorded in ``choices``."""
@@ -150,18 +196,29 @@ class MixtureSampler:
         self.choices.append(d)
         return d
 
-    def observe(self, dataset: int, reward: float) -> None:
-        """Update the dataset's and its source's posteriors with one chunk's reward (nats of held-out loss gained)."""
-        noise = self.cfg.noise_std ** 2
-        g = self.source_of[dataset]
-        self.source_arms[g] = gaussian_update(self.source_arms[g], reward, noise)
-        self.dataset_arms[dataset] = gaussian_update(self.dataset_arms[dataset], reward, noise)
+    def observe(self, dataset: int, reward: float, loss_before: float | None = None) -> float | None:
+        """Learn from one chunk: ``reward`` = its held-out gain (nats), ``loss_before`` = the held-out loss at its
+        start (needed by ``reward: relative``). Every arm is first discounted toward the prior (``discount``), then
+        the dataset's and its source's posteriors are updated with the chunk's signal (``chunk_signal``; None: no
+        update). Returns the signal."""
+        signal = chunk_signal(self.cfg.reward, reward, loss_before if loss_before is not None else math.nan,
+                              self.rewards, self.cfg.baseline_chunks)
         self.rewards.append(reward)
+        self.signals.append(signal)
+        if signal is None:
+            return None
+        gamma, noise = self.cfg.discount, self.cfg.noise_std ** 2
+        self.source_arms = [discount_arm(a, self.prior, gamma) for a in self.source_arms]
+        self.dataset_arms = [discount_arm(a, self.prior, gamma) for a in self.dataset_arms]
+        g = self.source_of[dataset]
+        self.source_arms[g] = gaussian_update(self.source_arms[g], signal, noise)
+        self.dataset_arms[dataset] = gaussian_update(self.dataset_arms[dataset], signal, noise)
+        return signal
 
     def state_dict(self) -> dict:
         return {"source_arms": [asdict(a) for a in self.source_arms],
                 "dataset_arms": [asdict(a) for a in self.dataset_arms],
-                "choices": list(self.choices), "rewards": list(self.rewards)}
+                "choices": list(self.choices), "rewards": list(self.rewards), "signals": list(self.signals)}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["dataset_arms"]) != len(self.datasets) or len(state["source_arms"]) != len(self.sources):
@@ -171,6 +228,7 @@ class MixtureSampler:
         self.source_arms = [GaussianArm(**a) for a in state["source_arms"]]
         self.dataset_arms = [GaussianArm(**a) for a in state["dataset_arms"]]
         self.choices, self.rewards = list(state["choices"]), list(state["rewards"])
+        self.signals = list(state.get("signals", state["rewards"]))  # checkpoints before `reward:` learned the gain
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +326,10 @@ class MixtureSchedule:
         if self.uses_heldout:
             after = self._measure(heldout_loss)
             reward = self.loss_before - after
-            self.sampler.observe(d, reward)
+            signal = self.sampler.observe(d, reward, self.loss_before)
             row.update(mixture_reward=reward, heldout_loss=after)
+            if self.cfg.reward != "gain" and signal is not None:
+                row["mixture_signal"] = signal
             self.loss_before = after  # the next chunk starts where this one ended: one evaluation per chunk
         self.current = None
         return row
@@ -302,9 +362,11 @@ class MixtureSchedule:
         if s.probabilities is not None:
             out["probabilities"] = s.probabilities
         if dash:
-            out.update(rewards=list(s.rewards), heldout_evaluations=self.heldout_evals,
+            out.update(rewards=list(s.rewards), signals=list(s.signals), heldout_evaluations=self.heldout_evals,
                        heldout_examples=heldout_examples, final_heldout_loss=self.loss_before,
-                       prior={"mean": self.cfg.prior_mean, "std": self.cfg.prior_std, "noise_std": self.cfg.noise_std})
+                       prior={"mean": self.cfg.prior_mean, "std": self.cfg.prior_std, "noise_std": self.cfg.noise_std},
+                       reward=self.cfg.reward, discount=self.cfg.discount,
+                       **({"baseline_chunks": self.cfg.baseline_chunks} if self.cfg.reward == "advantage" else {}))
         return out
 
 
