@@ -77,13 +77,47 @@ def accuracy(model, tok, spec) -> dict:
     return {k: acc[k] for k in ("accuracy", "correct", "problems", "eval_seconds")}
 
 
+# ------------------------------------------------------------------------------------------------
+# --toy: a task a random tiny model has headroom on, so the mechanism runs in minutes on a busy CPU
+
+TOY_WORDS = ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss", "rice",
+             "gold", "iron", "wool", "milk", "sand", "fern", "clay"]
+
+
+def digit_reward(prompts, completions, **kw) -> list[float]:
+    """1.0 when the text (prefix + completion) contains a digit: the toy task's verifier."""
+    return [1.0 if any(ch.isdigit() for ch in c) else 0.0 for c in completions]
+
+
+def toy_rows(split: str) -> list[dict]:
+    """'Tell me about A and B.' over word pairs, train and test disjoint; the reference trace ends in a digit,
+    so no prefix shorter than the whole trace gives the answer away."""
+    pairs = [(a, b) for i, a in enumerate(TOY_WORDS) for b in TOY_WORDS[i + 1:]]
+    rows = [{"prompt": f"Tell me about {a} and {b}.", "completion": f"{a} and {b} make {len(a) + len(b)}"}
+            for a, b in pairs]
+    return rows[::5] if split == "test" else [r for i, r in enumerate(rows) if i % 5]
+
+
+def toy_accuracy(model, tok, spec) -> dict:
+    """Held-out sampled pass@1 from the bare prompt: the mean toy reward of 8 seeded samples per test prompt."""
+    from leantune.rl.rollout import sample_groups
+
+    rows = toy_rows("test")
+    t0 = time.perf_counter()
+    ro = sample_groups(model, tok, [r["prompt"] for r in rows], group_size=8, max_new_tokens=spec["max_new_tokens"],
+                       seeds=list(range(len(rows))))
+    r = digit_reward(None, ro.texts)
+    return {"accuracy": sum(r) / len(r), "correct": int(sum(r)), "problems": len(r),
+            "eval_seconds": round(time.perf_counter() - t0, 2), "kind": "sampled pass@1, 8 seeded samples per held-out prompt"}
+
+
 def run_arm(name: str, spec: dict, sft: dict) -> dict:
     from leantune.config import recipe_from_dict
     from leantune.train.rl import train_rl
 
     depths = spec["depths"]
     tree = name == "tree_opo"
-    model = {"path": str(Path(spec["work_dir"]) / "tiny"), "dtype": "float32"} if spec["quick"] else \
+    model = {"path": str(Path(spec["work_dir"]) / "tiny"), "dtype": "float32"} if spec["quick"] or spec["toy"] else \
         {"path": "builtin:smollm2-135m-instruct"}
     raw = {
         "model": model,
@@ -99,6 +133,13 @@ def run_arm(name: str, spec: dict, sft: dict) -> dict:
                "num_prompts": spec["num_prompts"], "dynamic_sampling": False,
                "prefix_rollouts": {"enabled": tree, "depths": depths, "alpha": spec["alpha"]}},
     }
+    if spec["toy"]:
+        data = Path(spec["work_dir"]) / "toy_train.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows("train")))
+        raw["data"]["train"] = str(data)
+        # every toy completion is cut at max_new_tokens: overlong filtering would mask them all
+        raw["rl"].update(task=None, rewards={"benchmarks.tree_opo:digit_reward": 1.0}, init=None, overlong_filter=False)
+        raw["adapter"]["target_modules"] = ["q_proj", "v_proj", "down_proj"]
     recipe = recipe_from_dict(raw)
     run_dir = Path(raw["train"]["output_dir"])
     if run_dir.exists():  # each arm is measured afresh (the SFT start is what is cached)
@@ -120,7 +161,7 @@ def run_arm(name: str, spec: dict, sft: dict) -> dict:
                         for r in rows]}
     if tree:
         out["prefix_rollouts"] = ledger_extra.get("prefix_rollouts")
-    out["final"] = accuracy(result.model, result.tokenizer, spec)
+    out["final"] = (toy_accuracy if spec["toy"] else accuracy)(result.model, result.tokenizer, spec)
     return out
 
 
@@ -128,6 +169,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random model (a smoke check: accuracy stays 0)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--toy", action="store_true",
+                   help="tiny random model, no SFT, on a toy verifier it has headroom on (a digit in the text); "
+                        "reference traces end in the digit; accuracy = held-out sampled pass@1 from the bare prompt")
     p.add_argument("--work-dir", default="bench_tree_opo")
     p.add_argument("--steps", type=int, default=8, help="policy updates per arm")
     p.add_argument("--sft-steps", type=int, default=40)
@@ -141,7 +185,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default="dapo,tree_opo", help="arms to run, in order")
     a = p.parse_args()
-    spec = {"quick": a.quick, "work_dir": str(Path(a.work_dir).resolve()), "steps": 2 if a.quick else a.steps,
+    spec = {"quick": a.quick, "toy": a.toy, "work_dir": str(Path(a.work_dir).resolve()), "steps": 2 if a.quick else a.steps,
             "sft_steps": 2 if a.quick else a.sft_steps, "group_size": a.group_size,
             "depths": [float(x) for x in a.depths.split(",")], "alpha": a.alpha,
             "prompts_per_step": a.prompts_per_step, "max_new_tokens": 8 if a.quick else a.max_new_tokens,
@@ -154,11 +198,20 @@ def main() -> None:
     Path(spec["work_dir"]).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
-    sft = prepare_sft(spec)
     from leantune.eval.evaluate import load_for_eval
 
-    model, tok = load_for_eval(sft["dir"])
-    start = accuracy(model, tok, spec)
+    if a.toy:
+        from leantune.models.tiny import save_tiny_model
+
+        tiny = Path(spec["work_dir"]) / "tiny"
+        if not (tiny / "config.json").exists():
+            save_tiny_model(tiny, chat_template=True)
+        sft = {"dir": None, "note": "--toy: no SFT, RL starts from the random tiny model"}
+        model, tok = load_for_eval(str(tiny))
+    else:
+        sft = prepare_sft(spec)
+        model, tok = load_for_eval(sft["dir"])
+    start = (toy_accuracy if a.toy else accuracy)(model, tok, spec)
     del model
     log(f"SFT start: accuracy {start['accuracy']:.3f}")
     arms = {}
@@ -168,7 +221,8 @@ def main() -> None:
         log(f"arm {name}: rollouts {arms[name]['rollouts_generated']}, accuracy {arms[name]['final']}")
     from leantune.compute import cpu_summary
 
-    out = {"benchmark": "tree_opo", "mode": "quick" if a.quick else "smollm2-135m-instruct", "task": TASK,
+    out = {"benchmark": "tree_opo", "mode": "toy" if a.toy else "quick" if a.quick else "smollm2-135m-instruct",
+           "task": "toy_digit" if a.toy else TASK,
            "settings": spec, "sft": sft, "start_accuracy": start, "arms": arms,
            "machine": {"cpu": cpu_summary(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": a.threads,
