@@ -245,3 +245,15 @@ def test_the_docs_example_runs(tiny_chat_model_dir, tmp_path, monkeypatch, capsy
     exec(compile(block, "docs/tree_opo.md", "exec"), {})
     out = capsys.readouterr().out
     assert "prefix_reward@0.50" in out and "reward_by_depth" in out
+
+
+def test_the_memory_plan_counts_every_node_of_a_tree(tiny_chat_model_dir):
+    from leantune.plan.memory import plan_memory
+    from leantune.plan.model_shape import model_shape
+
+    def kv(pr):
+        recipe = recipe_from_dict({"model": {"path": str(tiny_chat_model_dir)}, "data": {"max_length": 64},
+                                   "rl": {"task": "countdown", "group_size": 4, "prefix_rollouts": pr}})
+        return plan_memory(recipe, model_shape(recipe.model), mode="rl").phases["rollout"]["kv_cache"][0]
+
+    assert kv({"enabled": True, "depths": [0.0, 0.5, 0.75]}) == 3 * kv({"enabled": False})
