@@ -125,7 +125,7 @@ def run_arm(name: str, spec: dict, sft: dict) -> dict:
         "adapter": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "loss": {"chunk_size": 256},
         "optim": {"lr": spec["lr"], "scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0},
-        "train": {"steps": spec["steps"], "micro_batch_size": 8, "seed": 0, "threads": spec["threads"],
+        "train": {"steps": spec["steps"], "micro_batch_size": 8, "seed": spec["seed"], "threads": spec["threads"],
                   "output_dir": str(Path(spec["work_dir"]) / f"run-{name}"), "progress": False, "save_every": 0},
         "rl": {"task": TASK, "rewards": {"task": 1.0}, "init": sft["dir"], "loss": "dapo",
                "group_size": spec["group_size"] if tree else spec["group_size"] * len(depths),
@@ -183,13 +183,14 @@ def main() -> None:
     p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="train.seed of both arms (prompt order, rollouts)")
     p.add_argument("--only", default="dapo,tree_opo", help="arms to run, in order")
     a = p.parse_args()
     spec = {"quick": a.quick, "toy": a.toy, "work_dir": str(Path(a.work_dir).resolve()), "steps": 2 if a.quick else a.steps,
             "sft_steps": 2 if a.quick else a.sft_steps, "group_size": a.group_size,
             "depths": [float(x) for x in a.depths.split(",")], "alpha": a.alpha,
             "prompts_per_step": a.prompts_per_step, "max_new_tokens": 8 if a.quick else a.max_new_tokens,
-            "eval_problems": 8 if a.quick else a.eval_problems, "lr": a.lr, "threads": a.threads, "num_prompts": 512}
+            "eval_problems": 8 if a.quick else a.eval_problems, "lr": a.lr, "threads": a.threads, "num_prompts": 512, "seed": a.seed}
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     real_stdout, sys.stdout = sys.stdout, sys.stderr  # the CLI and the trainers print summaries: keep stdout JSON
     import torch

@@ -257,3 +257,22 @@ def test_the_memory_plan_counts_every_node_of_a_tree(tiny_chat_model_dir):
         return plan_memory(recipe, model_shape(recipe.model), mode="rl").phases["rollout"]["kv_cache"][0]
 
     assert kv({"enabled": True, "depths": [0.0, 0.5, 0.75]}) == 3 * kv({"enabled": False})
+
+
+@pytest.mark.parametrize("task", ["countdown", "multistep"])
+def test_task_traces_are_the_generators_worked_solutions(task):
+    from leantune.rl.batch import load_prompt_pool
+    from leantune.tasks import get_task
+
+    recipe = recipe_from_dict({"model": {"path": "x"}, "data": {}, "train": {"seed": 3},
+                               "rl": {"task": task, "num_prompts": 6, "prefix_rollouts": {"enabled": True}}})
+    pool = load_prompt_pool(recipe)
+    traces = load_traces(recipe)
+    problems = get_task(task).generate(6, seed=3, split="train")
+    assert [traces[r["prompt"]] for r in pool] == [p["completion"] for p in problems]
+    tok = tiny_tokenizer(chat_template=True)
+    nodes = PrefixTree(traces, tok, [0.0, 1 / 3, 2 / 3]).nodes([pool[0]["prompt"]])
+    assert nodes.per_prompt == [3] and nodes.prefixes[0] == []
+    text = tok.decode(nodes.prefixes[2], skip_special_tokens=False)
+    assert text and problems[0]["completion"].replace(" ", "").startswith(text.replace(" ", ""))
+    assert get_task(task).verify(text, problems[0]["answer"]) is False  # two thirds of the way: no answer yet
