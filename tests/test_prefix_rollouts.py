@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import assert_same_adapter, sigkill_mid_run, write_jsonl
 
 from leantune.config import RecipeError, recipe_from_dict
 from leantune.models.tiny import tiny_model, tiny_tokenizer
@@ -276,3 +276,23 @@ def test_task_traces_are_the_generators_worked_solutions(task):
     text = tok.decode(nodes.prefixes[2], skip_special_tokens=False)
     assert text and problems[0]["completion"].replace(" ", "").startswith(text.replace(" ", ""))
     assert get_task(task).verify(text, problems[0]["answer"]) is False  # two thirds of the way: no answer yet
+
+
+@pytest.mark.slow  # a subprocess run killed mid-way, then two more runs
+def test_prefix_rollouts_sigkill_then_resume_equals_uninterrupted(tiny_chat_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", _rows())
+
+    def raw(name):
+        r = _recipe(tiny_chat_model_dir, tmp_path / name, data, depths=[0.0, 0.5]).model_dump(mode="json")
+        r["train"].update(steps=5, save_every=1)
+        return r
+
+    sigkill_mid_run("rl", raw("killed"), tmp_path / "killed", at_step=2)
+    resumed = train_rl(recipe_from_dict(raw("killed")), resume=True, quiet=True)
+    straight = train_rl(recipe_from_dict(raw("straight")), quiet=True)
+    assert_same_adapter(tmp_path / "killed", tmp_path / "straight")
+    ra, rb = resumed.ledger["totals"]["rollouts"], straight.ledger["totals"]["rollouts"]
+    assert ra == rb | {"rollout_s": ra["rollout_s"]}
+    pa, pb = (r.ledger.get("extra", r.ledger)["prefix_rollouts"] for r in (resumed, straight))
+    assert pa["rollouts_by_depth"] == pb["rollouts_by_depth"] == {"0.00": 20, "0.50": 20}
+    assert pa["reward_by_depth"] == pb["reward_by_depth"]
