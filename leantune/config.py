@@ -574,6 +574,34 @@ class ToolsConfig(Section):
         return self
 
 
+class PrefixRolloutsConfig(Section):
+    """Tree-OPO prefix-conditioned rollouts (arXiv 2509.09284): each prompt's completions start from prefixes of
+    its reference trace (the prefix is context, never trained on); advantages subtract each prefix's subtree
+    value. docs/tree_opo.md has the formula."""
+
+    enabled: bool = Field(default=False, description="Sample each prompt as a tree: rl.group_size completions from each prefix of its reference trace.")
+    depths: list[float] = Field(
+        default_factory=lambda: [0.0, 1 / 3, 2 / 3],
+        description="Cut points as fractions of the reference trace's tokens, increasing, in [0, 1); 0 = the bare prompt. A prompt's tree has one node per distinct cut (short traces can give fewer).",
+    )
+    alpha: float = Field(default=1.0, ge=0, description="Weight of the prefix's subtree value V (mean reward of the completions sharing the prefix) subtracted from each reward: A = r - alpha V, then centred over the whole tree. 0: a plain group over the tree.")
+    traces: str = Field(
+        default="task",
+        description="Where reference traces come from: 'task' (the `completion` column of data.train's rows, or the worked solution rl.task generates) or a JSONL path of {prompt, completion} rows (e.g. an rft run's accepted.jsonl; the first row of a prompt wins). Prompts without a trace get the bare-prompt node only.",
+    )
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ordered(cls, v):
+        if not v:
+            raise ValueError("rl.prefix_rollouts.depths: give at least one cut point, e.g. [0.0, 0.33, 0.67]")
+        if any(not 0 <= d < 1 for d in v):
+            raise ValueError(f"rl.prefix_rollouts.depths: each cut is a fraction of the trace in [0, 1), got {v}")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"rl.prefix_rollouts.depths must increase strictly, got {v}")
+        return v
+
+
 class RLConfig(Section):
     """RL with verifiable rewards (`leantune rl`): sample groups, score, filter, update. Steps come from `train.steps`."""
 
@@ -645,6 +673,7 @@ class RLConfig(Section):
     prompt_selection: PromptSelectionConfig = Field(default_factory=PromptSelectionConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    prefix_rollouts: PrefixRolloutsConfig = Field(default_factory=PrefixRolloutsConfig)
     entropy_reg: float = Field(
         default=0.0, ge=0,
         description="CorR-PO-style term (arXiv 2605.17770): adds entropy_reg x the mean per-completion Pearson correlation of token entropy and logit-gradient norm to the loss (pushes it negative); 0 = off. See docs/entropy_loss.md.",
@@ -695,6 +724,8 @@ class RLConfig(Section):
                              "set rl.speculative: off or rl.router.enabled: false")
         if self.tools.enabled:
             self._tools_supported()
+        if self.prefix_rollouts.enabled:
+            self._check_prefix_rollouts()
         if self.async_rollouts and self.entropy_filter is not None:
             raise ValueError("rl.async_rollouts picks the next step's prompts before this step's update; the entropy "
                              "filter needs the updated policy: set rl.entropy_filter: null or rl.async_rollouts: false")
@@ -714,6 +745,20 @@ class RLConfig(Section):
         if clash:
             raise ValueError(f"rl.stop {clash[0][0]!r} occurs in the rl.tools marker {clash[0][1]!r}: rows would stop "
                              "inside a tool call; drop that stop string or change the marker")
+
+    def _check_prefix_rollouts(self) -> None:
+        """What rl.prefix_rollouts does not combine with, and why (each says what to change)."""
+        off = "or rl.prefix_rollouts.enabled: false"
+        if self.router.enabled:
+            raise ValueError(f"rl.prefix_rollouts samples fixed-size groups per prefix; the router sizes groups per prompt: set rl.router.enabled: false {off}")
+        if self.speculative != "off":
+            raise ValueError(f"rl.prefix_rollouts conditions plain sampling on a prefix; speculative rollouts do not take one yet: set rl.speculative: off {off}")
+        if self.rollout_workers:
+            raise ValueError(f"rl.prefix_rollouts samples in-process (or on torchrun ranks), not on Ray workers yet: set rl.rollout_workers: 0 {off}")
+        if self.tools.enabled:
+            raise ValueError(f"rl.prefix_rollouts with rl.tools is not supported (tool calls run in their own sampler): set rl.tools.enabled: false {off}")
+        if self.advantage == "rloo":
+            raise ValueError(f"rl.prefix_rollouts has its own tree advantage (mean-centred, std-scaled unless rl.advantage: dr_grpo); set rl.advantage: null, grpo or dr_grpo {off}")
 
 
 class RFTConfig(Section):
@@ -805,6 +850,8 @@ class Recipe(Section):
     def _mezo_rules(self):
         if self.optim.name == "mezo" and self.rl.beta > 0:
             raise ValueError("rl.beta: the KL term needs gradients; with optim.name: mezo set rl.beta: 0")
+        if self.optim.name == "mezo" and self.rl.prefix_rollouts.enabled:
+            raise ValueError("rl.prefix_rollouts: optim.name: mezo re-samples from bare prompts; set rl.prefix_rollouts.enabled: false or use a gradient optimizer")
         if self.optim.name == "mezo" and self.rl.updates_per_batch != 1:
             raise ValueError("rl.updates_per_batch: optim.name: mezo takes one step per batch; set it to 1")
         if self.rl.beta > 0 and self.adapter.method != "lora":

@@ -634,6 +634,8 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
 
     if rl:
         rollouts = recipe.rl.group_size * recipe.rl.prompts_per_step
+        if recipe.rl.prefix_rollouts.enabled:  # Tree-OPO: rl.group_size per prefix node, up to len(depths) nodes a prompt
+            rollouts *= len(recipe.rl.prefix_rollouts.depths)
         tokens = recipe.data.max_length + recipe.rl.max_new_tokens
         kv = kv_cache_bytes(shape, tokens, rollouts, e)
         prefill = forward_workspace_bytes(shape, rollouts, recipe.data.max_length, e, True, cal)

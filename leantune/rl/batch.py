@@ -98,6 +98,8 @@ class SamplingStats:
     tool_errors: int = 0  # rl.tools: calls answered with an error
     tool_tokens: int = 0  # rl.tools: completion tokens written by tools (context, no loss)
     draft_row_forwards: int = 0  # rl.speculative: draft: rows of the draft model's forwards
+    prefix_tokens: int = 0  # rl.prefix_rollouts: reference-trace tokens given as context, summed over rollouts
+    depth_reward: dict[float, list[float]] = field(default_factory=dict)  # prefix depth -> [reward sum, rollouts]
 
     @property
     def acceptance_rate(self) -> float:
@@ -127,10 +129,12 @@ class Sampler:
     the next step's first round on the workers before this step's update (`rl.async_rollouts`).
     """
 
-    def __init__(self, model, tokenizer, rl: RLConfig, task, *, seed: int, dist=None, pool=None, router=None):
+    def __init__(self, model, tokenizer, rl: RLConfig, task, *, seed: int, dist=None, pool=None, router=None,
+                 tree=None):
         self.model, self.tokenizer, self.rl, self.task, self.seed = model, tokenizer, rl, task, seed
         self.dist, self.pool = dist, pool
         self.router = router  # a DifficultyRouter (rl.router.enabled): group sizes from the prefill
+        self.tree = tree  # a PrefixTree (rl.prefix_rollouts): each prompt sampled as its tree of prefixes
         self.weights = None
         self.bytes_sent = 0
         self.sync_seconds = 0.0  # putting the adapter into the object store + the workers fetching and loading it
@@ -176,6 +180,13 @@ class Sampler:
         return cand, ro, skipped
 
     def __call__(self, prompts: list[str], step: int, sampling_round: int) -> Rollouts:
+        if self.tree is not None:  # one entry per (prompt, prefix) node, then one group per prompt: its tree
+            nodes = self.tree.nodes(prompts)
+            ro = self._sample(nodes.prompts, step, sampling_round, nodes.prefixes)
+            return self.tree.regroup(ro, nodes, self.rl.group_size)
+        return self._sample(prompts, step, sampling_round, None)
+
+    def _sample(self, prompts: list[str], step: int, sampling_round: int, prefixes) -> Rollouts:
         seeds = prompt_seeds(self.seed, step, sampling_round, len(prompts))
         if self.pool is not None:
             ro = self.pool.sample_groups(self.weights, prompts, seeds=seeds, task=self.rl.task, **self._kwargs())
@@ -183,15 +194,15 @@ class Sampler:
             self.sync_seconds += ro.extra.get("sync_seconds", 0.0)
             return ro
         if self.dist is None or not self.dist.is_distributed:
-            return self._local(prompts, seeds)
+            return self._local(prompts, seeds, prefixes)
         from leantune.distributed import all_gather_objects
         from leantune.rl.workers import chunk_bounds, merge_rollouts
 
         lo, hi = chunk_bounds(len(prompts), self.dist.world_size)[self.dist.rank]
-        mine = self._local(prompts[lo:hi], seeds[lo:hi])
+        mine = self._local(prompts[lo:hi], seeds[lo:hi], prefixes[lo:hi] if prefixes is not None else None)
         return merge_rollouts(all_gather_objects(mine, self.dist), self.rl.group_size)
 
-    def _local(self, prompts: list[str], seeds: list[int]) -> Rollouts:
+    def _local(self, prompts: list[str], seeds: list[int], prefixes=None) -> Rollouts:
         if not prompts:
             return Rollouts(self.rl.group_size, [], [], [], [], [], [], group_sizes=[] if self.router else None)
         route = None
@@ -200,7 +211,7 @@ class Sampler:
                 return self.router.route(features, seeds)
         return sample_groups(self.model, self.tokenizer, prompts, seeds=seeds,
                              is_complete=getattr(self.task, "is_complete", None), route=route,
-                             route_layer=self.rl.router.layer, **self._kwargs())
+                             route_layer=self.rl.router.layer, prefixes=prefixes, **self._kwargs())
 
 
 @dataclass
@@ -218,6 +229,7 @@ class Batch:
     rows: list[dict] = field(default_factory=list)  # the prompt row of each kept group (prompt + reward fields)
     group_sizes: list[int] = field(default_factory=list)  # completions of each kept group (rl.group_size unless routed)
     loss_mask: list[list[int]] = field(default_factory=list)  # per completion token: 1 sampled, 0 tool answer (rl.tools)
+    node_sizes: list[list[int]] = field(default_factory=list)  # rl.prefix_rollouts: per kept group (tree), its nodes' sizes
 
 
 def next_candidates(stream, selector, want: int, step: int, stats: SamplingStats | None = None) -> list[int]:
@@ -283,6 +295,12 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.tool_errors += sum(ro.tool_errors or [])
         s.tool_tokens += ro.tool_tokens
         s.draft_row_forwards += ro.draft_row_steps
+        tree = ro.extra.get("tree_nodes")  # rl.prefix_rollouts: each group is a prompt's tree of prefix nodes
+        if tree is not None:
+            s.prefix_tokens += sum(ro.extra["prefix_tokens"])
+            for d, r in zip(ro.extra["prefix_depth"], rewards):
+                acc = s.depth_reward.setdefault(d, [0.0, 0])
+                acc[0], acc[1] = acc[0] + r, acc[1] + 1
         s.truncated += sum(ro.truncated)
         s.entropy_sum += sum(sum(ents) for ents in ro.entropy)
         s.high_entropy += sum(e > HIGH_ENTROPY_NATS for ents in ro.entropy for e in ents)
@@ -320,6 +338,8 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
             keep.correct += correct[sl]
             keep.rows.append(rows[gi])
             keep.group_sizes.append(n)
+            if tree is not None:
+                keep.node_sizes.append(tree[gi])
         if not rl.dynamic_sampling:
             break  # one round: every sampled group is trained on
     keep.stats = s

@@ -290,15 +290,20 @@ def prefill_groups(decoder, distinct: Sequence[Sequence[int]], group_size: int, 
 
 
 def row_finished(tokenizer, tokens: Sequence[int], eos: int, stop: Sequence[str],
-                 is_complete: Callable[[str], bool] | None) -> bool:
+                 is_complete: Callable[[str], bool] | None, lead: Sequence[int] = ()) -> bool:
     """Whether a completion whose last token is ``tokens[-1]`` stops there: eos, a stop string, or the task
-    saying the answer is complete (checked after every token, so a row stops at the first one)."""
+    saying the answer is complete (checked after every token, so a row stops at the first one). ``lead``: a
+    prefix the completion continues (Tree-OPO): the task judges ``lead + tokens``; stop strings ``tokens``."""
     if tokens[-1] == eos:
         return True
     if not stop and is_complete is None:
         return False
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return any(s in text for s in stop) or (is_complete is not None and is_complete(text))
+    if any(s in text for s in stop):
+        return True
+    if is_complete is None:
+        return False
+    return is_complete(tokenizer.decode([*lead, *tokens], skip_special_tokens=True) if lead else text)
 
 
 def _cache_kwarg(decoder) -> str:
@@ -330,6 +335,7 @@ def sample_groups(
     speculative_ngram: int = 3,
     tools=None,
     speculative_draft=None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (rendered with the chat template).
 
@@ -353,6 +359,10 @@ def sample_groups(
     recorded log-probs as plain sampling, other tokens.
     ``tools``: a `leantune.config.ToolsConfig` (or `leantune.rl.tools.Toolbox`); when enabled, a row that
     closes a tool call gets the answer appended as context and keeps sampling (`leantune.rl.tools`).
+    ``prefixes``: one token list per prompt (`rl.prefix_rollouts`, Tree-OPO): appended to the rendered prompt
+    as context, so each completion continues it. ``prompt_ids`` then hold prompt + prefix (the loss never
+    sees the prefix), ``texts`` the prefix and completion decoded together (what a verifier scores), and
+    ``is_complete`` is asked about that joined text; stop strings look at the completion only.
     """
     if group_size < 1 or max_new_tokens < 1:
         raise ValueError("group_size and max_new_tokens must be >= 1")
@@ -362,7 +372,11 @@ def sample_groups(
         raise ValueError(f"speculative: 'off', 'prompt_lookup' or 'draft', got {speculative!r}")
     if speculative != "off" and route is not None:
         raise ValueError("speculative sampling does not take a router (rl.router with rl.speculative): use one of them")
-    if tools is not None and getattr(tools, "enabled", True):
+    tools_on = tools is not None and getattr(tools, "enabled", True)
+    if prefixes is not None and (speculative != "off" or route is not None or tools_on or len(prefixes) != len(prompts)):
+        raise ValueError(f"prefixes: one token list per prompt ({len(prefixes)} for {len(prompts)}), with plain "
+                         "sampling only (no speculative, no route, no tools)")
+    if tools_on:
         if speculative != "off" or route is not None:
             raise ValueError("tool calls run in plain sampling only: no speculative drafts, no router (rl.tools)")
         from leantune.rl.tools import Toolbox, sample_with_tools
@@ -389,7 +403,8 @@ def sample_groups(
                 seeds=seeds, max_draft=speculative_tokens, draft_model=draft_model_for(model, speculative_draft))
         return _sample_groups(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, stop=stop, is_complete=is_complete,
-                              generator=generator, seeds=seeds, route=route, route_layer=route_layer)
+                              generator=generator, seeds=seeds, route=route, route_layer=route_layer,
+                              prefixes=prefixes)
 
 
 def decoder_layers(decoder) -> torch.nn.ModuleList:
@@ -422,11 +437,13 @@ def _last_token_capture(decoder, layer: int | None):
 
 
 def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, temperature, top_p, stop, is_complete,
-                   generator, seeds, route=None, route_layer=None) -> Rollouts:
+                   generator, seeds, route=None, route_layer=None, prefixes=None) -> Rollouts:
     start_time = time.perf_counter()
     was_training, decoder, head_w, eos, pad, dev = decode_setup(model, tokenizer)  # model now in eval mode
 
     distinct = _tokenize_prompts(tokenizer, prompts)  # n_p prompts, each prefilled once
+    lead = [list(x) for x in prefixes] if prefixes is not None else [[] for _ in distinct]  # context after the prompt
+    distinct = [ids + x for ids, x in zip(distinct, lead)]
     input_ids, attn, positions = left_padded(distinct, pad, dev)  # (n_p, P) each
 
     cache = DynamicCache()
@@ -443,6 +460,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
                 raise ValueError(f"route returned {group_sizes} for {len(distinct)} prompts: one size >= 0 each")
         sizes = group_sizes if group_sizes is not None else [group_size] * len(distinct)
         prompt_ids = [ids for ids, g in zip(distinct, sizes) for _ in range(g)]
+        row_lead = [x for x, g in zip(lead, sizes) for _ in range(g)]  # (n,) each row's prefix tokens
         n = len(prompt_ids)
         src = torch.repeat_interleave(torch.arange(len(distinct)), torch.tensor(sizes, dtype=torch.long)).to(dev)  # (n,)
         if seeds is not None:  # completion j of prompt i: key (seeds[i], j), whatever the sizes
@@ -479,7 +497,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
                 tokens[seq].append(tok)
                 logps[seq].append(float(nxt_logp[r]))
                 ents[seq].append(float(entropy[r]))
-                done[r] = row_finished(tokenizer, tokens[seq], eos, stop, is_complete)
+                done[r] = row_finished(tokenizer, tokens[seq], eos, stop, is_complete, lead=row_lead[seq])
             if t == max_new_tokens - 1:
                 for r, seq in enumerate(rows.tolist()):
                     truncated[seq] = not bool(done[r])
@@ -500,7 +518,7 @@ def _sample_groups(model, tokenizer, prompts, *, group_size, max_new_tokens, tem
     finally:
         del cache
         model.train(was_training)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    texts = tokenizer.batch_decode([x + t for x, t in zip(row_lead, tokens)], skip_special_tokens=True)
     return Rollouts(
         group_size=group_size, prompt_ids=prompt_ids, completion_ids=tokens, texts=texts, logprobs=logps,
         entropy=ents, truncated=truncated, decode_steps=steps, row_steps=row_steps,

@@ -52,6 +52,7 @@ from leantune.rl.rewards import build_rewards
 from leantune.rl.router import DifficultyRouter
 from leantune.rl.rollout import completion_logprobs, sample_groups
 from leantune.rl.selection import PromptSelector, PromptStream
+from leantune.rl.tree_opo import TREE_SCALE, build_tree, tree_advantages
 from leantune.train.session import RunSession, TrainResult
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +90,11 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
     estimator = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]]
-    adv = ragged_advantages(estimator, torch.tensor(batch.rewards), batch.group_sizes or g) if n else torch.zeros(0)
+    if batch.node_sizes:  # rl.prefix_rollouts: each group is a tree; the baseline is the prefix's value
+        adv = tree_advantages(torch.tensor(batch.rewards), batch.node_sizes, alpha=rl.prefix_rollouts.alpha,
+                              scale=TREE_SCALE[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]])
+    else:
+        adv = ragged_advantages(estimator, torch.tensor(batch.rewards), batch.group_sizes or g) if n else torch.zeros(0)
     lengths = [len(c) for c in batch.completion_ids]  # tokens through the decoder (tool answers included)
     # rl.tools: tool answers are context, not actions: only sampled tokens carry a loss (and count for DAPO)
     loss_mask = batch.loss_mask or [[1] * k for k in lengths]
@@ -237,6 +242,9 @@ def step_metrics(step: int, s: SamplingStats, u: UpdateStats, rl: RLConfig, lr: 
         row["kl"] = u.kl
     if u.entropy_grad_corr is not None:
         row["entropy_grad_corr"] = u.entropy_grad_corr
+    if rl.prefix_rollouts.enabled:  # pass@1 and reward_mean above include prefix-assisted completions
+        row["prefix_tokens"] = s.prefix_tokens / n_roll
+        row.update({f"prefix_reward@{d:.2f}": v / max(1, k) for d, (v, k) in sorted(s.depth_reward.items())})
     if rl.speculative != "off":
         row.update(spec_acceptance=s.acceptance_rate, tokens_per_forward=s.tokens_per_forward)
         if rl.speculative == "draft":
@@ -273,13 +281,17 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     totals = RLTotals()
     workers = _start_workers(session) if rl.rollout_workers else None
     router = DifficultyRouter(rl.router, rl.group_size) if rl.router.enabled else None
-    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers, router=router)
+    tree = build_tree(recipe, pool, tokenizer) if rl.prefix_rollouts.enabled else None
+    sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers, router=router,
+                      tree=tree)
+    depth_reward: dict[float, list[float]] = {}  # over the whole run (this process), for the ledger
     if session.trainer_state:  # resumed
         st = session.trainer_state
         totals = RLTotals(**st["totals"])
         stream.load_state_dict(st["stream"])
         selector.load_state_dict(st["selector"])
         generator.set_state(torch.tensor(st["generator"], dtype=torch.uint8))
+        depth_reward.update({d: [v, k] for d, v, k in st.get("depth_reward", [])})
         if router is not None and st.get("router"):
             router.load_state_dict(st["router"])
         if st.get("prefetched"):  # drawn for an async step that never ran: sampled now, on the current policy
@@ -291,6 +303,9 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
             row, upd, batch, dt = _rl_step(session, sampler, pool, stream, selector, reward_fn, correct_fn, task,
                                            generator, pad_id)
             totals.add(batch.stats, upd, rl, dt)
+            for d, (v, k) in batch.stats.depth_reward.items():
+                acc = depth_reward.setdefault(d, [0.0, 0])
+                acc[0], acc[1] = acc[0] + v, acc[1] + k
             row.update(tokens_generated=totals.tokens_generated, rss_bytes=session.memory.sample(),
                        elapsed_s=totals.elapsed_s)
             if workers is not None:
@@ -303,6 +318,7 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
                 session.save_checkpoint({"totals": dataclasses.asdict(totals), "stream": stream.state_dict(),
                                          "selector": selector.state_dict(), "generator": generator.get_state().tolist(),
                                          "prefetched": sampler.pending,
+                                         "depth_reward": [[d, v, k] for d, (v, k) in sorted(depth_reward.items())],
                                          **({"router": router.state_dict()} if router is not None else {})})
     finally:
         if workers is not None:
@@ -319,6 +335,13 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
         extra["tools"] = {"calls": totals.tool_calls, "errors": totals.tool_errors, "tool_tokens": totals.tool_tokens,
                           "calls_per_completion": totals.tool_calls / max(1, totals.rollouts_generated),
                           "calculator": rl.tools.calculator, "python": rl.tools.python, "max_calls": rl.tools.max_calls}
+    if tree is not None:
+        pr = rl.prefix_rollouts
+        extra["prefix_rollouts"] = {"depths": pr.depths, "alpha": pr.alpha, "traces": pr.traces,
+                                    "prompts_with_trace": tree.with_trace, "prompts": len(pool),
+                                    "scale": TREE_SCALE[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]],
+                                    "reward_by_depth": {f"{d:.2f}": v / max(1, k) for d, (v, k) in sorted(depth_reward.items())},
+                                    "rollouts_by_depth": {f"{d:.2f}": k for d, (v, k) in sorted(depth_reward.items())}}
     if workers is not None:
         extra["rollout_workers"] = {"workers": rl.rollout_workers, "async": rl.async_rollouts,
                                     "adapter_bytes_sent": sampler.bytes_sent, "adapter_sync_s": sampler.sync_seconds,
