@@ -29,10 +29,12 @@ the CPU-seconds at which each leantune arm first *measures* TRL's final accuracy
 and whether the issue's target, ratio <= 1/2, is met), ``OUT.png`` (accuracy against CPU-seconds, one line
 per arm), the CPU model and flags (`leantune.compute.cpu_summary`) and load averages.
 
-    # smoke check: tiny random model (accuracy 0 is expected), ~6 minutes on 2 busy cores
+    # smoke check: tiny random model (accuracy 0 is expected), ~80 s wall on 2 busy cores
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --quick --out lpc_quick
-    # the measurement (SmolLM2-135M-Instruct); see docs/learning_per_cost.md for its expected run time
-    HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --cpu-budget 5400 --max-updates 48 --out lpc
+    # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 48 --eval-every 4
+    # --eval-problems 100 --sft-steps 100 --threads 1: not run yet; estimated 6-8 h wall on an idle machine
+    # (3 x 1.5 CPU-h of training + ~30 evaluations + the SFT start; docs/learning_per_cost.md)
+    HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --out lpc
 
 Logs go to stderr; ``--json`` also prints the JSON object to stdout. The parent never imports torch.
 """
@@ -332,8 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="also print the JSON object to stdout")
     p.add_argument("--out", default="learning_per_cost", help="writes OUT.json and OUT.png")
     p.add_argument("--cpu-budget", type=float, default=None,
-                   help="training CPU-seconds per arm (evaluation excluded); none: --max-updates alone")
-    p.add_argument("--max-updates", type=int, default=None, help="most policy updates per arm (32; quick 6)")
+                   help="training CPU-seconds per arm, evaluation excluded (5400; quick none); 0: --max-updates alone")
+    p.add_argument("--max-updates", type=int, default=None, help="most policy updates per arm (48; quick 6)")
     p.add_argument("--eval-every", type=int, default=None, help="updates between evaluations (4; quick 2)")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems, greedy (100; quick 8)")
     p.add_argument("--group-size", type=int, default=None, help="completions per prompt (8; quick 4)")
@@ -358,7 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
-    a.max_updates = a.max_updates or (6 if q else 32)
+    a.cpu_budget = (None if q else 5400.0) if a.cpu_budget is None else (a.cpu_budget or None)
+    a.max_updates = a.max_updates or (6 if q else 48)
     a.eval_every = a.eval_every or (2 if q else 4)
     a.eval_problems = a.eval_problems or (8 if q else 100)
     a.group_size = a.group_size or (4 if q else 8)

@@ -88,3 +88,12 @@ def test_arm_recipe_switches(tmp_path):
     for r in (router, plain):
         assert r.rl.task == "countdown" and r.rl.group_size == 4 and r.optim.lr == 0.01 and r.train.steps == 4
         assert r.rl.rewards == {"task": 1.0}
+
+
+def test_budget_defaults():
+    assert lpc.parse_args([]).cpu_budget == 5400.0 and lpc.parse_args([]).max_updates == 48
+    assert lpc.parse_args(["--cpu-budget", "0"]).cpu_budget is None  # updates alone
+    quick = lpc.parse_args(["--quick"])
+    assert quick.cpu_budget is None and quick.max_updates == 6 and quick.dtype == "float32"
+    with pytest.raises(SystemExit):
+        lpc.parse_args(["--group-size", "3", "--prompts-per-step", "3"])  # 9 rollouts, micro-batch 8
