@@ -29,7 +29,7 @@ the CPU-seconds at which each leantune arm first *measures* TRL's final accuracy
 and whether the issue's target, ratio <= 1/2, is met), ``OUT.png`` (accuracy against CPU-seconds, one line
 per arm), the CPU model and flags (`leantune.compute.cpu_summary`) and load averages.
 
-    # smoke check: tiny random model (accuracy 0 is expected), ~80 s wall on 2 busy cores
+    # smoke check: tiny random model (accuracy 0 is expected), ~1 min wall on 2 busy cores
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --quick --out lpc_quick
     # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 48 --eval-every 4
     # --eval-problems 100 --sft-steps 100 --threads 1: not run yet; estimated 6-8 h wall on an idle machine
@@ -235,8 +235,10 @@ def run_leantune_curve(spec: dict, meter) -> dict:
         out = update(model, *args, **kwargs)
         seen["rollouts"] = seen.get("rollouts", 0) + seen["step"]["rollouts"]
         seen["tokens"] = seen.get("tokens", 0) + seen["step"]["tokens_generated"]
-        if curve.after_update(model, seen["tokenizer"], {"rollouts": seen["rollouts"], "tokens_generated": seen["tokens"]}) \
-                and curve.updates < spec["steps"]:
+        u = out if isinstance(out, dict) else vars(out)  # an UpdateStats dataclass
+        seen["trained"] = seen.get("trained", 0) + u["sequences_trained"]  # rollouts with a nonzero advantage
+        extra = {"rollouts": seen["rollouts"], "rollouts_trained": seen["trained"], "tokens_generated": seen["tokens"]}
+        if curve.after_update(model, seen["tokenizer"], extra) and curve.updates < spec["steps"]:
             raise BudgetReached
         return out
 
@@ -289,6 +291,16 @@ def run_trl_curve(spec: dict, meter) -> dict:
                        "gradient_accumulation_steps": args.gradient_accumulation_steps,
                        "per_device_train_batch_size": args.per_device_train_batch_size},
             "stopped_by": "cpu_budget" if curve.updates < spec["steps"] else "max_updates", "curve": curve.result()}
+
+
+def learning_signal(runs: dict) -> dict:
+    """A warning when no leantune arm trained a single rollout (every group's rewards equal: no gradient)."""
+    trained = {arm: r["curve"]["points"][-1].get("rollouts_trained") for arm, r in runs.items()
+               if r.get("status") == "ok" and arm in LEANTUNE_ARMS and r["curve"]["points"]}
+    if trained and not any(trained.values()):
+        return {"warning": "no rollout carried a learning signal (every group's rewards were equal): no arm's policy "
+                           "moved, so the curves compare the cost of rollouts only"}
+    return {}
 
 
 RUNNERS = {"leantune_router": run_leantune_curve, "leantune_plain": run_leantune_curve, "trl": run_trl_curve}
@@ -436,7 +448,7 @@ def main(argv=None) -> int:
         "versions": rlvt._versions(),
         "runs": runs,
         "curves": {arm: [list(p) for p in pts] for arm, pts in curves.items()},
-        "comparison": compare(curves),
+        "comparison": compare(curves) | learning_signal(runs),
         "target": TARGET,
         "total_wall_time_s": round(time.perf_counter() - t0, 1),
     }

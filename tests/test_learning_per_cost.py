@@ -97,3 +97,11 @@ def test_budget_defaults():
     assert quick.cpu_budget is None and quick.max_updates == 6 and quick.dtype == "float32"
     with pytest.raises(SystemExit):
         lpc.parse_args(["--group-size", "3", "--prompts-per-step", "3"])  # 9 rollouts, micro-batch 8
+
+
+def test_learning_signal_warning():
+    def run(trained):
+        return {"status": "ok", "curve": {"points": [{"rollouts_trained": trained}]}}
+
+    assert "warning" in lpc.learning_signal({"leantune_plain": run(0), "leantune_router": run(0), "trl": run(None)})
+    assert lpc.learning_signal({"leantune_plain": run(0), "leantune_router": run(12)}) == {}
