@@ -138,10 +138,6 @@ def compare(curves: dict[str, list[tuple[float, float]]], n_grid: int = 8) -> di
 # Child side
 
 
-class BudgetReached(Exception):
-    """Raised after the update at which a leantune arm's training CPU-seconds pass the budget."""
-
-
 class Curve:
     """Training CPU-seconds (this process, every thread; evaluations excluded) and held-out accuracy at every
     ``eval_every``-th update and at the last one."""
@@ -173,11 +169,12 @@ class Curve:
             c0, w0 = time.process_time(), time.perf_counter()
             acc = task_accuracy(model, tokenizer, TASK, num_problems=self.spec["eval_problems"],
                                 max_new_tokens=self.spec["max_new_tokens"])
-            self.eval_cpu += time.process_time() - c0
+            eval_cpu = time.process_time() - c0
+            self.eval_cpu += eval_cpu
             self.eval_wall += time.perf_counter() - w0
             self.points.append({"update": self.updates, "train_cpu_s": round(cpu, 2), "train_wall_s": round(wall, 2),
                                 "accuracy": acc["accuracy"], "correct": acc["correct"],
-                                "eval_cpu_s": round(time.process_time() - c0, 2), **(extra or {})})
+                                "eval_cpu_s": round(eval_cpu, 2), **(extra or {})})
             log(f"{self.spec['runner']}: update {self.updates}, {cpu:.1f} training CPU-s, accuracy {acc['accuracy']:.3f}")
         return done
 
@@ -185,6 +182,16 @@ class Curve:
         return {"points": self.points, "updates": self.updates,
                 "train_cpu_s": round(self.train_cpu_s(), 2) if self.start_cpu is not None else None,
                 "eval_cpu_s_total": round(self.eval_cpu, 2)}
+
+
+class BudgetReached(Exception):
+    """Raised after the update at which a leantune arm's training CPU-seconds pass the budget."""
+
+
+SAMPLING_TOTALS = ("rollouts", "tokens_generated", "rounds", "groups", "zero_variance_groups", "prompts_skipped",
+                   "router_prompts", "router_skipped", "router_rollouts_saved", "router_brier_sum", "router_brier_n")
+"""SamplingStats fields a leantune arm sums over its updates (the ledger's totals are not written when the
+budget stops the run)."""
 
 
 def router_settings(spec: dict) -> dict:
@@ -210,7 +217,9 @@ def arm_recipe(spec: dict, out_dir: str):
 
 def run_leantune_curve(spec: dict, meter) -> dict:
     """`train_rl` as shipped; updates are counted and evaluated by wrapping (not changing) its
-    collect_batch / policy_update, as rl_vs_trl.py does."""
+    collect_batch / policy_update, as rl_vs_trl.py does. The CPU budget ends the run by an exception out of
+    the update wrapper (the session may swap in its own recipe, e.g. its activation-checkpointing choice, so
+    lowering train.steps from here would not reach its loop)."""
     import shutil
 
     import leantune.train.rl as rl_mod
@@ -219,7 +228,7 @@ def run_leantune_curve(spec: dict, meter) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     recipe = arm_recipe(spec, str(out_dir))
-    curve, seen = Curve(spec), {}
+    curve, seen, totals = Curve(spec), {}, {}
     collect, update = rl_mod.collect_batch, rl_mod.policy_update
 
     def counted_collect(sampler, *args, **kwargs):
@@ -228,7 +237,9 @@ def run_leantune_curve(spec: dict, meter) -> dict:
         seen["tokenizer"] = sampler.tokenizer
         batch = collect(sampler, *args, **kwargs)
         s = vars(batch.stats)
-        seen["step"] = {k: s.get(k) for k in ("rollouts", "tokens_generated", "rounds", "prompts_skipped")}
+        seen["step"] = {k: s.get(k) for k in ("rollouts", "tokens_generated")}
+        for k in SAMPLING_TOTALS:
+            totals[k] = totals.get(k, 0) + s.get(k, 0)
         return batch
 
     def counted_update(model, *args, **kwargs):
@@ -239,23 +250,22 @@ def run_leantune_curve(spec: dict, meter) -> dict:
         seen["trained"] = seen.get("trained", 0) + u["sequences_trained"]  # rollouts with a nonzero advantage
         extra = {"rollouts": seen["rollouts"], "rollouts_trained": seen["trained"], "tokens_generated": seen["tokens"]}
         if curve.after_update(model, seen["tokenizer"], extra) and curve.updates < spec["steps"]:
-            raise BudgetReached
+            raise BudgetReached  # out of train_rl: no export, no ledger (the sampling totals are summed here)
         return out
 
     rl_mod.collect_batch, rl_mod.policy_update = counted_collect, counted_update
     stopped = "max_updates"
     try:
-        result = rl_mod.train_rl(recipe, quiet=True)
-        router = result.ledger.get("extra", {}).get("router")
+        rl_mod.train_rl(recipe, quiet=True)
     except BudgetReached:
-        stopped, router = "cpu_budget", None
+        stopped = "cpu_budget"
     finally:
         rl_mod.collect_batch, rl_mod.policy_update = collect, update
     meter.mark("train_end")
-    ds, ps, r = LEANTUNE_ARMS[spec["runner"]]
+    ds, ps, _ = LEANTUNE_ARMS[spec["runner"]]
     return {"config": {"dynamic_sampling": ds, "prompt_selection": ps, "router": recipe.rl.router.model_dump(),
                        "compute_dtype": recipe.model.compute_dtype, "run_dir": str(out_dir)},
-            "stopped_by": stopped, "router_totals": router, "curve": curve.result()}
+            "stopped_by": stopped, "sampling_totals": totals, "curve": curve.result()}
 
 
 def run_trl_curve(spec: dict, meter) -> dict:
