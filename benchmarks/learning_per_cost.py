@@ -29,7 +29,7 @@ the CPU-seconds at which each leantune arm first *measures* TRL's final accuracy
 and whether the issue's target, ratio <= 1/2, is met), ``OUT.png`` (accuracy against CPU-seconds, one line
 per arm), the CPU model and flags (`leantune.compute.cpu_summary`) and load averages.
 
-    # smoke check: tiny random model (accuracy 0 is expected), ~1 min wall on 2 busy cores
+    # smoke check: tiny random model (accuracy 0 is expected), under a minute on 2 busy cores
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --quick --out lpc_quick
     # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 48 --eval-every 4
     # --eval-problems 100 --sft-steps 100 --threads 1: not run yet; estimated 6-8 h wall on an idle machine
