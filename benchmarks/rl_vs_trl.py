@@ -162,8 +162,8 @@ def prepare(spec: dict, meter: Meter) -> dict:
     from leantune.rl.selection import PromptStream
     from leantune.tasks import get_task
 
-    work = Path(spec["work_dir"])
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "sft_smollm2_addition.yaml"
+    work, task = Path(spec["work_dir"]), spec.get("task", TASK)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / spec.get("sft_recipe", "sft_smollm2_addition.yaml")
     key = {"recipe": recipe.read_text(), "overrides": _sft_overrides(spec), "quick": spec["quick"]}
     cache = Path(spec["sft_dir"]) / "bench_sft.json"
     cached = json.loads(cache.read_text()) if cache.exists() else None
@@ -180,26 +180,26 @@ def prepare(spec: dict, meter: Meter) -> dict:
 
             shutil.rmtree(spec["sft_dir"])
         t0 = time.perf_counter()
-        if cli(["make-data", TASK, "--out", str(work / "data")]) != 0:
+        if cli(["make-data", task, "--out", str(work / "data")]) != 0:
             raise RuntimeError("leantune make-data failed")
         if cli(["train", str(recipe), *_sft_overrides(spec)]) != 0:
             raise RuntimeError("leantune train (SFT) failed")
         sft_s = time.perf_counter() - t0
         model, tok = load_for_eval(spec["sft_dir"])
-        acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
+        acc = task_accuracy(model, tok, task, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
         sft = {"key": _digest(key), "command": ["leantune", "train", str(recipe), *_sft_overrides(spec)],
                "sft_seconds": round(sft_s, 1), "accuracy": acc["accuracy"], "correct": acc["correct"],
                "problems": acc["problems"], "examples": acc["examples"]}
         cache.write_text(json.dumps(sft, indent=1))
     if sft["problems"] != spec["eval_problems"]:  # cached adapter, measured on another number of problems
         model, tok = load_for_eval(spec["sft_dir"])
-        acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
+        acc = task_accuracy(model, tok, task, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
         sft.update(accuracy=acc["accuracy"], correct=acc["correct"], problems=acc["problems"], examples=acc["examples"])
         cache.write_text(json.dumps(sft, indent=1))
         del model
     # The prompt pool leantune builds from rl.task (train split, seed 0), in the order its PromptStream
     # walks it: TRL gets exactly the prompts of leantune_plain's updates, in order, unshuffled.
-    pool = get_task(TASK).generate(spec["num_prompts"], seed=0, split="train")
+    pool = get_task(task).generate(spec["num_prompts"], seed=0, split="train")
     stream = PromptStream(len(pool), seed=0)
     order = [stream.next() for _ in range(spec["steps"] * spec["prompts_per_step"])]
     rows = [{"prompt": pool[i]["prompt"], "answer": pool[i]["answer"]} for i in order]
@@ -218,7 +218,7 @@ def _rl_recipe(spec: dict, dynamic_sampling: bool, prompt_selection: bool, out_d
                   "betas": [0.9, 0.999], "eps": 1e-8, "max_grad_norm": 1.0},
         "train": {"steps": spec["steps"], "micro_batch_size": spec["micro_batch"], "seed": 0, "output_dir": out_dir,
                   "threads": spec["threads"], "progress": False, "log_every": 1, "save_every": 0},
-        "rl": {"init": spec["sft_dir"], "task": TASK, "num_prompts": spec["num_prompts"], "loss": "dapo",
+        "rl": {"init": spec["sft_dir"], "task": spec.get("task", TASK), "num_prompts": spec["num_prompts"], "loss": "dapo",
                "rewards": {"task": 1.0}, "group_size": spec["group_size"],
                "prompts_per_step": spec["prompts_per_step"], "temperature": 1.0, "top_p": 1.0,
                "max_new_tokens": spec["max_new_tokens"], "epsilon_low": 0.2, "epsilon_high": 0.28, "beta": 0.0,
@@ -239,7 +239,8 @@ def _speculative_settings(arg: str) -> dict:
 def _final_accuracy(model, tok, spec: dict) -> dict:
     from leantune.eval.evaluate import task_accuracy
 
-    acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
+    acc = task_accuracy(model, tok, spec.get("task", TASK), num_problems=spec["eval_problems"],
+                        max_new_tokens=spec["max_new_tokens"])
     return {"accuracy": acc["accuracy"], "correct": acc["correct"], "problems": acc["problems"],
             "eval_seconds": round(acc["eval_seconds"], 1), "examples": acc["examples"][:2]}
 
@@ -304,18 +305,14 @@ def run_leantune(spec: dict, meter: Meter) -> dict:
     }
 
 
-def run_trl(spec: dict, meter: Meter) -> dict:
+def trl_model(spec: dict):
+    """(model, tokenizer, recipe) for TRL: the very same construction as leantune's, base in spec dtype + the
+    SFT adapter, trainable."""
     import torch
-    import trl
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     from leantune.adapters.lora import causal_lm
-    from leantune.tasks import get_task
     from leantune.train.session import setup_model
 
-    # The very same model construction as leantune's: base in spec dtype + the SFT adapter, trainable.
     recipe = _rl_recipe(spec, False, False, str(Path(spec["work_dir"]) / "run-trl"))
     torch.manual_seed(0)
     model, tok, _, _, _ = setup_model(recipe, init=spec["sft_dir"])
@@ -327,11 +324,24 @@ def run_trl(spec: dict, meter: Meter) -> dict:
         base.is_quantized = False
         if hasattr(base.config, "quantization_config"):
             del base.config.quantization_config
+    return model, tok, recipe
+
+
+def trl_dataset(spec: dict):
+    """The prompts `prepare` wrote, in leantune_plain's order, as TRL conversational rows with the answer column."""
+    from datasets import Dataset
+
     rows = [json.loads(line) for line in (Path(spec["work_dir"]) / "trl_prompts.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
-                                 for r in rows])
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                              for r in rows])
+
+
+def grpo_args(spec: dict):
+    """TRL's GRPOConfig for DAPO with the same settings as leantune's runners (see the module docstring)."""
+    from trl import GRPOConfig
+
     g, pps, micro = spec["group_size"], spec["prompts_per_step"], spec["micro_batch"]
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(Path(spec["work_dir"]) / "run-trl"),
         # one generation batch (pps prompts x G completions) per optimizer step, in micro-batches of `micro`
         per_device_train_batch_size=micro, gradient_accumulation_steps=pps * g // micro,
@@ -348,6 +358,18 @@ def run_trl(spec: dict, meter: Meter) -> dict:
         generation_kwargs={"use_cache": True},
     )
 
+
+def run_trl(spec: dict, meter: Meter) -> dict:
+    import trl
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from leantune.adapters.lora import causal_lm
+    from leantune.tasks import get_task
+
+    model, tok, recipe = trl_model(spec)
+    base = causal_lm(model)
+    dataset, args = trl_dataset(spec), grpo_args(spec)
     decoder = base.get_decoder()
     gen = {"on": False, "prefill_tokens": 0, "row_steps": 0, "decode_calls": 0}
 
@@ -405,7 +427,7 @@ def run_trl(spec: dict, meter: Meter) -> dict:
             self.cpu.append(time.process_time())
 
     clock = Clock()
-    reward = get_task(TASK).reward
+    reward = get_task(spec.get("task", TASK)).reward
     trainer = Timed(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tok,
                     callbacks=[clock])
     trainer.train()
@@ -444,7 +466,9 @@ def _unpad(ids, mask) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
-def child_main(spec_path: str) -> None:
+def child_main(spec_path: str, runners: dict | None = None) -> None:
+    """Run the spec's runner in this (child) process and write its result JSON. ``runners``: name -> fn(spec,
+    meter) -> dict, for other benchmarks on this harness (default: this one's; ``prepare`` is always there)."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
@@ -455,6 +479,8 @@ def child_main(spec_path: str) -> None:
     try:
         if spec["runner"] == "prepare":
             out.update(prepare(spec, meter))
+        elif runners is not None:
+            out.update(runners[spec["runner"]](spec, meter))
         elif spec["runner"] == "trl":
             out.update(run_trl(spec, meter))
         else:
@@ -479,7 +505,8 @@ def child_main(spec_path: str) -> None:
 # Parent side
 
 
-def run_child(spec: dict, timeout_s: float) -> dict:
+def run_child(spec: dict, timeout_s: float, script: str | None = None) -> dict:
+    """Run ``script --_child SPEC`` (default: this file) for ``spec["runner"]``; its result JSON, or a failure."""
     spec_path = Path(spec["work_dir"]) / f"spec-{spec['runner']}.json"
     spec["result_path"] = str(Path(spec["work_dir"]) / f"result-{spec['runner']}.json")
     Path(spec["result_path"]).unlink(missing_ok=True)
@@ -493,7 +520,7 @@ def run_child(spec: dict, timeout_s: float) -> dict:
 
         env = preload_env(spec["peer_allocator"] if spec["runner"] == "trl" else spec["allocator"], base=env)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
+        proc = subprocess.run([sys.executable, os.path.abspath(script or __file__), "--_child", str(spec_path)],
                               stdout=sys.stderr, stderr=sys.stderr, env=env, timeout=timeout_s)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
