@@ -212,6 +212,7 @@ def test_prefix_longer_than_max_length_is_refused(tiny_chat_model_dir, tmp_path)
     ({"speculative": "prompt_lookup"}, "set rl.speculative: off"),
     ({"rollout_workers": 2}, "set rl.rollout_workers: 0"),
     ({"advantage": "rloo"}, "its own tree advantage"),
+    ({"tools": {"enabled": True}}, "set rl.tools.enabled: false"),
     ({"prefix_rollouts": {"enabled": True, "depths": []}}, "at least one cut point"),
     ({"prefix_rollouts": {"enabled": True, "depths": [0.0, 1.0]}}, r"in \[0, 1\)"),
     ({"prefix_rollouts": {"enabled": True, "depths": [0.5, 0.2]}}, "increase strictly"),
