@@ -46,39 +46,41 @@ def cpu_model() -> str:
     return cpu_summary()
 
 
-def prepare_sft(spec: dict) -> dict:
-    """The SFT run both arms start from (cached by its overrides) and its held-out accuracy."""
+def prepare_sft(spec: dict, task: str = TASK, recipe: str = "sft_smollm2_addition.yaml", extra: tuple = (),
+                quick_extra: tuple = (), stamp_name: str = "bench_router_sft.json") -> dict:
+    """The SFT run both arms start from (cached by its overrides): ``task``'s data, ``recipes/<recipe>`` with
+    ``extra`` overrides (``quick_extra`` too on the tiny model). benchmarks/tree_opo.py calls it too."""
     from leantune.cli import main as cli
 
     work, sft_dir = Path(spec["work_dir"]), Path(spec["work_dir"]) / "sft"
     over = [f"data.train={work / 'data' / 'train.jsonl'}", f"data.eval={work / 'data' / 'valid.jsonl'}",
             f"train.steps={spec['sft_steps']}", f"train.output_dir={sft_dir}", f"train.threads={spec['threads']}",
-            "train.progress=false"]
+            "train.progress=false", *extra]
     if spec["quick"]:
         from leantune.models.tiny import save_tiny_model
 
         tiny = work / "tiny"
         if not (tiny / "config.json").exists():
             save_tiny_model(tiny, chat_template=True)
-        over += [f"model.path={tiny}", "model.dtype=float32", "optim.lr=0.01"]
-    stamp = sft_dir / "bench_router_sft.json"
+        over += [f"model.path={tiny}", "model.dtype=float32", "optim.lr=0.01", *quick_extra]
+    stamp = sft_dir / stamp_name
     if stamp.exists() and json.loads(stamp.read_text()).get("overrides") == over and (sft_dir / "adapter").is_dir():
         log(f"SFT adapter: cached in {sft_dir}")
         return json.loads(stamp.read_text())
     t0 = time.perf_counter()
-    if cli(["make-data", TASK, "--out", str(work / "data")]) != 0:
+    if cli(["make-data", task, "--out", str(work / "data")]) != 0:
         raise RuntimeError("leantune make-data failed")
-    if cli(["train", str(ROOT / "recipes" / "sft_smollm2_addition.yaml"), *over]) != 0:
+    if cli(["train", str(ROOT / "recipes" / recipe), *over]) != 0:
         raise RuntimeError("leantune train (SFT) failed")
     out = {"overrides": over, "sft_seconds": round(time.perf_counter() - t0, 1), "dir": str(sft_dir)}
     stamp.write_text(json.dumps(out, indent=1))
     return out
 
 
-def accuracy(model, tok, spec) -> dict:
+def accuracy(model, tok, spec, task: str = TASK) -> dict:
     from leantune.eval.evaluate import task_accuracy
 
-    acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
+    acc = task_accuracy(model, tok, task, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
     return {k: acc[k] for k in ("accuracy", "correct", "problems", "eval_seconds")}
 
 
@@ -101,11 +103,12 @@ def toy_prompts(split: str) -> list[dict]:
     return rows[::5] if split == "test" else [r for i, r in enumerate(rows) if i % 5]
 
 
-def toy_accuracy(model, tok, spec) -> dict:
-    """Held-out sampled pass@1: the mean toy reward of 8 seeded samples per test prompt."""
+def toy_accuracy(model, tok, spec, rows: list[dict] | None = None) -> dict:
+    """Held-out sampled pass@1 from the bare prompt: the mean toy reward of 8 seeded samples per test prompt
+    (``rows``: default `toy_prompts("test")`)."""
     from leantune.rl.rollout import sample_groups
 
-    rows = toy_prompts("test")
+    rows = toy_prompts("test") if rows is None else rows
     t0 = time.perf_counter()
     ro = sample_groups(model, tok, [r["prompt"] for r in rows], group_size=8, max_new_tokens=spec["max_new_tokens"],
                        seeds=list(range(len(rows))))

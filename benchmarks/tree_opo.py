@@ -16,8 +16,8 @@ depth (tree arm), and greedy held-out accuracy on ``--eval-problems`` test probl
 (`leantune.eval.evaluate.task_accuracy`, prompts only: no prefix at evaluation). The SFT adapter both start from
 is trained once with the leantune CLI and cached in the work directory.
 
-    HF_HUB_OFFLINE=1 python benchmarks/tree_opo.py --quick --json   # tiny random model, smoke check (accuracy 0)
-    HF_HUB_OFFLINE=1 python benchmarks/tree_opo.py --json           # SmolLM2-135M-Instruct
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/tree_opo.py --quick --json   # tiny random model, smoke check (accuracy 0)
+    HF_HUB_OFFLINE=1 PYTHONPATH=. python benchmarks/tree_opo.py --json # SmolLM2-135M-Instruct
 
 Logs go to stderr; ``--json`` prints one JSON object to stdout. Run it with the working directory outside the
 repository (``--work-dir`` defaults to ./bench_tree_opo).
@@ -35,59 +35,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "multistep"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import router  # noqa: E402  (the shared SFT start, held-out accuracy and the toy task)
+from router import TOY_WORDS, digit_reward  # noqa: E402,F401  (digit_reward: this module's reward spec)
+
+
+def prepare_sft(spec: dict) -> dict:
+    """The SFT run both arms start from (router.prepare_sft on the multistep task, cached by its overrides)."""
+    return router.prepare_sft(spec, task=TASK, recipe="sft_multistep.yaml",
+                              extra=("train.save_every=0", "optim.warmup_steps=2"), quick_extra=("data.max_length=512",),
+                              stamp_name="bench_tree_opo_sft.json")
+
+
+def accuracy(model, tok, spec) -> dict:
+    return router.accuracy(model, tok, spec, task=TASK)
+
+
+def toy_accuracy(model, tok, spec) -> dict:
+    """Held-out sampled pass@1 from the bare prompt over `toy_rows("test")`."""
+    return router.toy_accuracy(model, tok, spec, rows=toy_rows("test"))
 
 
 def log(*args) -> None:
     print("[tree_opo]", *args, file=sys.stderr, flush=True)
 
 
-def prepare_sft(spec: dict) -> dict:
-    """The SFT run both arms start from (cached by its overrides)."""
-    from leantune.cli import main as cli
-
-    work, sft_dir = Path(spec["work_dir"]), Path(spec["work_dir"]) / "sft"
-    over = [f"data.train={work / 'data' / 'train.jsonl'}", f"data.eval={work / 'data' / 'valid.jsonl'}",
-            f"train.steps={spec['sft_steps']}", f"train.output_dir={sft_dir}", f"train.threads={spec['threads']}",
-            "train.progress=false", "train.save_every=0", "optim.warmup_steps=2"]
-    if spec["quick"]:
-        from leantune.models.tiny import save_tiny_model
-
-        tiny = work / "tiny"
-        if not (tiny / "config.json").exists():
-            save_tiny_model(tiny, chat_template=True)
-        over += [f"model.path={tiny}", "model.dtype=float32", "optim.lr=0.01", "data.max_length=512"]
-    stamp = sft_dir / "bench_tree_opo_sft.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("overrides") == over and (sft_dir / "adapter").is_dir():
-        log(f"SFT adapter: cached in {sft_dir}")
-        return json.loads(stamp.read_text())
-    t0 = time.perf_counter()
-    if cli(["make-data", TASK, "--out", str(work / "data")]) != 0:
-        raise RuntimeError("leantune make-data failed")
-    if cli(["train", str(ROOT / "recipes" / "sft_multistep.yaml"), *over]) != 0:
-        raise RuntimeError("leantune train (SFT) failed")
-    out = {"overrides": over, "sft_seconds": round(time.perf_counter() - t0, 1), "dir": str(sft_dir)}
-    stamp.write_text(json.dumps(out, indent=1))
-    return out
-
-
-def accuracy(model, tok, spec) -> dict:
-    from leantune.eval.evaluate import task_accuracy
-
-    acc = task_accuracy(model, tok, TASK, num_problems=spec["eval_problems"], max_new_tokens=spec["max_new_tokens"])
-    return {k: acc[k] for k in ("accuracy", "correct", "problems", "eval_seconds")}
-
-
 # ------------------------------------------------------------------------------------------------
 # --toy: a task a random tiny model has headroom on, so the mechanism runs in minutes on a busy CPU
-
-TOY_WORDS = ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss", "rice",
-             "gold", "iron", "wool", "milk", "sand", "fern", "clay"]
-
-
-def digit_reward(prompts, completions, **kw) -> list[float]:
-    """1.0 when the text (prefix + completion) contains a digit: the toy task's verifier."""
-    return [1.0 if any(ch.isdigit() for ch in c) else 0.0 for c in completions]
-
 
 def toy_rows(split: str) -> list[dict]:
     """'Tell me about A and B.' over word pairs, train and test disjoint; the reference trace ends in a digit,
@@ -97,18 +71,6 @@ def toy_rows(split: str) -> list[dict]:
             for a, b in pairs]
     return rows[::5] if split == "test" else [r for i, r in enumerate(rows) if i % 5]
 
-
-def toy_accuracy(model, tok, spec) -> dict:
-    """Held-out sampled pass@1 from the bare prompt: the mean toy reward of 8 seeded samples per test prompt."""
-    from leantune.rl.rollout import sample_groups
-
-    rows = toy_rows("test")
-    t0 = time.perf_counter()
-    ro = sample_groups(model, tok, [r["prompt"] for r in rows], group_size=8, max_new_tokens=spec["max_new_tokens"],
-                       seeds=list(range(len(rows))))
-    r = digit_reward(None, ro.texts)
-    return {"accuracy": sum(r) / len(r), "correct": int(sum(r)), "problems": len(r),
-            "eval_seconds": round(time.perf_counter() - t0, 2), "kind": "sampled pass@1, 8 seeded samples per held-out prompt"}
 
 
 def run_arm(name: str, spec: dict, sft: dict) -> dict:
