@@ -31,22 +31,24 @@ def _bf16_lora(model_dir):
     return model, tok
 
 
-def _loss_and_grads(model, batch, compute):
+def _loss_and_grads(model, batch, lp):
+    """lm_loss_sum's forward and backward, with `LowPrecisionLoRA` ``lp`` as the SFT loop uses it (or None)."""
     model.zero_grad(set_to_none=True)
-    loss = lm_loss_sum(model, batch, chunk_size=5, compute=compute)
-    loss.backward()
+    with lp.step() if lp is not None else contextlib.nullcontext():
+        loss = lm_loss_sum(model, batch, chunk_size=5, compute=lp.forward if lp is not None else contextlib.nullcontext)
+        loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_only_a_bf16_unquantized_lora_base_gets_the_low_precision_path(tmp_path, tiny_model_dir, sft_data):
     model, _ = _bf16_lora(tiny_model_dir)
     on = _recipe(tmp_path, tiny_model_dir, sft_data, model={"dtype": "bfloat16"})
-    assert low_precision_lora(model, on) is not contextlib.nullcontext
+    assert low_precision_lora(model, on) is not None
     for sections in ({"model": {"dtype": "float32"}},
                      {"model": {"dtype": "bfloat16"}, "adapter": {"compute_dtype": "float32"}},
                      {"model": {"dtype": "bfloat16"}, "quant": {"bits": 8}},
                      {"model": {"dtype": "bfloat16"}, "adapter": {"method": "full"}}):
-        assert low_precision_lora(model, _recipe(tmp_path, tiny_model_dir, sft_data, **sections)) is contextlib.nullcontext, sections
+        assert low_precision_lora(model, _recipe(tmp_path, tiny_model_dir, sft_data, **sections)) is None, sections
     with pytest.raises((RecipeError, ValueError), match="compute_dtype"):
         _recipe(tmp_path, tiny_model_dir, sft_data, adapter={"compute_dtype": "float16"})
 
@@ -55,16 +57,16 @@ def test_lora_matmuls_run_in_bf16_and_gradients_match_the_fp32_adapter_path(tmp_
     model, tok = _bf16_lora(tiny_model_dir)
     examples, _ = load_sft_examples(sft_data, tok, DataConfig(train=str(sft_data), max_length=48))
     batch = collate(examples[:3], tok.pad_token_id, SpanWeights())
-    compute = low_precision_lora(model, _recipe(tmp_path, tiny_model_dir, sft_data, model={"dtype": "bfloat16"}))
+    lp = low_precision_lora(model, _recipe(tmp_path, tiny_model_dir, sft_data, model={"dtype": "bfloat16"}))
 
     seen: list[tuple[torch.dtype, torch.dtype]] = []  # (input, output) dtypes of every lora_A call
     hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
              for n, m in model.named_modules() if n.endswith("lora_A.default")]
     model.train()
-    loss_ref, ref = _loss_and_grads(model, batch, contextlib.nullcontext)
+    loss_ref, ref = _loss_and_grads(model, batch, None)
     assert seen and all(d == (torch.float32, torch.float32) for d in seen)  # PEFT's default: cast to fp32
     seen.clear()
-    loss_bf, fast = _loss_and_grads(model, batch, compute)
+    loss_bf, fast = _loss_and_grads(model, batch, lp)
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)  # no cast, a bf16 matmul
     for h in hooks:
         h.remove()
@@ -96,3 +98,22 @@ def test_a_bf16_run_records_the_choice_and_trains(tmp_path, tiny_model_dir, sft_
              "train": {**raw["train"], "output_dir": str(tmp_path / "run32")}}
     r32 = train(Recipe.model_validate(raw32), quiet=True)
     assert "adapter.compute_dtype" not in r32.ledger["extra"].get("auto_choices", {})
+
+
+@pytest.mark.parametrize("policy", ["selective", "all"])
+def test_checkpointing_recomputes_the_bf16_lora_path_exactly(tmp_path, tiny_model_dir, sft_data, policy):
+    """Autocast inside checkpointed layers: the recompute must replay the forward's ops (selective checkpointing
+    refuses a different number of casts), and the gradients equal those without checkpointing."""
+    from leantune.train.session import set_activation_checkpointing
+
+    model, tok = _bf16_lora(tiny_model_dir)
+    examples, _ = load_sft_examples(sft_data, tok, DataConfig(train=str(sft_data), max_length=48))
+    batch = collate(examples[:3], tok.pad_token_id, SpanWeights())
+    lp = low_precision_lora(model, _recipe(tmp_path, tiny_model_dir, sft_data, model={"dtype": "bfloat16"}))
+    model.train()
+    loss_off, ref = _loss_and_grads(model, batch, lp)
+    assert set_activation_checkpointing(model, policy) > 0
+    loss_ck, got = _loss_and_grads(model, batch, lp)
+    assert loss_ck == pytest.approx(loss_off, rel=1e-6)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)

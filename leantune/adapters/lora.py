@@ -54,32 +54,42 @@ def apply_lora(model, cfg: AdapterConfig, seed: int = 0):
     return peft_model
 
 
-def low_precision_lora(model, recipe):
-    """A context factory for the training forward: bf16 LoRA matmuls over a bf16 base, or ``nullcontext``.
+class LowPrecisionLoRA:
+    """bf16 LoRA matmuls over a bf16 base, with fp32 adapter weights (``adapter.compute_dtype: auto``).
 
     PEFT keeps LoRA weights in fp32 over a bf16 base and casts every adapted projection's input to fp32 and its
     output back (``LoraLayer._cast_input_dtype``): with q/k/v/o adapted that is 4 casts of the hidden states per
     layer and per direction, 14% of a bf16 SmolLM2 step's time in `benchmarks/step_profile.py` (docs/compute.md).
-    With ``adapter.compute_dtype: auto`` the forward instead runs under bf16 autocast with PEFT's own switch for
-    that cast off (``peft.helpers.disable_input_dtype_casting``): autocast casts the small fp32 A and B to bf16
-    for the matmul, and the gradients still land in the fp32 parameters (mixed precision, as Trainer's
+    Instead, ``step()`` turns that cast off with PEFT's own switch (``peft.helpers.disable_input_dtype_casting``)
+    for the whole forward + backward (a checkpointed layer's recompute runs inside backward and must replay the
+    forward's ops), and ``forward()`` runs the forward under bf16 autocast, which casts the small fp32 A and B to
+    bf16 for each matmul; the gradients still land in the fp32 parameters (mixed precision, as Trainer's
     ``bf16=True``). The base's ops are unchanged: its weights and activations already are bf16, and
-    transformers' RMSNorm and rotary code upcast explicitly. Returns a zero-argument callable giving a fresh
-    context per forward.
+    transformers' RMSNorm and rotary code upcast explicitly. A forward outside ``step()`` is PEFT's default.
     """
+
+    def __init__(self, model):
+        self.model = model
+        self.device_type = next(model.parameters()).device.type
+
+    def forward(self):
+        # cache_enabled=False: every forward and every recompute casts each weight itself, so a selectively
+        # checkpointed layer replays exactly its forward's ops; the casts are r x d, cheap.
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def step(self):
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(self.model)
+
+
+def low_precision_lora(model, recipe) -> LowPrecisionLoRA | None:
+    """`LowPrecisionLoRA` for a LoRA recipe over an unquantized bf16 base with ``adapter.compute_dtype: auto``,
+    else None (fp32 bases, quantized bases, full fine-tuning, ``compute_dtype: float32``)."""
     if not (recipe.adapter.method == "lora" and recipe.adapter.compute_dtype == "auto"
             and recipe.model.compute_dtype == "bfloat16" and recipe.quant.bits is None):
-        return contextlib.nullcontext
-    from peft.helpers import disable_input_dtype_casting
-
-    device_type = next(model.parameters()).device.type
-
-    @contextlib.contextmanager
-    def compute():
-        with torch.autocast(device_type, dtype=torch.bfloat16), disable_input_dtype_casting(model):
-            yield
-
-    return compute
+        return None
+    return LowPrecisionLoRA(model)
 
 
 def causal_lm(model):

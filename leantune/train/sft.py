@@ -52,7 +52,7 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int,
     attention mask, so transformers builds the block-diagonal (per-example) causal mask from them.
     candidates: None for the exact loss; else (C,) token ids, and the softmax runs over candidates ∪ the
     batch's targets only (``vocab_subset_cross_entropy``, approximate: a lower bound of the exact loss).
-    compute: a context factory around the decoder's forward only (`leantune.adapters.lora.low_precision_lora`);
+    compute: a context factory around the decoder's forward only (`leantune.adapters.lora.LowPrecisionLoRA.forward`);
     the loss over the head runs outside it, in the precision ``linear_cross_entropy`` chooses.
     """
     lm = causal_lm(model)
@@ -171,7 +171,8 @@ def train(recipe: Recipe, *, resume: bool = False, quiet: bool = False, model=No
     """
     session = RunSession(recipe, "train", resume=resume, quiet=quiet, recipe_path=recipe_path, model=model,
                          tokenizer=tokenizer,
-                         loss_module=lambda m: SFTLoss(m, compute=low_precision_lora(m, recipe)))
+                         loss_module=lambda m: SFTLoss(m, compute=getattr(low_precision_lora(m, recipe), "forward",
+                                                                           contextlib.nullcontext)))
     with session:
         return _train(session)
 
@@ -211,7 +212,8 @@ def _train(session: RunSession) -> TrainResult:
         session.info(f"loss: APPROXIMATE vocabulary subset, {candidates.numel()} candidates "
                      f"({recipe.loss.vocab_subset_source}) + each step's targets; eval_loss stays exact")
     loss_module = session.loss_module  # the model's loss, DDP/FSDP2-wrapped under torchrun
-    if session.needs_backward and low_precision_lora(model, recipe) is not contextlib.nullcontext:
+    low_precision = low_precision_lora(model, recipe) if session.needs_backward else None
+    if low_precision is not None:
         session.auto_choices["adapter.compute_dtype"] = ("bfloat16: LoRA matmuls under bf16 autocast over the bf16 "
                                                          "base, fp32 adapter weights and optimizer state")
     totals = session.trainer_state.get("totals") or {"tokens": 0, "trainable_tokens": 0, "loss_weight": 0.0,
@@ -251,8 +253,9 @@ def _train(session: RunSession) -> TrainResult:
         with session.timed() as dt, session.step_guard():
             if session.needs_backward:
                 norm = all_reduce_sum(sum(loss_weight_total(b) for b in batches), dist)
-                step_loss, _ = accumulate_gradients(loss_module, batches, recipe.loss.chunk_size, subset, spill,
-                                                    norm=norm, sync=session.sync)
+                with low_precision.step() if low_precision is not None else contextlib.nullcontext():
+                    step_loss, _ = accumulate_gradients(loss_module, batches, recipe.loss.chunk_size, subset, spill,
+                                                        norm=norm, sync=session.sync)
                 step_loss = all_reduce_sum(step_loss, dist)
                 clip = recipe.optim.max_grad_norm
                 grad_norm = clip_grad_norm(loss_module, clip if clip else float("inf"))
