@@ -467,3 +467,42 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_d
     assert wa.keys() == wb.keys() and wa
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_lora_matmuls_in_the_policy_step(tmp_path, tiny_model_dir, pair_data, monkeypatch):
+    """adapter.compute_dtype auto (bf16 base): the policy's LoRA matmuls run in bf16 (autocast, PEFT's input cast
+    off through backward, selective checkpointing's recompute included), recorded in the ledger; the run trains
+    like PEFT's fp32-adapter path up to bf16 rounding. adapter.compute_dtype: float32 keeps PEFT's casts."""
+    from leantune.train import dpo as dpo_mod
+
+    seen = []  # (setting, input dtype, output dtype) of every lora_A call of the policy's forward
+    original = dpo_mod.pair_logps
+
+    def observed(model, *a, **kw):
+        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((setting[0], args[0].dtype, out.dtype)))
+                 for n, m in model.named_modules() if n.endswith("lora_A.default")] if torch.is_grad_enabled() else []
+        try:
+            return original(model, *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(dpo_mod, "pair_logps", observed)
+    setting = ["auto"]
+
+    def run(compute):
+        setting[0] = compute
+        raw = _recipe(tiny_model_dir, pair_data, tmp_path / compute, model={"dtype": "bfloat16"},
+                      adapter={"compute_dtype": compute}, train={"activation_checkpointing": "selective"})
+        return train_dpo(recipe_from_dict(raw), quiet=True), _metrics(tmp_path / compute)
+
+    fast, rows_fast = run("auto")
+    slow, rows_slow = run("float32")
+    assert fast.ledger["extra"]["auto_choices"]["adapter.compute_dtype"].startswith("bfloat16")
+    assert "adapter.compute_dtype" not in slow.ledger["extra"].get("auto_choices", {})
+    assert {(i, o) for c, i, o in seen if c == "auto"} == {(torch.bfloat16, torch.bfloat16)}
+    assert {(i, o) for c, i, o in seen if c == "float32"} == {(torch.float32, torch.float32)}
+    assert rows_fast[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    assert len(rows_fast) == len(rows_slow) == 3
+    for a, b in zip(rows_fast, rows_slow):
+        assert a["loss"] == pytest.approx(b["loss"], abs=0.03)

@@ -552,6 +552,7 @@ def completion_logprobs(
     chunk_size: int = 1024,
     share_prompts: bool = True,
     grad_stats: bool = False,
+    decoder_context=contextlib.nullcontext,
 ) -> tuple[torch.Tensor, ...]:
     """log pi(completion token | prefix) for B sequences, with gradient: (logps, entropy, mask), each (B, T).
 
@@ -565,6 +566,9 @@ def completion_logprobs(
 
     ``grad_stats``: also the norm of d log pi / d logits at each token (`logit_grad_norm`), and the entropy
     *with* gradient (`linear_token_stats`, chunked): returns (logps, entropy, mask, grad_norm), each (B, T).
+
+    ``decoder_context``: a context factory around the decoder's forward only (e.g.
+    `leantune.adapters.lora.LowPrecisionLoRA.forward`); the LM head's log-probs run outside it.
     """
     from leantune.losses import linear_token_logprobs
 
@@ -581,10 +585,12 @@ def completion_logprobs(
     if shared and torch.is_grad_enabled() and decoder.training:
         shared = not any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
     if shared:
-        hidden = _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, T, H)
+        with decoder_context():
+            hidden = _prompt_shared_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, T, H)
         picked = hidden[rows, cols]  # (K, H)
     else:
-        hidden = _joint_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, L, H)
+        with decoder_context():
+            hidden = _joint_hidden(decoder, prompt_ids, completion_ids, pad_id)  # (B, L, H)
         starts = torch.tensor([len(prompt_ids[i]) - 1 for i in rows.tolist()], dtype=torch.long, device=dev)
         picked = hidden[rows, starts + cols]  # (K, H): position len(p) + j - 1 predicts completion token j
     if grad_stats:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from leantune import ledger as ledger_mod
+from leantune.adapters.lora import low_precision_lora
 from leantune.config import DPOConfig, Recipe, RecipeError
 from leantune.data.preference import Pair, PairRecord, read_pair_rows, tokenize_pairs
 from leantune.data.records import DataError
@@ -53,14 +54,17 @@ from leantune.train.session import RunSession, TrainResult
 # Pure pieces the loop calls
 
 
-def pair_logps(model, pairs: list[Pair], *, pad_id: int, chunk_size: int
+def pair_logps(model, pairs: list[Pair], *, pad_id: int, chunk_size: int, low_precision=None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected, chosen_tokens, rejected_tokens), each (P,): Σ_t log pi(y_t | x, y_<t) of each pair's
     completions and their token counts, with gradient when grad is enabled. The batch is [c_0, r_0, c_1, r_1, ...]
-    over shared prompts: each distinct prompt is prefilled once."""
+    over shared prompts: each distinct prompt is prefilled once. ``low_precision``: a
+    `leantune.adapters.lora.LowPrecisionLoRA` whose ``forward()`` wraps the decoder (bf16 LoRA matmuls)."""
     prompts = [p.prompt_ids for p in pairs for _ in range(2)]
     completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
-    logps, _, mask = completion_logprobs(model, prompts, completions, pad_id=pad_id, chunk_size=chunk_size)  # (2P, T)
+    ctx = low_precision.forward if low_precision is not None else contextlib.nullcontext
+    logps, _, mask = completion_logprobs(model, prompts, completions, pad_id=pad_id, chunk_size=chunk_size,
+                                         decoder_context=ctx)  # (2P, T)
     sums, tokens = (logps * mask).sum(-1), mask.sum(-1)  # (2P,)
     return sums[0::2], sums[1::2], tokens[0::2], tokens[1::2]
 
@@ -126,8 +130,8 @@ def _decoder_tokens(pairs: list[Pair], shared: bool) -> tuple[int, int]:
 
 
 def micro_batch_loss(model, pairs: list[Pair], idx: list[int], dpo: DPOConfig, *, beta: float, num_pairs: float,
-                     pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None
-                     ) -> tuple[torch.Tensor, PreferenceStats, bool]:
+                     pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None,
+                     low_precision=None) -> tuple[torch.Tensor, PreferenceStats, bool]:
     """(loss, stats, whether the reference ran) of pairs ``idx``: the loss of ``dpo.loss`` divided by ``num_pairs``.
 
     ``reference``: the precomputed (chosen, rejected) table, indexed by pair; None: when the loss needs a
@@ -142,7 +146,7 @@ def micro_batch_loss(model, pairs: list[Pair], idx: list[int], dpo: DPOConfig, *
     elif live:
         with reference_context(model, disable_adapter=True):
             ref_c, ref_r, _, _ = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
-    c, r, c_tok, r_tok = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size)
+    c, r, c_tok, r_tok = pair_logps(model, batch, pad_id=pad_id, chunk_size=chunk_size, low_precision=low_precision)
     if ref_c is not None:
         ref_c, ref_r = ref_c.to(c), ref_r.to(c)
     loss, stats = entry.fn(c, r, ref_c, ref_r, c_tok, r_tok, beta=beta, gamma=dpo.gamma,
@@ -152,15 +156,18 @@ def micro_batch_loss(model, pairs: list[Pair], idx: list[int], dpo: DPOConfig, *
 
 def dpo_step(model, micro: list[list[int]], pairs: list[Pair], dpo: DPOConfig, *, beta: float, num_pairs: float,
              pad_id: int, chunk_size: int, reference: tuple[list[float], list[float]] | None,
-             shared_prompts: bool = True) -> StepResult:
+             shared_prompts: bool = True, low_precision=None) -> StepResult:
     """Backward over one optimizer step's micro-batches (pair indices) on this process; the caller steps.
     ``num_pairs``: the step's pairs over every micro-batch and process, the loss's normalizer; ``reference`` as
-    in `micro_batch_loss`."""
+    in `micro_batch_loss`. ``low_precision``: a `leantune.adapters.lora.LowPrecisionLoRA` (bf16 LoRA matmuls in
+    the policy's forward; its ``step()`` spans forward and backward)."""
     out = StepResult(0.0, PreferenceStats(), 0, 0, 0, 0)
     for idx in micro:
-        loss, stats, ran_reference = micro_batch_loss(model, pairs, idx, dpo, beta=beta, num_pairs=num_pairs,
-                                                      pad_id=pad_id, chunk_size=chunk_size, reference=reference)
-        loss.backward()
+        with low_precision.step() if low_precision is not None else contextlib.nullcontext():
+            loss, stats, ran_reference = micro_batch_loss(model, pairs, idx, dpo, beta=beta, num_pairs=num_pairs,
+                                                          pad_id=pad_id, chunk_size=chunk_size, reference=reference,
+                                                          low_precision=low_precision)
+            loss.backward()
         out.loss += float(loss.detach())
         out.stats = out.stats + stats
         batch = [pairs[i] for i in idx]
@@ -293,6 +300,10 @@ def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: lis
         if eval_pairs:
             eval_reference = _reference_table(session, eval_pairs, "eval_reference", totals, pad_id)
     shared = session.checkpointed_layers == 0
+    low_precision = low_precision_lora(model, recipe)
+    if low_precision is not None:
+        session.auto_choices["adapter.compute_dtype"] = ("bfloat16: the policy's LoRA matmuls under bf16 autocast over "
+                                                         "the bf16 base, fp32 adapter weights and optimizer state")
     params = [p for p in model.parameters() if p.requires_grad]
     active = None
     if labeler is not None:  # dpo.active: train on the pool pairs labelled so far
@@ -316,7 +327,7 @@ def _train_dpo(session: RunSession, records: list[PairRecord], eval_records: lis
         num_pairs = all_reduce_sum(sum(len(m) for m in micro), dist)
         with session.timed() as dt, session.step_guard():
             res = dpo_step(model, micro, pairs, dpo, beta=beta, num_pairs=num_pairs, pad_id=pad_id, chunk_size=chunk,
-                           reference=reference, shared_prompts=shared)
+                           reference=reference, shared_prompts=shared, low_precision=low_precision)
             if dist.world_size > 1:
                 all_reduce_gradients(params, dist)
                 res.loss = all_reduce_sum(res.loss, dist)
