@@ -141,6 +141,18 @@ def test_with_the_same_seeds_speculative_rollouts_are_the_plain_ones(policy):
     assert spec.tokens_per_forward > 1.0
 
 
+def assert_recorded_logprobs_are_the_policys(model, tok, ro, temperature: float) -> None:
+    """The log-probs recorded while sampling == a teacher-forced recompute of log softmax(logits / T) on the
+    sampled tokens (the quantity the loss's importance ratio uses)."""
+    with torch.no_grad():
+        lp, _, mask = completion_logprobs(model, ro.prompt_ids, ro.completion_ids, pad_id=tok.pad_token_id,
+                                          temperature=temperature)
+    recorded = torch.zeros_like(lp)
+    for i, row in enumerate(ro.logprobs):
+        recorded[i, : len(row)] = torch.tensor(row)
+    torch.testing.assert_close(recorded * mask, lp * mask, atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_recorded_logprobs_are_the_policys(policy, top_p):
     """The log-probs recorded while sampling speculatively == a teacher-forced recompute of the policy's
@@ -149,13 +161,7 @@ def test_recorded_logprobs_are_the_policys(policy, top_p):
     ro = sample_groups(model, tok, [PROMPT, "abc abc ab"], group_size=3, max_new_tokens=16, temperature=0.05,
                        top_p=top_p, generator=torch.Generator().manual_seed(0), speculative="prompt_lookup")
     assert ro.accepted_tokens > 0
-    with torch.no_grad():
-        lp, _, mask = completion_logprobs(model, ro.prompt_ids, ro.completion_ids, pad_id=tok.pad_token_id,
-                                          temperature=0.05)
-    recorded = torch.zeros_like(lp)
-    for i, row in enumerate(ro.logprobs):
-        recorded[i, : len(row)] = torch.tensor(row)
-    torch.testing.assert_close(recorded * mask, lp * mask, atol=2e-4, rtol=0)
+    assert_recorded_logprobs_are_the_policys(model, tok, ro, temperature=0.05)
 
 
 def test_greedy_speculative_equals_plain_greedy(policy):
@@ -350,13 +356,7 @@ def test_draft_mode_records_the_policys_logprobs_and_counts_its_forwards(policy,
     assert ro.row_steps == ro.tokens_generated - ro.accepted_tokens  # one token per row forward + each accepted draft
     assert ro.draft_row_steps > 0 and ro.extra["draft_forwards"] > 0
     assert all(len(c) == 16 or "fox" in t or c[-1] == tok.eos_token_id for c, t in zip(ro.completion_ids, ro.texts))
-    with torch.no_grad():
-        lp, _, mask = completion_logprobs(model, ro.prompt_ids, ro.completion_ids, pad_id=tok.pad_token_id,
-                                          temperature=0.05)
-    recorded = torch.zeros_like(lp)
-    for i, row in enumerate(ro.logprobs):
-        recorded[i, : len(row)] = torch.tensor(row)
-    torch.testing.assert_close(recorded * mask, lp * mask, atol=2e-4, rtol=0)
+    assert_recorded_logprobs_are_the_policys(model, tok, ro, temperature=0.05)
 
 
 def test_draft_mode_greedy_equals_plain_greedy_and_a_full_self_draft_is_always_accepted(policy):
