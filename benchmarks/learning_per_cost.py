@@ -47,6 +47,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's leantune
@@ -371,6 +372,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
                    help="base weights dtype, every arm (auto, as the recipes; quick float32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per arm")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="arms run at once (1: one after another). With N > 1 they share the cores; CPU-seconds "
+                        "stay comparable because every arm runs beside the others, and each arm's contention "
+                        "is recorded")
+    p.add_argument("--prep-threads", type=int, default=None,
+                   help="torch threads for the shared SFT start (default: --threads); its time is not compared")
     p.add_argument("--only", default=",".join(ARMS), help=f"arms, comma-separated (default {','.join(ARMS)})")
     p.add_argument("--allocator", default="auto", choices=["auto", "system", "jemalloc", "tbbmalloc"],
                    help="malloc of the leantune arms (train.allocator's choice)")
@@ -418,24 +425,28 @@ def main(argv=None) -> int:
     script = os.path.abspath(__file__)
     t0, load0 = time.perf_counter(), rlvt.loadavg()
     log(f"work dir {work}; arms {arms}; load {load0}")
-    prep = rlvt.run_child({**base, "runner": "prepare"}, a.timeout, script=script)
+    prep = rlvt.run_child({**base, "runner": "prepare", "threads": a.prep_threads or a.threads}, a.timeout,
+                          script=script)
     if prep.get("status") != "ok":
         log(f"preparation failed: {prep.get('error')}")
         print(json.dumps({"status": "failed", "stage": "prepare", "error": prep.get("error")}))
         return 1
     start = prep["sft"]["accuracy"]
     log(f"SFT start: accuracy {start:.3f} ({prep['sft']['correct']}/{prep['sft']['problems']})")
-    runs: dict[str, dict] = {}
-    for arm in arms:
+
+    def run_arm(arm: str) -> dict:
         log(f"--- {arm} (load {rlvt.loadavg()})")
-        runs[arm] = rlvt.run_child({**base, "runner": arm}, a.timeout, script=script)
-        r = runs[arm]
+        r = rlvt.run_child({**base, "runner": arm}, a.timeout, script=script)
         if r.get("status") == "ok":
             c = r["curve"]
             log(f"{arm}: {c['updates']} updates, {c['train_cpu_s']:.1f} training CPU-s, final accuracy "
                 f"{c['points'][-1]['accuracy']:.3f}, stopped by {r['stopped_by']}")
         else:
             log(f"{arm}: {r.get('status')}: {r.get('error')}")
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:  # each arm is its own subprocess
+        runs: dict[str, dict] = dict(zip(arms, pool.map(run_arm, arms)))
     curves = {arm: curve_points(r, start) for arm, r in runs.items() if r.get("status") == "ok"}
     model = ("tiny random (leantune.models.tiny, 2 layers, hidden 64)" if a.quick
              else f"{rlvt.MODEL_BUILTIN} (GGUF dequantized, {a.dtype})")
@@ -447,6 +458,7 @@ def main(argv=None) -> int:
         "settings": {k: base[k] for k in ("steps", "cpu_budget", "eval_every", "group_size", "prompts_per_step",
                                           "micro_batch", "max_new_tokens", "lr", "num_prompts", "sft_steps",
                                           "eval_problems", "dtype", "threads", "allocator", "peer_allocator")}
+        | {"parallel_arms": a.parallel, "prep_threads": a.prep_threads or a.threads}
         | {"reward": "the task verifier ({task: 1.0}) in every arm", "loss": "dapo (token-level, eps 0.2/0.28, no KL)",
            "cpu_meter": "time.process_time() of the arm's process (all threads), from its first update, "
                         "evaluation excluded", "router_recipe": str(ROUTER_RECIPE.name)},

@@ -97,6 +97,10 @@ def test_budget_defaults():
     assert quick.cpu_budget is None and quick.max_updates == 6 and quick.dtype == "float32"
     with pytest.raises(SystemExit):
         lpc.parse_args(["--group-size", "3", "--prompts-per-step", "3"])  # 9 rollouts, micro-batch 8
+    a = lpc.parse_args([])
+    assert a.parallel == 1 and a.prep_threads is None  # arms one after another unless asked
+    a = lpc.parse_args(["--parallel", "3", "--prep-threads", "2"])
+    assert a.parallel == 3 and a.prep_threads == 2 and a.threads == 1
 
 
 def test_learning_signal_warning():
