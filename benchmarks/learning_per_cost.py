@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -343,7 +344,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -
     top = max((y for pts in curves.values() for _, y in pts), default=0.0)
     ax.set_ylim(-0.02, min(1.02, max(0.1, top + 0.05)))
     ax.set_ylabel("held-out greedy accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
