@@ -31,7 +31,7 @@ per arm), the CPU model and flags (`leantune.compute.cpu_summary`) and load aver
 
     # smoke check: tiny random model (accuracy 0 is expected), under a minute on 2 busy cores
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --quick --out lpc_quick
-    # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 48 --eval-every 4
+    # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 200 --eval-every 4
     # --eval-problems 100 --sft-steps 100 --threads 1: not run yet; estimated 6-8 h wall on an idle machine
     # (3 x 1.5 CPU-h of training + ~30 evaluations + the SFT start; docs/learning_per_cost.md)
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --out lpc
@@ -359,7 +359,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="learning_per_cost", help="writes OUT.json and OUT.png")
     p.add_argument("--cpu-budget", type=float, default=None,
                    help="training CPU-seconds per arm, evaluation excluded (5400; quick none); 0: --max-updates alone")
-    p.add_argument("--max-updates", type=int, default=None, help="most policy updates per arm (48; quick 6)")
+    p.add_argument("--max-updates", type=int, default=None, help="most policy updates per arm, a safety cap: the budget should bind first (200; quick 6)")
     p.add_argument("--eval-every", type=int, default=None, help="updates between evaluations (4; quick 2)")
     p.add_argument("--eval-problems", type=int, default=None, help="held-out problems, greedy (100; quick 8)")
     p.add_argument("--group-size", type=int, default=None, help="completions per prompt (8; quick 4)")
@@ -391,7 +391,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     q = a.quick
     a.cpu_budget = (None if q else 5400.0) if a.cpu_budget is None else (a.cpu_budget or None)
-    a.max_updates = a.max_updates or (6 if q else 48)
+    a.max_updates = a.max_updates or (6 if q else 200)
     a.eval_every = a.eval_every or (2 if q else 4)
     a.eval_problems = a.eval_problems or (8 if q else 100)
     a.group_size = a.group_size or (4 if q else 8)

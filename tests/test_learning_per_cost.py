@@ -91,7 +91,7 @@ def test_arm_recipe_switches(tmp_path):
 
 
 def test_budget_defaults():
-    assert lpc.parse_args([]).cpu_budget == 5400.0 and lpc.parse_args([]).max_updates == 48
+    assert lpc.parse_args([]).cpu_budget == 5400.0 and lpc.parse_args([]).max_updates == 200
     assert lpc.parse_args(["--cpu-budget", "0"]).cpu_budget is None  # updates alone
     quick = lpc.parse_args(["--quick"])
     assert quick.cpu_budget is None and quick.max_updates == 6 and quick.dtype == "float32"
