@@ -142,3 +142,28 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tiny_model_dir, sft_
                          tmp_path / "straight/adapter/adapter_model.safetensors", rel=0)
     ledger = json.loads((tmp_path / "killed" / "ledger.json").read_text())
     assert ledger["extra"]["resumed"] is True and ledger["totals"]["steps"] == steps
+
+
+def test_two_process_rl_with_the_router_equals_one(tiny_chat_model_dir, tmp_path):
+    """rl.router under torchrun: each rank routes its chunk of the prompts, and the next round's over-draw follows
+    the skip rate of all of them, so both ranks draw the same candidates and the run equals one process."""
+    words = ["cats", "dogs", "rain", "sun", "tea", "maps", "keys", "wind", "salt", "ink", "snow", "moss"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something about {w}.", "answer": str(i)}
+                                                 for i, w in enumerate(words)])
+    # confident predictions (weak penalty) and near thresholds: the router skips prompts, so it over-draws
+    router = {"enabled": True, "warmup_prompts": 3, "min_group_size": 2, "max_group_size": 8, "l2": 1e-3,
+              "skip_solved": 0.6, "skip_hopeless": 0.4, "explore": 0.0}
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        raw = tiny_recipe(tiny_chat_model_dir, prompts, tmp_path / name,
+                          train={"steps": 4, "micro_batch_size": 8, "seed": 0}, optim={"lr": 1e-2, "scheduler": "constant"})
+        raw["rl"] = {"rewards": {"rl_helpers:has_digit": 1.0}, "group_size": 4, "prompts_per_step": 3,
+                     "max_new_tokens": 2, "overlong_filter": False, "max_sampling_rounds": 2, "router": router,
+                     "prompt_selection": {"enabled": False}}
+        _leantune("rl", str(_recipe_file(tmp_path, raw, name)), "--nproc", str(nproc))
+        runs[name] = tmp_path / name
+    for key in ("rollouts", "router_prompts", "router_skipped", "reward_mean", "loss", "grad_norm"):
+        for a, b in zip(_losses(runs["two"], key), _losses(runs["one"], key), strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+    assert sum(_losses(runs["one"], "router_skipped")) > 0  # the over-draw path ran
+    _assert_same_weights(runs["two"] / "adapter/adapter_model.safetensors", runs["one"] / "adapter/adapter_model.safetensors")

@@ -34,7 +34,7 @@ import torch
 from leantune.adapters.lora import causal_lm
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
-from leantune.distributed import all_reduce_gradients, all_reduce_sum
+from leantune.distributed import all_gather_objects, all_reduce_gradients, all_reduce_sum
 from leantune.rl.advantages import ADVANTAGES, ragged_advantages
 from leantune.rl.losses import DEFAULT_ADVANTAGE, POLICY_LOSSES, PolicyWindow, entropy_gradient_penalty
 from leantune.rl.bill import RLTotals, ledger_totals, rl_flops
@@ -156,8 +156,12 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         out.loss, out.grad_norm = step_loss, float(grad_norm)
-    if world > 1:
-        stats_acc = {key: all_reduce_sum(v, dist) for key, v in sorted(stats_acc.items())}
+    if world > 1:  # one collective on every rank: a rank with no micro-batch this step has no stats keys at all
+        summed: dict[str, float] = {}
+        for part in all_gather_objects(stats_acc, dist):
+            for key, v in part.items():
+                summed[key] = summed.get(key, 0.0) + v
+        stats_acc = summed
     denom = len(active) * rl.updates_per_batch
     out.clip_fraction = stats_acc.get("clip_ratio/region_mean", 0.0) / denom
     out.kl = stats_acc.get("kl", 0.0) / denom if rl.beta > 0 else 0.0
