@@ -32,8 +32,8 @@ per arm), the CPU model and flags (`leantune.compute.cpu_summary`) and load aver
     # smoke check: tiny random model (accuracy 0 is expected), under a minute on 2 busy cores
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --quick --out lpc_quick
     # the measurement (SmolLM2-135M-Instruct), = --cpu-budget 5400 --max-updates 200 --eval-every 4
-    # --eval-problems 100 --sft-steps 100 --threads 1: not run yet; estimated 6-8 h wall on an idle machine
-    # (3 x 1.5 CPU-h of training + ~30 evaluations + the SFT start; docs/learning_per_cost.md)
+    # --eval-problems 100 --sft-steps 100 --threads 1; --parallel 3 runs the arms at once. The first run
+    # (2026-12-06) used --cpu-budget 2400 --eval-problems 64 --parallel 3: 88 min wall (docs/learning_per_cost.md)
     HF_HUB_OFFLINE=1 python benchmarks/learning_per_cost.py --out lpc
 
 Logs go to stderr; ``--json`` also prints the JSON object to stdout. The parent never imports torch.

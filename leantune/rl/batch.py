@@ -308,9 +308,7 @@ def collect_batch(sampler: Sampler, pool, stream, selector, reward_fn, correct_f
         s.reward_sq += sum(r * r for r in rewards)
         s.correct += sum(correct)
         if routed:
-            # the next over-draw follows this round's skip rate over *all* prompts: under torchrun each rank routed
-            # only its chunk, and ranks that drew different numbers of candidates would sample different prompts
-            router.skip_rate = sum(n == 0 for n in sizes) / max(1, len(sizes))
+            router.note_round(sizes)  # the merged round: every rank draws the same candidates next
             s.router_prompts += len(sizes)
             s.router_skipped += sum(n == 0 for n in sizes)
             s.router_rollouts_saved += g * len(sizes) - sum(sizes)

@@ -147,7 +147,6 @@ class DifficultyRouter:
         self.w: torch.Tensor | None = None  # (D + 1,) on standardised features
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
-        self.last_p: list[float] = []  # predictions of the latest route() call, in prompt order
         self.skip_rate = 0.0  # skipped share of the latest routed round
 
     @property
@@ -167,15 +166,17 @@ class DifficultyRouter:
     def route(self, feats: torch.Tensor, seeds: Sequence[int]) -> list[int]:
         """Group size per prompt from its features (n, D); rl.group_size each until the probe is warm."""
         p = self.predict(feats)
-        self.last_p = p
         if not self.active:
             return [self.group_size] * len(p)
         c = self.cfg
-        sizes = allocate_group_sizes(p, group_size=self.group_size, min_size=c.min_group_size,
-                                     max_size=c.max_group_size, skip_solved=c.skip_solved,
-                                     skip_hopeless=c.skip_hopeless, explore=explore_flags(seeds, c.explore))
-        self.skip_rate = sum(s == 0 for s in sizes) / max(1, len(sizes))
-        return sizes
+        return allocate_group_sizes(p, group_size=self.group_size, min_size=c.min_group_size,
+                                    max_size=c.max_group_size, skip_solved=c.skip_solved,
+                                    skip_hopeless=c.skip_hopeless, explore=explore_flags(seeds, c.explore))
+
+    def note_round(self, sizes: Sequence[int]) -> None:
+        """Record a routed round's group sizes, over *all* its prompts (under torchrun each rank routes only its
+        chunk): the next round's over-draw follows its skip rate, the same on every rank."""
+        self.skip_rate = sum(n == 0 for n in sizes) / max(1, len(sizes))
 
     def draw_factor(self) -> float:
         """How many more candidates to draw per wanted group, given the latest skip rate (at most 4x)."""
@@ -204,10 +205,11 @@ class DifficultyRouter:
         self.w = fit_logistic(z, torch.tensor(self.k), torch.tensor(self.n), l2=self.cfg.l2, steps=self.cfg.newton_steps)
 
     def state_dict(self) -> dict:
-        return {"feats": self.feats, "k": self.k, "n": self.n, "seen": self.seen}
+        return {"feats": self.feats, "k": self.k, "n": self.n, "seen": self.seen, "skip_rate": self.skip_rate}
 
     def load_state_dict(self, state: dict) -> None:
         self.feats, self.k, self.n, self.seen = [list(r) for r in state["feats"]], list(state["k"]), list(state["n"]), int(state["seen"])
+        self.skip_rate = float(state.get("skip_rate", 0.0))  # checkpoints from before it was saved: no over-draw
         self.w = None
         if self.k:
             self._fit()  # a function of the buffer: the refit gives the saved probe back
