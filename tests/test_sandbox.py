@@ -60,6 +60,17 @@ def _set_child_subreaper(on: bool) -> bool:
     return libc.prctl(36, int(on), 0, 0, 0) == 0
 
 
+def _fd_targets(fds) -> dict[str, str]:
+    """What each of this process's file descriptors ``fds`` points at (a pipe, a socket, a path)."""
+    out = {}
+    for fd in sorted(fds, key=int):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            out[fd] = f"? ({exc.strerror})"
+    return out
+
+
 @pytest.fixture
 def unharmed():
     """Check that this process and the machine are as before: same fds, no descendant left running
@@ -86,15 +97,17 @@ def unharmed():
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             assert not stray, f"processes left behind: {sorted(stray)}"
-            # Other tests' daemon threads (memory samplers) open and close /proc files at any moment:
-            # an fd counts as leaked only if it is still open after a short grace period.
+            # Other tests' daemon threads (memory samplers, trackers' writers, Ray's and gloo's clients) open
+            # files and sockets at any moment. run_code itself opens pipes (status, stdout, stderr) and
+            # unnamed temporary files: one of those still open after a short grace period is a leak.
             leaked = set(os.listdir("/proc/self/fd")) - set(fds)
             for _ in range(20):
                 if not leaked:
                     break
                 time.sleep(0.05)
                 leaked &= set(os.listdir("/proc/self/fd"))
-            assert not leaked, f"file descriptors leaked: {sorted(leaked)}"
+            ours = {fd: t for fd, t in _fd_targets(leaked).items() if t.startswith("pipe:") or t.endswith("(deleted)")}
+            assert not ours, f"file descriptors leaked: {ours}"
     finally:
         if adopting:
             _set_child_subreaper(False)
