@@ -103,13 +103,31 @@ def _retained_python_bytes(path: Path, tok) -> tuple[int, int]:
         tracemalloc.stop()
 
 
+def _measure_small_and_large(directory: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    tok = tiny_tokenizer()
+    _retained_python_bytes(_write(directory / "warmup.jsonl", 300), tok)  # one-off caches (regexes, tokenizer)
+    small = _retained_python_bytes(_write(directory / "small.jsonl", 1000), tok)
+    large = _retained_python_bytes(_write(directory / "large.jsonl", 12000), tok)
+    return small, large
+
+
 def test_streamed_memory_does_not_grow_with_the_number_of_records(tmp_path):
     # 12x the records, the same memory: nothing per record stays on the Python heap (the index is on disk,
     # the shuffle is computed). With the row keys alone held in an array("q") as before, the large file
     # retained ~88 KB more (measured 137 KB at 20,000 vs 1,000 records); flat measured within 4 KB.
-    tok = tiny_tokenizer()
-    _retained_python_bytes(_write(tmp_path / "warmup.jsonl", 300), tok)  # one-off caches (regexes, tokenizer)
-    small = _retained_python_bytes(_write(tmp_path / "small.jsonl", 1000), tok)
-    large = _retained_python_bytes(_write(tmp_path / "large.jsonl", 12000), tok)
+    # tracemalloc counts every thread's allocations, so the measurement runs in a fresh interpreter: in the
+    # full suite a background thread left by an earlier test once added 34 KB to one load (a CI failure).
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from test_data_index import _measure_small_and_large;"
+        "print(json.dumps(_measure_small_and_large(Path(sys.argv[2]))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    small, large = json.loads(out.stdout.strip().splitlines()[-1])
     for s, big in zip(small, large):
         assert big - s < 32 * 1024, (small, large)
