@@ -170,12 +170,16 @@ class PeakMemory:
         self._thread.start()
         return self
 
-    def stop(self) -> dict:
-        """Stop sampling; returns ``{"peak_rss_bytes", "baseline_rss_bytes", "cuda_peak_bytes"}``."""
+    def close(self) -> None:
+        """Stop the sampling thread without reading (a failed run's cleanup); safe to call twice."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def stop(self) -> dict:
+        """Stop sampling; returns ``{"peak_rss_bytes", "baseline_rss_bytes", "cuda_peak_bytes"}``."""
+        self.close()
         self.sample()
         if _cuda_ready():
             import torch
@@ -317,7 +321,8 @@ class EnergyMeter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if self._zones:
-            threading.Thread(target=self._poll_rapl, name="leantune-rapl", daemon=True).start()
+            self._rapl_thread = threading.Thread(target=self._poll_rapl, name="leantune-rapl", daemon=True)
+            self._rapl_thread.start()
         self._nvml = _nvml_handles()
         self._nvml_start = _nvml_millijoules(self._nvml) if self._nvml else 0
         self._cpu_start = self._cpu_seconds()
@@ -327,8 +332,18 @@ class EnergyMeter:
     def stop(self) -> dict:
         """Joules since start() plus the method label and every assumption behind the number."""
         out = self.reading()
-        self._stop.set()
+        self.close()
         return out
+
+    def close(self) -> None:
+        """Stop the RAPL polling thread without reading (a failed run's cleanup); safe to call twice."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        thread = getattr(self, "_rapl_thread", None)
+        if thread is not None:
+            thread.join()
+            self._rapl_thread = None
 
     def reading(self) -> dict:
         """Like stop(), without stopping: the energy so far (used to carry totals across a resume)."""

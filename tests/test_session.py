@@ -148,6 +148,32 @@ def test_resume_with_another_world_size_is_refused(tiny_model_dir, sft_data, tmp
         train(longer, resume=True, quiet=True)
 
 
+def test_a_run_that_fails_after_setup_stops_its_meter_threads(tiny_model_dir, sft_data, tmp_path):
+    # The refused resume fails in setup(), after the peak-memory and energy meters started: their polling
+    # threads must not outlive the run (before the fix each failed run left one sampling RSS every 10 ms).
+    import threading
+
+    from leantune.train.sft import train
+
+    def meters() -> int:
+        return sum(t.name in ("leantune-peak-memory", "leantune-rapl") for t in threading.enumerate())
+
+    out = tmp_path / "run"
+    train(recipe_from_dict(tiny_recipe(tiny_model_dir, sft_data, out, train={"steps": 1, "save_every": 1})),
+          quiet=True)
+    before = meters()
+    with pytest.raises(FileExistsError, match="already holds a run"):  # refused before the meters start
+        train(recipe_from_dict(tiny_recipe(tiny_model_dir, sft_data, out, train={"steps": 1})), quiet=True)
+    state_file = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.json"
+    state = json.loads(state_file.read_text())
+    state["world_size"] = 2
+    state_file.write_text(json.dumps(state))
+    longer = recipe_from_dict(tiny_recipe(tiny_model_dir, sft_data, out, train={"steps": 2, "save_every": 1}))
+    with pytest.raises(RecipeError, match="checkpointed with 2 process"):  # refused after the meters start
+        train(longer, resume=True, quiet=True)
+    assert meters() == before
+
+
 def test_a_finished_run_is_never_overwritten(tiny_model_dir, sft_data, tmp_path):
     from leantune.train.sft import train
 

@@ -410,6 +410,11 @@ class RunSession:
                                device=str(self.device), processes=self.dist.world_size)
 
     def cleanup(self) -> None:
+        # A run that failed after setup() never reached finish(): its meters' polling threads stop here, or each
+        # failed run in a long-lived process (a notebook, a sweep) would leave a thread sampling RSS every 10 ms.
+        for meter in (getattr(self, "memory", None), getattr(self, "energy", None)):
+            if meter is not None:
+                meter.close()
         if self.metrics is not None:
             self.metrics.close()  # closes the trackers too
             self.metrics = None
@@ -422,7 +427,11 @@ class RunSession:
             destroy(self.dist)
 
     def __enter__(self) -> RunSession:
-        return self.setup()
+        try:
+            return self.setup()
+        except BaseException:  # __exit__ does not run when __enter__ raises: release what setup() started
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
