@@ -167,3 +167,30 @@ def test_two_process_rl_with_the_router_equals_one(tiny_chat_model_dir, tmp_path
             assert a == pytest.approx(b, rel=1e-5, abs=1e-7), key
     assert sum(_losses(runs["one"], "router_skipped")) > 0  # the over-draw path ran
     _assert_same_weights(runs["two"] / "adapter/adapter_model.safetensors", runs["one"] / "adapter/adapter_model.safetensors")
+
+
+def test_two_process_mixture_equals_one(tiny_model_dir, tmp_path):
+    """data.mixture (dash) under torchrun: the same chunk choices and losses as one process at the same global
+    batch, and the ledger's per-dataset counts are the run's (summed over ranks), not rank 0's."""
+    from leantune.data.mixture import write_demo_sources
+
+    sources = write_demo_sources(tmp_path / "data", n=48, heldout=12, seed=0)
+    ledgers = {}
+    for name, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
+        raw = tiny_recipe(tiny_model_dir, sources["clean"], tmp_path / name,
+                          train={"steps": 4, "micro_batch_size": 3, "grad_accum": accum, "seed": 0},
+                          optim={"lr": 1e-2, "scheduler": "constant"})
+        raw["data"].pop("train")
+        raw["data"]["mixture"] = {"sources": {"arith": [str(sources["clean"]), str(sources["noisy"])],
+                                              "junk": [str(sources["random"]), str(sources["shuffled"])]},
+                                  "select": "dash", "chunk_steps": 2, "heldout": str(sources["heldout"])}
+        _leantune("train", str(_recipe_file(tmp_path, raw, name)), "--nproc", str(nproc))
+        ledgers[name] = json.loads((tmp_path / name / "ledger.json").read_text())
+    for a, b in zip(_losses(tmp_path / "two"), _losses(tmp_path / "one"), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    one, two = ledgers["one"]["extra"]["mixture"], ledgers["two"]["extra"]["mixture"]
+    assert two["choices"] == one["choices"] and len(one["choices"]) == 2
+    assert [d["tokens"] for d in two["datasets"]] == [d["tokens"] for d in one["datasets"]]
+    assert [d["trainable_tokens"] for d in two["datasets"]] == [d["trainable_tokens"] for d in one["datasets"]]
+    assert sum(d["tokens"] for d in two["datasets"]) == ledgers["two"]["totals"]["tokens_processed"]
+    assert two["rewards"] == pytest.approx(one["rewards"], rel=1e-4)

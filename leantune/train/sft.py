@@ -281,8 +281,10 @@ def _train(session: RunSession) -> TrainResult:
                "rss_bytes": rss, "elapsed_s": totals["elapsed_s"]}
         if zo is not None:
             row.update(projected_grad=zo["projected_grad"], zo_restore_bytes=zo["restore_bytes"])
-        if mixture is not None:  # this rank's counts (per-dataset tokens are not summed over ranks)
-            row.update(mixture.end_step(step, step_tokens, step_trainable, cfg.steps, heldout_loss))
+        if mixture is not None:  # the step's counts over all ranks, so the ledger's per-dataset tokens are the run's
+            counts = torch.tensor([step_tokens, step_trainable], dtype=torch.int64)
+            step_all, trainable_all = (int(x) for x in all_reduce_sum(counts, dist).tolist())
+            row.update(mixture.end_step(step, step_all, trainable_all, cfg.steps, heldout_loss))
         is_last = session.step == cfg.steps
         if eval_examples and ((cfg.eval_every and session.step % cfg.eval_every == 0) or is_last):
             row.update(evaluate_loss(model, eval_examples, pad_id, weights, cfg.micro_batch_size, recipe.loss.chunk_size,
