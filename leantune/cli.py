@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "cheapest first, and write the cheapest as a recipe")
     pl.add_argument("--out", help="recipe file to write with --memory (default: RECIPE.fit-<budget>.yaml next to RECIPE)")
     pl.add_argument("--top", type=int, default=10, help="rows of the --memory table (default 10)")
-    pl.add_argument("--mode", choices=["sft", "rl"], default=None,
-                    help="plan `leantune train` (sft) or `leantune rl` (rollouts + updates); default: rl if the recipe has an rl section")
+    pl.add_argument("--mode", choices=["sft", "rl", "dpo"], default=None,
+                    help="plan `leantune train` (sft), `leantune rl` (rollouts + updates) or `leantune dpo` (pairs, "
+                    "reference); default: rl if the recipe has an rl section, dpo if it has a dpo section, else sft")
     pl.add_argument("--json", action="store_true", help="print JSON instead of tables")
     pl.set_defaults(func=cmd_plan)
 

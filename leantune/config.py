@@ -869,6 +869,9 @@ class Recipe(Section):
         if command != "train" and self.data.mixture is not None:
             raise RecipeError(f"data.mixture: mixes SFT data for leantune train; leantune {command} reads data.train. "
                               "Remove data.mixture")
+        if command in ("rl", "dpo") and self.train.offload_checkpoints:
+            raise RecipeError(f"train.offload_checkpoints: moves checkpointed layer inputs to a file in leantune train "
+                              f"(and rft's fine-tuning rounds); leantune {command} does not. Set it to false")
         if command in ("rl", "dpo") and self.data.packing:
             raise RecipeError(f"data.packing: packs SFT examples (leantune train, and rft's fine-tuning rounds); "
                               f"leantune {command} does not pack. Set data.packing: false")
@@ -886,9 +889,6 @@ class Recipe(Section):
                 raise RecipeError("data.train: leantune dpo needs preference pairs (rows with prompt, chosen, rejected)")
             if self.optim.name != "adamw":
                 raise RecipeError(f"optim.name: {self.optim.name} is not supported by leantune dpo; use adamw")
-            if self.memory.budget is not None:
-                raise RecipeError("memory.budget: leantune plan has no DPO memory model yet, so the budget cannot be "
-                                  "checked for leantune dpo; remove it (or plan the SFT recipe as a lower bound)")
             if problem := self.dpo_problem():
                 raise RecipeError(problem)
 

@@ -421,8 +421,12 @@ def test_recipe_rules():
     full_sft = recipe_from_dict({**base, "adapter": {"method": "full"}})  # an SFT recipe is not judged as DPO...
     with pytest.raises(RecipeError, match="precompute_reference"):
         full_sft.require_for("dpo")  # ...until it is run with leantune dpo
-    with pytest.raises(RecipeError, match="memory.budget"):  # refused, never silently ignored
-        recipe_from_dict({**base, "memory": {"budget": "2GB"}}).require_for("dpo")
+    recipe_from_dict({**base, "memory": {"budget": "2GB"}}).require_for("dpo")  # planned (leantune plan --mode dpo)
+    offload = recipe_from_dict({**base, "train": {"activation_checkpointing": "all", "offload_checkpoints": True}})
+    offload.require_for("train")
+    for command in ("dpo", "rl"):  # refused, never silently ignored
+        with pytest.raises(RecipeError, match="train.offload_checkpoints"):
+            offload.require_for(command)
 
 
 def test_shipped_recipe_validates_and_opens_with_its_command():

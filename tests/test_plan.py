@@ -395,7 +395,8 @@ def test_search_offers_offloaded_checkpoints_for_sft_only(tiny_model_dir, tmp_pa
                       and c.recipe.loss.chunk_size == r.loss.chunk_size and c.recipe.adapter.r == r.adapter.r]
     assert same_otherwise and all(c.recipe.train.offload_checkpoints for c in same_otherwise)
     assert any("in a file" in note for c in same_otherwise for note in c.notes)
-    assert knob_values(recipe, rl=True)["train.offload_checkpoints"] == [False]
+    assert knob_values(recipe, "rl")["train.offload_checkpoints"] == [False]
+    assert knob_values(recipe, "dpo")["train.offload_checkpoints"] == [False]
     assert knob_values(recipe)["train.offload_checkpoints"] == [False, True]
 
 
@@ -543,3 +544,95 @@ def test_search_offers_a_quantized_embedding_when_only_that_fits(tiny_model_dir,
     adamw = [c for c in fits if c.recipe.optim.name == "adamw"]
     assert adamw and all(c.recipe.quant.embedding_bits == 8 for c in adamw)
     assert all(any("INT8 embedding/lm_head" in n for n in c.notes) for c in adamw)
+
+
+# ----------------------------------------------------------------------------------------------
+# leantune dpo
+
+
+def _traced_pair_bytes(model, pairs) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in the policy's forward over ``pairs``."""
+    from leantune.train.dpo import pair_logps
+
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in owned:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pair_logps(model, pairs, pad_id=0, chunk_size=64)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype, pairs, prompt, completion", [
+    ("float32", 1, 40, 24), ("float32", 3, 10, 54), ("bfloat16", 2, 30, 34), ("bfloat16", 3, 11, 53)])
+def test_dpo_plan_activations_match_what_the_shared_prefill_saves(dtype, pairs, prompt, completion):
+    """The DPO plan's activations (prompt once per pair, its K/V indexed out to both completions) against the
+    tensors autograd really saves in `pair_logps` (loss tensors included in the trace): within 5%."""
+    from leantune.adapters.lora import apply_adapter, causal_lm
+    from leantune.data.preference import Pair
+    from leantune.models.tiny import tiny_model
+
+    total = prompt + completion
+    recipe = recipe_from_dict({
+        "model": {"path": "unused", "dtype": dtype}, "data": {"train": "unused", "max_length": total},
+        "adapter": {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "train": {"micro_batch_size": pairs, "activation_checkpointing": "off"},
+        "memory": {"loss_fraction": completion / total}, "dpo": {}})
+    model = apply_adapter(tiny_model(vocab_size=512).to(getattr(torch, dtype)), recipe.adapter).train()
+    shape = shape_from_config(causal_lm(model).config)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return tuple(torch.randint(3, 512, (n,), generator=g).tolist())
+
+    batch = [Pair(ids(prompt), ids(completion), ids(completion - 3), f"row {i}") for i in range(pairs)]
+    plan = plan_memory(recipe, shape, "local")  # the dpo section makes it a DPO plan
+    assert plan.notes[-1].startswith("dpo:") or any(n.startswith("dpo:") for n in plan.notes)
+    planned = plan.phases["forward + loss"]["activations"][0]
+    traced = _traced_pair_bytes(model, batch)
+    assert abs(planned / traced - 1) < 0.05, (planned, traced)
+    # an SFT plan of the same recipe (P sequences, no second completion) would be far below the trace
+    assert plan_memory(recipe, shape, "local", mode="sft").phases["forward + loss"]["activations"][0] < 0.8 * traced
+
+
+def test_dpo_plan_phases_follow_the_loss_and_the_checkpointing(tiny_model_dir, tmp_path):
+    base = tiny_recipe(tiny_model_dir, tmp_path / "pairs.jsonl", tmp_path / "run")
+    shape = model_shape(recipe_from_dict(base).model)
+
+    def plan(**dpo):
+        raw = {**base, "dpo": dpo, "train": {**base["train"], "micro_batch_size": 2, "activation_checkpointing": "all"}}
+        return plan_memory(recipe_from_dict(raw), shape, "local")
+
+    live, pre, simpo = plan(loss="dpo"), plan(loss="dpo", precompute_reference=True), plan(loss="simpo")
+    assert "reference (no grad)" in live.phases and "reference pass (no grad)" in pre.phases
+    assert not any(p.startswith("reference") for p in simpo.phases)  # SimPO has no reference
+    # the reference: the K/V of 2P sequences of max_length (no grad: the prompt is shared, the cache is kept)
+    assert live.phases["reference (no grad)"]["kv_cache"][0] == M.kv_cache_bytes(shape, 64, 4, 4)
+    # checkpointed layers: every sequence runs prompt + completion, so the activations are SFT's at 2P sequences
+    sft = recipe_from_dict({**base, "train": {**base["train"], "micro_batch_size": 4, "activation_checkpointing": "all"}})
+    assert live.phases["decoder backward"]["activations"][0] == plan_memory(sft, shape, "local").phases[
+        "decoder backward"]["activations"][0]
+    # the log-probs run over the whole vocabulary (no vocab subset), as in RL
+    assert f"V={shape.vocab}" in live.phases["forward + loss"]["loss"][1]
+    assert M.plan_mode(recipe_from_dict({**base, "dpo": {}})) == "dpo"
+    assert M.plan_mode(recipe_from_dict(base)) == "sft"
+    with pytest.raises(ValueError, match="plan mode"):
+        M.plan_mode(recipe_from_dict(base), "ppo")
+
+
+def test_dpo_budget_is_checked_before_the_data_is_read(tiny_model_dir, tmp_path, capsys):
+    raw = {**tiny_recipe(tiny_model_dir, tmp_path / "missing-pairs.jsonl", tmp_path / "run"),
+           "dpo": {"loss": "dpo"}, "memory": {"budget": "1MB"}}
+    assert main(["dpo", str(_write(tmp_path, raw))]) != 0
+    err = capsys.readouterr().err
+    assert "memory.budget" in err and "missing-pairs" not in err
+    assert not (tmp_path / "run").exists()
+    # the CLI plans it as DPO by default, and says so
+    assert main(["plan", str(_write(tmp_path, {**raw, "memory": {}}, "p.yaml")), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any(n.startswith("dpo:") for n in out["notes"]) and any(k.startswith("reference") for k in out["phases"])

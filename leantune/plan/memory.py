@@ -481,11 +481,34 @@ def is_rl(recipe: Recipe) -> bool:
     return "rl" in recipe.model_fields_set or (recipe.data.train is None and recipe.data.mixture is None)
 
 
+PLAN_MODES = ("sft", "rl", "dpo")
+
+
+def plan_mode(recipe: Recipe, mode: str | None = None) -> str:
+    """The command a plan is for: ``mode`` if given, else "rl" for an RL recipe (``is_rl``), "dpo" for a
+    recipe that names a ``dpo`` section, "sft" otherwise."""
+    if mode is not None:
+        if mode not in PLAN_MODES:
+            raise ValueError(f"plan mode {mode!r}: expected one of {', '.join(PLAN_MODES)}")
+        return mode
+    if is_rl(recipe):
+        return "rl"
+    return "dpo" if "dpo" in recipe.model_fields_set else "sft"
+
+
+def _needs_reference(recipe: Recipe) -> bool:
+    """Whether ``dpo.loss`` compares against a reference policy (its registry entry says)."""
+    from leantune.losses.preference import PREFERENCE_LOSSES  # imports torch: only for a DPO plan
+
+    return PREFERENCE_LOSSES[recipe.dpo.loss].needs_reference
+
+
 def with_init_adapter(recipe: Recipe) -> Recipe:
-    """For an RL recipe that continues a LoRA run (``rl.init``), the adapter that run trained: its rank,
+    """For an RL or DPO recipe that continues a LoRA run (``rl.init``, ``dpo.init``), the adapter that run trained: its rank,
     alpha, dropout and target modules (from ``INIT/adapter/adapter_config.json``) replace the recipe's
     ``adapter`` section, as ``setup_model(recipe, init=...)`` loads it. Otherwise the recipe unchanged."""
-    init = recipe.rl.init if "rl" in recipe.model_fields_set else None
+    init = (recipe.rl.init if "rl" in recipe.model_fields_set
+            else recipe.dpo.init if "dpo" in recipe.model_fields_set else None)
     cfg_path = Path(init) / "adapter" / "adapter_config.json" if init else None
     if cfg_path is None or not cfg_path.is_file():
         return recipe
@@ -504,9 +527,19 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
                 cal: Calibration = CALIBRATION, mode: str | None = None) -> MemoryPlan:
     """Predict the peak RSS of ``recipe`` on a model of ``shape``: the largest of its phases.
 
-    ``mode``: "sft" (``leantune train``) or "rl" (``leantune rl``: rollouts, then policy updates on
-    prompt + completion); None decides by ``is_rl(recipe)``. For RL the prompt length is taken to be
-    ``data.max_length`` (an upper bound on the rendered prompt).
+    ``mode``: "sft" (``leantune train``), "rl" (``leantune rl``: rollouts, then policy updates on
+    prompt + completion) or "dpo" (``leantune dpo``); None decides by ``plan_mode(recipe)``. For RL the
+    prompt length is taken to be ``data.max_length`` (an upper bound on the rendered prompt).
+
+    DPO: a micro-batch of P = ``train.micro_batch_size`` pairs is 2P sequences (chosen and rejected) of at
+    most ``data.max_length`` = T tokens, the longer completion ``memory.loss_fraction`` of T (Lc; the prompt
+    Lp = T - Lc). Without checkpointed layers each prompt runs once (``completion_logprobs``' shared
+    prefill): P x Lp + 2P x Lc tokens through the decoder, planned as 2P sequences of Lp / 2 + Lc, plus the
+    K/V of the 2P sequences of T tokens in every layer (each prompt's indexed out to its two completions, and
+    the completions'); with checkpointed layers 2P x T tokens.
+    Only completion positions reach the LM head, over the whole vocabulary. A loss with a reference (dpo,
+    ipo) adds a no-grad phase: the same micro-batch through the adapter-disabled model (or, with
+    ``dpo.precompute_reference``, the one pass before training), its K/V cache and one layer's workspace.
 
     A recipe that trains on CUDA (``train.device`` cuda / cuda:N, or auto on a machine with CUDA) is planned
     in device memory instead (``plan.device == "cuda"``): the host-only terms (the Python/torch runtime, the
@@ -532,18 +565,32 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     grads = 0 if mezo else adapter
     optim = optimizer_state_bytes(adapter, recipe.optim.name)
 
-    rl = is_rl(recipe) if mode is None else mode == "rl"
+    mode = plan_mode(recipe, mode)
+    rl, dpo = mode == "rl", mode == "dpo"
     batch, seq = recipe.train.micro_batch_size, recipe.data.max_length
     loss_fraction = recipe.memory.loss_fraction
     if rl:  # the policy update runs on prompt + completion; only completion tokens carry a loss
         seq = recipe.data.max_length + recipe.rl.max_new_tokens
         loss_fraction = min(loss_fraction, recipe.rl.max_new_tokens / seq)
+    pair_kv = 0  # DPO's shared prefill: each prompt's K/V indexed out to its two completions, + the completions' K/V
+    if dpo:
+        pairs, total = batch, recipe.data.max_length
+        completion = max(1, min(total, round(loss_fraction * total)))
+        prompt = total - completion
+        batch = 2 * pairs
+        if mezo or sum(checkpointed_layers(recipe.train.activation_checkpointing, shape.layers)):
+            seq = total  # the prompt runs again with each completion (the shared cache needs the whole graph)
+        else:
+            seq = max(1, -(-prompt // 2) + completion)  # 2P x seq = P x Lp + 2P x Lc tokens
+            pair_kv = kv_cache_bytes(shape, total, batch, e)
+        loss_fraction = min(1.0, completion / seq)
     n = batch * seq
-    packed = recipe.data.packing and not rl  # rows of max_length tokens, a block-diagonal mask even at batch 1
+    packed = recipe.data.packing and mode == "sft"  # rows of max_length tokens, a block-diagonal mask even at batch 1
     masked = batch > 1 or packed
     rows = loss_rows(batch, seq, loss_fraction)
-    cols = shape.vocab if rl else loss_cols(shape, recipe, rows)  # RL's log-probs run over the whole vocabulary
-    head = head_copy_bytes(shape, recipe, cols, e, rl)
+    # log-probs (RL's and DPO's) run over the whole vocabulary
+    cols = shape.vocab if rl or dpo else loss_cols(shape, recipe, rows)
+    head = head_copy_bytes(shape, recipe, cols, e, rl or dpo)
     lws = loss_workspace_bytes(shape, rows, recipe.loss.chunk_size, e, cols) + head
     loss_note = _loss_note(rows, recipe.loss.chunk_size, shape, e, cols, head)
     r, dropout = recipe.adapter.r, recipe.adapter.dropout > 0
@@ -598,11 +645,12 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         stored = [(c_k - (layer_input if offload else 0)) if c else k for c, c_k, k in zip(ckpt, ckpt_kept, kept)]
         resident = layer_input if offload else 0
         outside = (shared_saved_bytes(shape, seq, e) + final_norm_saved_bytes(shape, n, e, full) + (n * 8 if full else 0)
-                   + resident)
+                   + resident + pair_kv)
         saved = sum(stored) + outside
         how = " (selective: matmul and attention outputs kept)" if policy == "selective" else ""
         act_note = (f"{sum(ckpt)}/{shape.layers} layers checkpointed{how}{' (inputs in a file)' if offload else ''}, "
-                    f"B={batch} x T={seq}{', masked' if masked else ''}: {_gib(max(kept))} per full layer")
+                    f"B={batch} x T={seq}{', masked' if masked else ''}: {_gib(max(kept))} per full layer"
+                    + (f" + the K/V of {batch} sequences of {total} tokens ({_gib(pair_kv)})" if pair_kv else ""))
         acc_grads = {"gradients": (grads, "accumulated over micro-batches")} if recipe.train.grad_accum > 1 else {}
         lsaved = loss_saved_bytes(shape, batch, seq, rows, e)
         head_grad = shape.vocab * shape.hidden * 4 if full else 0  # fp32 (V, H) buffer in backward
@@ -650,6 +698,18 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
             note = f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights with the LoRA delta folded in"
             phases["rollout"]["folded_weights"] = (sum(t.in_features * t.out_features for t in targets) * e, note)
 
+    if dpo and _needs_reference(recipe):  # no grad: the prompt is always prefilled once per pair
+        ref_seq = max(1, -(-prompt // 2) + completion)
+        ref_n = batch * ref_seq
+        fwd = forward_workspace_bytes(shape, batch, ref_seq, e, masked, cal)
+        ref_loss = loss_workspace_bytes(shape, batch * completion, recipe.loss.chunk_size, e, cols) + head
+        name = "reference pass (no grad)" if recipe.dpo.precompute_reference else "reference (no grad)"
+        phases[name] = {**base, **trainables,
+                        "kv_cache": (kv_cache_bytes(shape, total, batch, e),
+                                     f"the prompts' and completions' K/V, {batch} sequences of {total} tokens"),
+                        "workspace": (ref_n * shape.hidden * e + max(fwd, ref_loss),
+                                      "the residual stream + one layer's forward or the log-probs' chunk, the larger")}
+
     plan = MemoryPlan(phases, device="cuda" if on_device else "cpu")
     if recipe.train.activation_checkpointing is None and not mezo:
         plan.notes.append("train.activation_checkpointing is null: planned as off; a run chooses at its start the "
@@ -667,6 +727,9 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
     if packed:
         plan.notes.append(f"data.packing: {batch} packed row(s) of {seq} tokens per micro-batch, with the explicit "
                           "block-diagonal attention mask (B x T x T per layer)")
+    elif dpo:
+        plan.notes.append(f"dpo: {batch // 2} pair(s) per micro-batch = {batch} sequences of at most {total} tokens, "
+                          f"the longer completion {completion} of them (memory.loss_fraction)")
     elif not rl and masked:
         plan.notes.append("micro_batch_size > 1: assumes padded batches (attention mask, B x T x T per layer)")
     if recipe.train.allocator != "system" and not on_device:

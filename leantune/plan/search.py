@@ -121,22 +121,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def knob_values(recipe: Recipe, rl: bool = False) -> dict[str, list]:
-    """The values tried per knob; the recipe's own value is always among them. ``rl``: the plan is for
-    `leantune rl`, whose update does not offload checkpoints."""
+def knob_values(recipe: Recipe, mode: str = "sft") -> dict[str, list]:
+    """The values tried per knob; the recipe's own value is always among them. ``mode`` (``plan_memory``'s):
+    only `leantune train` offloads checkpoints, and `leantune dpo` trains with AdamW only."""
     t, a = recipe.train, recipe.adapter
     effective = t.micro_batch_size * t.grad_accum
     lora = a.method == "lora"
     return {
         "train.activation_checkpointing": [v for v in dict.fromkeys([t.activation_checkpointing, *CHECKPOINT_CHOICES])
                                            if v is not None],
-        "train.offload_checkpoints": [t.offload_checkpoints] if rl else list(dict.fromkeys([t.offload_checkpoints, False, True])),
+        "train.offload_checkpoints": (list(dict.fromkeys([t.offload_checkpoints, False, True])) if mode == "sft"
+                                      else [t.offload_checkpoints]),
         "train.micro_batch_size": sorted({d for d in _divisors(effective) if d <= t.micro_batch_size} | {t.micro_batch_size}),
         "loss.chunk_size": sorted({recipe.loss.chunk_size, 1024, 256, 64}),
         "quant.bits": list(dict.fromkeys([recipe.quant.bits, None, 8, 4])) if lora else [recipe.quant.bits],
         "quant.embedding_bits": list(dict.fromkeys([recipe.quant.embedding_bits, None, 8])) if lora else [recipe.quant.embedding_bits],
         "adapter.r": sorted({a.r, max(1, a.r // 2), max(1, a.r // 4)}, reverse=True) if lora else [a.r],
-        "optim.name": list(dict.fromkeys([recipe.optim.name, "adamw", "mezo"])),
+        "optim.name": [recipe.optim.name] if mode == "dpo" else list(dict.fromkeys([recipe.optim.name, "adamw", "mezo"])),
     }
 
 
@@ -163,7 +164,7 @@ def _variant(recipe: Recipe, values: dict) -> tuple[Recipe, dict]:
         data["adapter"]["alpha"] = recipe.adapter.alpha * changes["adapter.r"] / recipe.adapter.r
         changes["adapter.alpha"] = data["adapter"]["alpha"]
     new = Recipe.model_validate(data)
-    object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep is_rl()
+    object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep plan_mode()
     return new, changes
 
 
@@ -189,9 +190,9 @@ def search(recipe: Recipe, shape: ModelShape, budget: int, source_kind: str = "l
            cal: Calibration = CALIBRATION, cost: CostModel = COST, mode: str | None = None) -> list[Candidate]:
     """Every searched setting whose predicted peak is <= ``budget`` bytes, cheapest first (then fewest
     changes, then smallest peak)."""
-    from leantune.plan.memory import is_rl
+    from leantune.plan.memory import plan_mode
 
-    knobs = knob_values(recipe, rl=is_rl(recipe) if mode is None else mode == "rl")
+    knobs = knob_values(recipe, plan_mode(recipe, mode))
     base_cost = step_cost(recipe, shape, cost)
     base_speed = _speed(recipe, shape, cost)
     seen, out = set(), []
@@ -230,9 +231,9 @@ def _speed(recipe: Recipe, shape: ModelShape, cost: CostModel) -> float:
 def floor_note(recipe: Recipe, shape: ModelShape, source_kind: str, cal: Calibration = CALIBRATION,
                mode: str | None = None) -> str:
     """Why nothing fits: the smallest plan the search can reach, and its largest terms."""
-    from leantune.plan.memory import is_rl
+    from leantune.plan.memory import plan_mode
 
-    knobs = knob_values(recipe, rl=is_rl(recipe) if mode is None else mode == "rl")
+    knobs = knob_values(recipe, plan_mode(recipe, mode))
     best = min((plan_memory(_variant(recipe, dict(zip(knobs, c)))[0], shape, source_kind, cal, mode)
                 for c in itertools.product(*knobs.values())), key=lambda p: p.peak)
     terms = sorted(best.terms.items(), key=lambda kv: -kv[1][0])[:3]
@@ -370,7 +371,7 @@ def choose_activation_checkpointing(recipe: Recipe, mode: str | None = None, ava
 
     def with_policy(value) -> Recipe:
         new = recipe.model_copy(update={"train": recipe.train.model_copy(update={"activation_checkpointing": value})})
-        object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep is_rl()
+        object.__setattr__(new, "__pydantic_fields_set__", set(recipe.model_fields_set))  # keep plan_mode()
         return new
 
     if shape is None or source_kind is None:
@@ -406,7 +407,7 @@ def check_budget(recipe: Recipe, recipe_path: str | None = None, top: int = 3, m
                  ) -> MemoryPlan | None:
     """Raise ``BudgetError`` naming the cheapest settings that fit when the plan exceeds
     ``memory.budget``; None when no budget is set. Reads the model's config only (no weights, no data).
-    ``mode``: "sft" for ``leantune train``, "rl" for ``leantune rl`` (None: decided by the recipe)."""
+    ``mode``: "sft" for ``leantune train``, "rl" for ``leantune rl``, "dpo" for ``leantune dpo`` (None: decided by the recipe)."""
     budget = recipe.memory.budget_bytes
     if budget is None:
         return None

@@ -213,6 +213,10 @@ def train_dpo(recipe: Recipe, *, resume: bool = False, quiet: bool = False, mode
     ``model``/``tokenizer``: train this (already adapted) model instead of loading `model.path` (+ `dpo.init`).
     """
     recipe.require_for("dpo")
+    if recipe.memory.budget is not None:  # refused before the pairs are read (the session checks it again, cheaply)
+        from leantune.plan.search import check_budget
+
+        check_budget(recipe, recipe_path, mode="dpo")
     pool = None
     if recipe.dpo.active.enabled:  # a pool of unlabelled pairs (response a in the chosen slot) + its labeller
         from leantune.active.pool import build_labeler, read_pool

@@ -61,7 +61,7 @@ from leantune.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 
 log = logging.getLogger("leantune")
 
-PLAN_MODE = {"train": "sft", "rl": "rl"}  # which memory plan a command's budget is checked against
+PLAN_MODE = {"train": "sft", "rl": "rl", "dpo": "dpo"}  # which memory plan a command's budget is checked against
 
 
 @dataclass
