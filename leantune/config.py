@@ -1079,21 +1079,46 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(raw, path)
 
 
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config model a field holds (``RouterConfig``, or ``MixtureConfig`` of ``MixtureConfig | None``)."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _reference_rows(prefix: str, cls: type[BaseModel]) -> list[str]:
+    """One table row per key of ``cls``; a nested section's keys follow its own row, dotted (``rl.router.enabled``)."""
+    rows = []
+    for key, f in cls.model_fields.items():
+        value = f.get_default(call_default_factory=True)
+        nested = _section_model(f.annotation)
+        default = "required" if f.is_required() else repr(value)
+        if isinstance(value, BaseModel):
+            default = "(section)"
+        elif nested is not None and value is None:
+            default = "`None`: off; a mapping sets the keys below"
+        typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
+        typ = typ.replace("<class '", "").replace("'>", "")
+        typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*)", "", typ)  # drop module qualifiers
+        doc = (nested.__doc__ or "").strip().split("\n\n")[0] if nested is not None else ""
+        desc = (f.description or " ".join(doc.split())).replace("|", "\\|")
+        default_cell = default if default.startswith("`") else f"`{default}`"
+        rows.append(f"| `{prefix}.{key}` | {typ} | {default_cell} | {desc} |")
+        if nested is not None:
+            rows.extend(_reference_rows(f"{prefix}.{key}", nested))
+    return rows
+
+
 def recipe_reference_markdown() -> str:
-    """The recipe reference tables (one per section) for docs/recipes.md, generated from the config models."""
+    """The recipe reference tables (one per section, nested sections' keys included) for docs/recipes.md,
+    generated from the config models."""
     out = []
     for name, field in Recipe.model_fields.items():
-        cls = field.annotation
         out.append(f"### `{name}`\n\n| key | type | default | meaning |\n|---|---|---|---|")
-        for key, f in cls.model_fields.items():
-            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            if isinstance(f.get_default(call_default_factory=True), BaseModel):
-                default = "(section)"
-            typ = str(f.annotation).replace("typing.", "").replace("|", "\\|")
-            typ = typ.replace("<class '", "").replace("'>", "")
-            typ = re.sub(r"\b[\w.]*\.(?=[A-Z]\w*)", "", typ)  # drop module qualifiers
-            desc = (f.description or "").replace("|", "\\|")
-            out.append(f"| `{name}.{key}` | {typ} | `{default}` | {desc} |")
+        out.extend(_reference_rows(name, field.annotation))
         out.append("")
     return "\n".join(out)
 

@@ -102,6 +102,12 @@ def test_recipe_reference_in_sync():
     assert start in doc and end in doc
     body = doc.split(start)[1].split(end)[0].strip()
     assert body == recipe_reference_markdown().strip(), "run: python -m leantune.config docs/recipes.md"
+    # nested sections list their own keys, dotted (an optional section's too)
+    from leantune.config import ActiveConfig, MixtureConfig, RouterConfig
+
+    for prefix, cls in (("rl.router", RouterConfig), ("dpo.active", ActiveConfig), ("data.mixture", MixtureConfig)):
+        for key in cls.model_fields:
+            assert f"| `{prefix}.{key}` |" in body, f"{prefix}.{key}"
 
 
 def test_sync_reference_rewrites_only_the_marked_block(tmp_path):
