@@ -636,3 +636,40 @@ def test_dpo_budget_is_checked_before_the_data_is_read(tiny_model_dir, tmp_path,
     assert main(["plan", str(_write(tmp_path, {**raw, "memory": {}}, "p.yaml")), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert any(n.startswith("dpo:") for n in out["notes"]) and any(k.startswith("reference") for k in out["phases"])
+
+
+def test_speculative_rollout_terms(tiny_model_dir, tmp_path):
+    """rl.speculative: the cache bound is compact_holes' own threshold (its defaults are the planner's), logits at
+    1 + k positions, and a layer-skip draft's cache and distributions; a separate draft model adds its weights."""
+    import inspect
+
+    from leantune.rl.speculative import compact_holes
+
+    defaults = inspect.signature(compact_holes).parameters
+    assert (defaults["slack"].default, defaults["min_holes"].default) == (M.SPECULATIVE_SLACK, M.SPECULATIVE_MIN_HOLES)
+    # the cache: below 64 columns at most 15 holes, above them under a quarter; then one verify round of 1 + k
+    assert M.speculative_cache_tokens(40, 4) == 40 + 15 + 5
+    assert M.speculative_cache_tokens(300, 4) == 400 + 5
+    base = {**tiny_recipe(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "run")}
+    rl = {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 32}
+
+    def rollout(**extra):
+        return plan_memory(recipe_from_dict({**base, "rl": {**rl, **extra}}), shape, "local").phases["rollout"]
+
+    shape = model_shape(recipe_from_dict(base).model)
+    plain = rollout()
+    lookup = rollout(speculative="prompt_lookup", speculative_tokens=3)
+    tokens = M.speculative_cache_tokens(64 + 32, 3)
+    assert lookup["kv_cache"][0] == M.kv_cache_bytes(shape, tokens, 8, 4) > plain["kv_cache"][0]
+    assert lookup["workspace"][0] - plain["workspace"][0] == 2 * 8 * 3 * shape.vocab * 4  # 1 + 3 positions, not 1
+    assert "draft_kv_cache" not in lookup
+    draft = rollout(speculative="draft", speculative_draft="layers:1", speculative_tokens=3)
+    assert draft["draft_kv_cache"][0] == 2 * 1 * shape.kv_heads * shape.head_dim * tokens * 8 * 4
+    assert draft["draft_probs"][0] == 8 * 3 * shape.vocab * 4 and "draft_weights" not in draft
+    separate = rollout(speculative="draft", speculative_draft=str(tiny_model_dir), speculative_tokens=3)
+    assert separate["draft_weights"][0] == M.resident_weight_bytes(shape, "float32", None, 64, "local")
+    assert separate["draft_kv_cache"][0] == lookup["kv_cache"][0]  # the same model as its own draft
+    from leantune.plan.model_shape import PlanError
+
+    with pytest.raises(PlanError, match="rl.speculative_draft"):
+        rollout(speculative="draft", speculative_draft=str(tmp_path / "no-such-model"))

@@ -22,7 +22,10 @@ on the tiny Llama (``tests/test_plan.py`` checks the per-layer formula against s
   quantized head (``quant.embedding_bits``) adds a 16 MiB block of dequantized rows (its whole
   dequantized V x H copy in RL's log-probs and rollouts);
 - rollout KV cache (RL recipes): ``2 x L x n_kv x d x (prompt + new) x batch x dtype bytes``, plus, with
-  ``rl.fold_adapter``, a copy of the LoRA-adapted layers' weights (the deltas folded in);
+  ``rl.fold_adapter``, a copy of the LoRA-adapted layers' weights (the deltas folded in); with
+  ``rl.speculative`` the cache's holes (rejected drafts, up to the compaction threshold) and one verify round's
+  1 + k columns, logits at 1 + k positions, and for ``draft`` the draft's own cache, its k distributions and (a
+  separate draft model) its weights;
 - runtime: python + torch + transformers + peft + the tokenizer, measured (``Calibration``).
 
 Assumptions (worst case within the recipe): every micro-batch is padded to ``data.max_length``; a
@@ -35,6 +38,7 @@ of ``data.max_length`` tokens, and even one row gets the explicit (block-diagona
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -424,9 +428,23 @@ def forward_workspace_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes
         batch * seq * seq * dtype_bytes if masked else 0)
 
 
-def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> int:
-    """Rollout KV cache: K and V (2) x L layers x n_kv heads x d x (prompt + new tokens) x batch x e."""
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
+def kv_cache_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int, layers: int | None = None) -> int:
+    """Rollout KV cache: K and V (2) x L layers x n_kv heads x d x (prompt + new tokens) x batch x e
+    (``layers``: the first ``layers`` only, a layer-skip draft's cache)."""
+    return 2 * (shape.layers if layers is None else layers) * shape.kv_heads * shape.head_dim * tokens * batch * dtype_bytes
+
+
+# `leantune.rl.speculative.compact_holes`' defaults (a test checks they agree): a speculative rollout's cache keeps
+# rejected drafts' columns as masked holes until they are at least max(16, 25%) of it.
+SPECULATIVE_SLACK = 0.25
+SPECULATIVE_MIN_HOLES = 16
+
+
+def speculative_cache_tokens(tokens: int, drafted: int) -> int:
+    """Most columns of a speculative rollout's KV cache holding ``tokens`` kept ones: the holes below the
+    compaction threshold (``compact_holes``), plus one verify round's 1 + k appended columns."""
+    held = max(tokens + SPECULATIVE_MIN_HOLES - 1, math.ceil(tokens / (1 - SPECULATIVE_SLACK)))
+    return held + 1 + drafted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,6 +512,34 @@ def plan_mode(recipe: Recipe, mode: str | None = None) -> str:
     if is_rl(recipe):
         return "rl"
     return "dpo" if "dpo" in recipe.model_fields_set else "sft"
+
+
+def _draft_terms(recipe: Recipe, shape: ModelShape, tokens: int, rollouts: int, e: int,
+                 source_kind: str) -> dict[str, tuple[int, str]]:
+    """``rl.speculative: draft``: the draft's own KV cache over the same rows, its k next-token distributions
+    (fp32, kept for the verify rule) and, for a separate draft model, its weights (frozen, in ``model.dtype``).
+    ``layers:N`` shares the policy's modules: its first N layers' cache only."""
+    from leantune.config import ModelConfig
+    from leantune.models.loading import ModelLoadError
+    from leantune.plan.model_shape import PlanError, model_shape
+
+    k, spec = recipe.rl.speculative_tokens, recipe.rl.speculative_draft or ""
+    out = {"draft_probs": (rollouts * k * shape.vocab * 4, f"the draft's {k} next-token distributions per row (fp32)")}
+    if spec.startswith("layers:"):
+        n = int(spec.split(":", 1)[1])
+        out["draft_kv_cache"] = (kv_cache_bytes(shape, tokens, rollouts, e, layers=n),
+                                 f"the draft's cache: the policy's first {n} layers, {tokens} tokens x {rollouts} sequences")
+        return out
+    try:
+        draft = model_shape(ModelConfig(path=spec, dtype=recipe.model.dtype))
+    except (PlanError, ModelLoadError, OSError, ValueError) as err:
+        raise PlanError(f"rl.speculative_draft: {spec}: its config could not be read for the plan ({err})") from None
+    kind = "gguf" if spec.endswith(".gguf") else source_kind
+    out["draft_weights"] = (resident_weight_bytes(draft, recipe.model.compute_dtype, None, 64, kind),
+                            f"the draft model {spec}: {draft.params:,} params, frozen")
+    out["draft_kv_cache"] = (kv_cache_bytes(draft, tokens, rollouts, e),
+                             f"the draft's cache: {draft.layers} layers, {tokens} tokens x {rollouts} sequences")
+    return out
 
 
 def _needs_reference(recipe: Recipe) -> bool:
@@ -685,14 +731,23 @@ def plan_memory(recipe: Recipe, shape: ModelShape, source_kind: str = "local",
         if recipe.rl.prefix_rollouts.enabled:  # Tree-OPO: rl.group_size per prefix node, up to len(depths) nodes a prompt
             rollouts *= len(recipe.rl.prefix_rollouts.depths)
         tokens = recipe.data.max_length + recipe.rl.max_new_tokens
+        spec, k = recipe.rl.speculative, recipe.rl.speculative_tokens
+        if spec != "off":  # rejected drafts' columns stay in the cache until compacted; a verify round adds 1 + k
+            tokens = speculative_cache_tokens(tokens, k)
         kv = kv_cache_bytes(shape, tokens, rollouts, e)
         prefill = forward_workspace_bytes(shape, rollouts, recipe.data.max_length, e, True, cal)
+        positions = 1 if spec == "off" else 1 + k  # a verify forward scores the pending token and k drafts
         phases["rollout"] = {**base, **trainables,
                              "kv_cache": (kv, (f"2 x {shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_dim} x "
-                                               f"{tokens} tokens x {rollouts} sequences x {e} B")),
-                             "workspace": (prefill + 2 * rollouts * shape.vocab * 4 + head,
+                                               f"{tokens} tokens x {rollouts} sequences x {e} B"
+                                               + (" (with speculative sampling's holes and one verify round)"
+                                                  if spec != "off" else ""))),
+                             "workspace": (prefill + 2 * rollouts * positions * shape.vocab * 4 + head,
                                            "prefill of one layer + next-token logits and probabilities"
+                                           + (f" at {positions} positions" if positions > 1 else "")
                                            + (" + the dequantized lm_head" if head else ""))}
+        if spec == "draft":
+            phases["rollout"].update(_draft_terms(recipe, shape, tokens, rollouts, e, source_kind))
         if recipe.rl.fold_adapter and recipe.adapter.method == "lora" and not recipe.quant.bits:
             targets = lora_targets(shape, recipe.adapter.target_modules)
             note = f"rl.fold_adapter: a copy of the {len(targets)} adapted layers' weights with the LoRA delta folded in"

@@ -142,8 +142,9 @@ def compact_holes(cache: DynamicCache, attn: torch.Tensor, slack: float = 0.25, 
 
     Each row's kept columns move right, in order, left-padded with masked ones: keys are stored after RoPE and
     positions are explicit, so moving a column changes nothing the attention computes (masked columns weigh
-    exactly 0). Bounds the cache at (1 + slack) x what plain sampling holds, which is what `leantune plan`
-    budgets for, instead of growing by every rejected draft.
+    exactly 0). Bounds the cache at about max(width + min_holes, width / (1 - slack)) columns (plus the round
+    being verified) instead of growing by every rejected draft; `leantune plan` budgets that bound
+    (`leantune.plan.memory.speculative_cache_tokens`, whose constants are these defaults).
     """
     length = attn.shape[1]
     width = int(attn.sum(1).max())
