@@ -215,11 +215,8 @@ def test_mezo_full_and_rl_terms(tiny_model_dir, tmp_path):
 # The activation formula against what autograd saves
 
 
-def _traced_saved_bytes(model, batch: int, seq: int, padded: bool) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one decoder forward."""
-    from leantune.adapters.lora import causal_lm
-
-    lm = causal_lm(model)
+def _saved_bytes(model, run) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves while ``run()`` runs."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
@@ -229,13 +226,21 @@ def _traced_saved_bytes(model, batch: int, seq: int, padded: bool) -> int:
             seen[s.data_ptr()] = s.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def _traced_saved_bytes(model, batch: int, seq: int, padded: bool) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one decoder forward."""
+    from leantune.adapters.lora import causal_lm
+
+    lm = causal_lm(model)
     ids = torch.randint(0, lm.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq, dtype=torch.long)
     if padded:
         mask[1:, seq // 2 :] = 0
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-    return sum(seen.values())
+    return _saved_bytes(model, lambda: lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False))
 
 
 @pytest.mark.parametrize("dtype, targets, method, dropout, padded", [
@@ -554,18 +559,7 @@ def _traced_pair_bytes(model, pairs) -> int:
     """Bytes of the distinct non-parameter storages autograd saves in the policy's forward over ``pairs``."""
     from leantune.train.dpo import pair_logps
 
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in owned:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        pair_logps(model, pairs, pad_id=0, chunk_size=64)
-    return sum(seen.values())
+    return _saved_bytes(model, lambda: pair_logps(model, pairs, pad_id=0, chunk_size=64))
 
 
 @pytest.mark.parametrize("dtype, pairs, prompt, completion", [
