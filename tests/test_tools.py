@@ -283,3 +283,34 @@ def test_ray_workers_sample_the_in_process_tool_rollouts(tmp_path):
     assert ro.tool_calls == ref.tool_calls and ro.tool_errors == ref.tool_errors and ro.texts == ref.texts
     for a, b in zip(ro.logprobs, ref.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-5, rtol=0)
+
+
+def test_calls_closed_in_one_step_run_at_once_and_answer_in_order(monkeypatch):
+    """run_calls: the sandboxed calls of one decode step overlap (up to PARALLEL_CALLS), answers keep the calls'
+    order, and a failing call is an error result like any other."""
+    import threading
+    import time
+
+    from leantune.rl import tools as tools_mod
+
+    monkeypatch.setattr(tools_mod, "PARALLEL_CALLS", 3)
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def slow(body: str) -> tools_mod.ToolResult:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return tools_mod.ToolResult(f"ran {body}", body == "bad")
+
+    tb = Toolbox(tags={"python": ("<python>", "</python>")}, result_tags=("<result>", "</result>"),
+                 runners={"python": slow})
+    calls = [ToolCall("python", b) for b in ("a", "b", "bad", "d", "e")]
+    results = tools_mod.run_calls(tb, calls)
+    assert [r.text for r in results] == ["ran a", "ran b", "ran bad", "ran d", "ran e"]
+    assert [r.error for r in results] == [False, False, True, False, False]
+    assert peak[0] == 3  # three at a time, never more
+    peak[0] = 0
+    assert tools_mod.run_calls(tb, calls[:1])[0].text == "ran a" and peak[0] == 1

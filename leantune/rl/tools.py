@@ -25,8 +25,10 @@ samples (tested).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +50,8 @@ from leantune.rl.rollout import (
 
 MAX_EXPRESSION_CHARS = 256
 """Longest calculator expression evaluated (the evaluator is exact: long products make huge integers)."""
+PARALLEL_CALLS = max(1, min(8, os.cpu_count() or 1))
+"""Tool calls closed in the same decode step that run at once (threads waiting on sandboxed children)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,20 +208,39 @@ class _Row:
         self.segment = len(self.tokens)
 
 
-def tool_step(row: _Row, tokenizer, tools: Toolbox, budget: int) -> tuple[list[int], bool]:
-    """After a row sampled a token: run the call it just closed, if any, and append the answer (cut to the
-    ``budget`` of completion tokens). Returns (the answer's tokens appended, whether the budget is now spent)."""
+def closed_call(row: _Row, tokenizer, tools: Toolbox) -> ToolCall | None:
+    """The call the row's last sampled token closed, if any (none once it made ``max_calls``)."""
     if row.calls >= tools.max_calls:
-        return [], False
-    call = tools.find_call(tokenizer.decode(row.tokens[row.segment:], skip_special_tokens=True))
-    if call is None:
-        return [], False
-    result = tools.run(call)
+        return None
+    return tools.find_call(tokenizer.decode(row.tokens[row.segment:], skip_special_tokens=True))
+
+
+def append_result(row: _Row, tokenizer, tools: Toolbox, result: ToolResult, budget: int) -> tuple[list[int], bool]:
+    """Append a call's answer to the row's context, cut to the ``budget`` of completion tokens. Returns (the
+    answer's tokens appended, whether the budget is now spent)."""
     ids = tools.result_ids(tokenizer, result)[: max(0, budget - len(row.tokens))]
     row.add_context(ids)
     row.calls += 1
     row.errors += int(result.error)
     return ids, len(row.tokens) >= budget
+
+
+def run_calls(tools: Toolbox, calls: Sequence[ToolCall]) -> list[ToolResult]:
+    """The answers of the calls closed in one decode step, in order; up to :data:`PARALLEL_CALLS` at once (a
+    sandboxed Python call spends its time waiting on a child process)."""
+    if len(calls) <= 1:
+        return [tools.run(c) for c in calls]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_CALLS, len(calls))) as pool:
+        return list(pool.map(tools.run, calls))
+
+
+def tool_step(row: _Row, tokenizer, tools: Toolbox, budget: int) -> tuple[list[int], bool]:
+    """After a row sampled a token: run the call it just closed, if any, and append the answer (cut to the
+    ``budget`` of completion tokens). Returns (the answer's tokens appended, whether the budget is now spent)."""
+    call = closed_call(row, tokenizer, tools)
+    if call is None:
+        return [], False
+    return append_result(row, tokenizer, tools, tools.run(call), budget)
 
 
 @torch.no_grad()
@@ -252,13 +275,21 @@ def sample_with_tools(model, tokenizer, prompts: Sequence[str], *, tools: Toolbo
             ent = entropy.tolist()
             del weights, logp_all
             row_steps += len(rows)
-            keep, feeds = [], []
+            live, calls = [], {}  # rows still sampling; the calls closed this step, run together below
             for r, (seq, tok) in enumerate(zip(rows.tolist(), nxt.tolist())):
                 st = rows_state[seq]
                 st.add_sampled(tok, nxt_logp[r], ent[r])
                 if row_finished(tokenizer, st.tokens, eos, stop, is_complete):
                     continue
-                answer, spent = tool_step(st, tokenizer, tools, max_new_tokens)
+                live.append((r, seq, tok))
+                if (call := closed_call(st, tokenizer, tools)) is not None:
+                    calls[r] = call
+            results = dict(zip(calls, run_calls(tools, list(calls.values()))))
+            keep, feeds = [], []
+            for r, seq, tok in live:
+                st = rows_state[seq]
+                answer, spent = (append_result(st, tokenizer, tools, results[r], max_new_tokens) if r in results
+                                 else ([], False))
                 if spent or len(st.tokens) >= max_new_tokens:
                     truncated[seq] = True
                     continue
