@@ -313,7 +313,7 @@ class AdapterConfig(Section):
     )
     compute_dtype: Literal["auto", "float32"] = Field(
         default="auto",
-        description="Dtype of LoRA's matmuls in training steps. The adapter's weights and optimizer state are fp32 either way. auto: with a bfloat16 base (not quantized), the step's forward runs under bf16 autocast with PEFT's input casting off, so x·A·B runs in bf16 like the base (mixed precision, as Trainer's bf16=True) instead of casting every adapted projection's input and output between bf16 and fp32 (measured in docs/compute.md); float32: PEFT's default casts. Used by the SFT and DPO training steps; no effect on fp32 or quantized bases, MeZO or RL.",
+        description="Dtype of LoRA's matmuls in training steps. The adapter's weights and optimizer state are fp32 either way. auto: with a bfloat16 base (not quantized), the step's forward runs under bf16 autocast with PEFT's input casting off, so x·A·B runs in bf16 like the base (mixed precision, as Trainer's bf16=True) instead of casting every adapted projection's input and output between bf16 and fp32 (measured in docs/compute.md); float32: PEFT's default casts. Used by the SFT and DPO training steps and RL's policy update; no effect on fp32 or quantized bases, MeZO, or sampling.",
     )
 
 

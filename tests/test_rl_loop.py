@@ -566,3 +566,43 @@ def test_rl_refuses_a_prompt_longer_than_data_max_length(tiny_chat_model_dir, pr
     result = train_rl(recipe_from_dict(raw), quiet=True)
     longest = result.ledger["extra"]["longest_prompt_tokens"]
     assert 4 < longest <= recipe_from_dict(raw).data.max_length
+
+
+def test_bf16_lora_matmuls_in_the_policy_update(tiny_chat_model_dir, prompts_file, tmp_path, monkeypatch):
+    """adapter.compute_dtype auto over a bf16 base: the update's LoRA matmuls run in bf16 (autocast, PEFT's input
+    cast off through backward), as in `leantune dpo`, recorded in the ledger; the run trains like PEFT's
+    fp32-adapter path up to bf16 rounding. adapter.compute_dtype: float32 keeps PEFT's casts."""
+    from leantune.train import rl as rl_mod
+
+    seen = []  # (setting, input dtype, output dtype) of every lora_A call with gradient (the update's forwards)
+    original = rl_mod.completion_logprobs
+
+    def observed(model, *a, **kw):
+        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((setting[0], args[0].dtype, out.dtype)))
+                 for n, m in model.named_modules() if n.endswith("lora_A.default")] if torch.is_grad_enabled() else []
+        try:
+            return original(model, *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(rl_mod, "completion_logprobs", observed)
+    setting = ["auto"]
+
+    def run(compute):
+        setting[0] = compute
+        raw = _rl_recipe(tiny_chat_model_dir, tmp_path / compute, prompts_file, max_sampling_rounds=4,
+                         updates_per_batch=2)
+        raw["model"]["dtype"] = "bfloat16"
+        raw["adapter"]["compute_dtype"] = compute
+        result = train_rl(recipe_from_dict(raw), quiet=True)
+        return result, [json.loads(line) for line in (tmp_path / compute / "metrics.jsonl").read_text().splitlines()]
+
+    fast, rows_fast = run("auto")
+    slow, rows_slow = run("float32")
+    assert fast.ledger["extra"]["auto_choices"]["adapter.compute_dtype"].startswith("bfloat16")
+    assert "adapter.compute_dtype" not in slow.ledger["extra"].get("auto_choices", {})
+    assert {(i, o) for c, i, o in seen if c == "auto"} == {(torch.bfloat16, torch.bfloat16)}
+    assert {(i, o) for c, i, o in seen if c == "float32"} == {(torch.float32, torch.float32)}
+    assert rows_fast[0]["reward_mean"] == rows_slow[0]["reward_mean"]  # the same first batch (sampling is unchanged)
+    assert rows_fast[0]["loss"] == pytest.approx(rows_slow[0]["loss"], abs=0.02)

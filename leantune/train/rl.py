@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leantune.adapters.lora import causal_lm
+from leantune.adapters.lora import causal_lm, low_precision_lora
 from leantune.allocator import heap_allocator
 from leantune.config import Recipe, RLConfig
 from leantune.distributed import all_gather_objects, all_reduce_gradients, all_reduce_sum
@@ -81,12 +81,15 @@ class UpdateStats:
 
 
 def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pad_id: int, micro_batch: int,
-                  chunk_size: int, max_grad_norm: float | None, dist=None, behaviour: bool = False) -> UpdateStats:
+                  chunk_size: int, max_grad_norm: float | None, dist=None, behaviour: bool = False,
+                  low_precision=None) -> UpdateStats:
     """`rl.updates_per_batch` optimizer steps of the policy loss on one batch. ``dist``: with several processes
     (every rank holds the same batch), rank r runs micro-batches r, r + W, ... and the gradients are summed
     over ranks before the step, so W processes take the step one process takes. ``behaviour``: the batch was
     sampled by an older policy (`rl.async_rollouts`): the importance ratio is taken against the sampling
-    policy's log-probs (``batch.logprobs``), as DAPO's clipping expects."""
+    policy's log-probs (``batch.logprobs``), as DAPO's clipping expects. ``low_precision``: a
+    `leantune.adapters.lora.LowPrecisionLoRA` (bf16 LoRA matmuls over a bf16 base, as in `leantune train` and
+    `leantune dpo`): every forward of the update runs under its ``forward()``, forward + backward under ``step()``."""
     g, n = rl.group_size, len(batch.rewards)
     loss_fn = POLICY_LOSSES[rl.loss]
     estimator = ADVANTAGES[rl.advantage or DEFAULT_ADVANTAGE[rl.loss]]
@@ -116,11 +119,13 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
         return out
     device = next(iter(params)).device
 
+    decoder_context = low_precision.forward if low_precision is not None else contextlib.nullcontext
+
     def logps_of(idx, grad: bool, grad_stats: bool = False):
         with contextlib.nullcontext() if grad else torch.no_grad():
             return completion_logprobs(model, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
                                        pad_id=pad_id, temperature=rl.temperature, chunk_size=chunk_size,
-                                       grad_stats=grad_stats)
+                                       grad_stats=grad_stats, decoder_context=decoder_context)
 
     ref = {}
     if rl.beta > 0:  # the reference: this model with its adapter disabled
@@ -136,15 +141,16 @@ def policy_update(model, optimizer, scheduler, batch: Batch, rl: RLConfig, *, pa
     for _ in range(rl.updates_per_batch):
         step_loss = 0.0
         for k, idx in mine:
-            logps, entropy, mask, *gnorm = logps_of(idx, grad=True, grad_stats=rl.entropy_reg > 0)
-            mask = mask * _padded([loss_mask[i] for i in idx], device).to(mask.dtype)  # (B, T): 0 on tool answers
-            loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
-                               epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
-            if rl.entropy_reg > 0:  # CorR-PO-style term (arXiv 2605.17770), on top of whichever loss
-                reg = entropy_gradient_penalty(entropy, gnorm[0], mask, window=window)
-                loss = loss + rl.entropy_reg * reg
-                st = {**st, "entropy_grad_corr": float(reg.detach()) * window.num_sequences / len(idx)}
-            loss.backward()
+            with low_precision.step() if low_precision is not None else contextlib.nullcontext():
+                logps, entropy, mask, *gnorm = logps_of(idx, grad=True, grad_stats=rl.entropy_reg > 0)
+                mask = mask * _padded([loss_mask[i] for i in idx], device).to(mask.dtype)  # (B, T): 0 on tool answers
+                loss, st = loss_fn(logps, old.get(k), adv[idx].to(device), mask, epsilon_low=rl.epsilon_low,
+                                   epsilon_high=rl.epsilon_high, beta=rl.beta, ref_logps=ref.get(k), window=window)
+                if rl.entropy_reg > 0:  # CorR-PO-style term (arXiv 2605.17770), on top of whichever loss
+                    reg = entropy_gradient_penalty(entropy, gnorm[0], mask, window=window)
+                    loss = loss + rl.entropy_reg * reg
+                    st = {**st, "entropy_grad_corr": float(reg.detach()) * window.num_sequences / len(idx)}
+                loss.backward()
             step_loss += float(loss.detach())
             for key, v in st.items():
                 stats_acc[key] = stats_acc.get(key, 0.0) + v * len(idx)
@@ -288,6 +294,10 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     tree = build_tree(recipe, pool, tokenizer) if rl.prefix_rollouts.enabled else None
     sampler = Sampler(model, tokenizer, rl, task, seed=cfg.seed, dist=session.dist, pool=workers, router=router,
                       tree=tree)
+    low_precision = low_precision_lora(model, recipe) if session.needs_backward else None
+    if low_precision is not None:
+        session.auto_choices["adapter.compute_dtype"] = ("bfloat16: the update's LoRA matmuls under bf16 autocast over "
+                                                         "the bf16 base, fp32 adapter weights and optimizer state")
     depth_reward: dict[float, list[float]] = {}  # over the whole run (this process), for the ledger
     if session.trainer_state:  # resumed
         st = session.trainer_state
@@ -305,7 +315,7 @@ def _train_rl(session: RunSession, pool, reward_fn, correct_fn, task) -> TrainRe
     try:
         while session.step < cfg.steps:
             row, upd, batch, dt = _rl_step(session, sampler, pool, stream, selector, reward_fn, correct_fn, task,
-                                           generator, pad_id)
+                                           generator, pad_id, low_precision)
             totals.add(batch.stats, upd, rl, dt)
             for d, (v, k) in batch.stats.depth_reward.items():
                 acc = depth_reward.setdefault(d, [0.0, 0])
@@ -365,7 +375,7 @@ def _start_workers(session: RunSession):
 
 
 def _rl_step(session: RunSession, sampler: Sampler, pool, stream, selector, reward_fn, correct_fn, task, generator,
-             pad_id: int):
+             pad_id: int, low_precision=None):
     """One RL step: sample (and, async, start the next step's sampling), update. Returns (row, update, batch, s)."""
     recipe, cfg, rl, model = session.recipe, session.recipe.train, session.recipe.rl, session.model
     with session.timed() as dt, session.step_guard():
@@ -383,7 +393,7 @@ def _rl_step(session: RunSession, sampler: Sampler, pool, stream, selector, rewa
                 upd = policy_update(model, session.optimizer, session.scheduler, batch, rl, pad_id=pad_id,
                                     micro_batch=cfg.micro_batch_size, chunk_size=recipe.loss.chunk_size,
                                     max_grad_norm=recipe.optim.max_grad_norm, dist=session.dist,
-                                    behaviour=async_batch)
+                                    behaviour=async_batch, low_precision=low_precision)
             else:
                 upd = zeroth_order_update(model, session.tokenizer, session.optimizer, session.scheduler, batch,
                                           reward_fn, task, rl, generator)
