@@ -111,3 +111,22 @@ def assert_same_adapter(run_a, run_b) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def observe_lora_a(monkeypatch, module, name: str, seen: list, setting: list) -> None:
+    """Wrap ``module.name`` (a function whose first argument is the model) so that every ``lora_A`` call it makes
+    with gradient enabled appends (setting[0], input dtype, output dtype) to ``seen``."""
+    import torch
+
+    original = getattr(module, name)
+
+    def observed(model, *a, **kw):
+        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((setting[0], args[0].dtype, out.dtype)))
+                 for n, m in model.named_modules() if n.endswith("lora_A.default")] if torch.is_grad_enabled() else []
+        try:
+            return original(model, *a, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(module, name, observed)

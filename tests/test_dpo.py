@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_jsonl
+from conftest import observe_lora_a, write_jsonl
 from leantune.adapters.lora import apply_adapter
 from leantune.cli import main
 from leantune.config import AdapterConfig, DataConfig, DPOConfig, ModelConfig, RecipeError, recipe_from_dict
@@ -480,19 +480,8 @@ def test_bf16_lora_matmuls_in_the_policy_step(tmp_path, tiny_model_dir, pair_dat
     from leantune.train import dpo as dpo_mod
 
     seen = []  # (setting, input dtype, output dtype) of every lora_A call of the policy's forward
-    original = dpo_mod.pair_logps
-
-    def observed(model, *a, **kw):
-        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((setting[0], args[0].dtype, out.dtype)))
-                 for n, m in model.named_modules() if n.endswith("lora_A.default")] if torch.is_grad_enabled() else []
-        try:
-            return original(model, *a, **kw)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    monkeypatch.setattr(dpo_mod, "pair_logps", observed)
     setting = ["auto"]
+    observe_lora_a(monkeypatch, dpo_mod, "pair_logps", seen, setting)
 
     def run(compute):
         setting[0] = compute

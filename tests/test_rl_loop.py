@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import assert_same_adapter, sigkill_mid_run, write_jsonl
+from conftest import assert_same_adapter, observe_lora_a, sigkill_mid_run, write_jsonl
 
 from leantune.config import recipe_from_dict
 from leantune.losses import linear_token_logprobs
@@ -575,19 +575,8 @@ def test_bf16_lora_matmuls_in_the_policy_update(tiny_chat_model_dir, prompts_fil
     from leantune.train import rl as rl_mod
 
     seen = []  # (setting, input dtype, output dtype) of every lora_A call with gradient (the update's forwards)
-    original = rl_mod.completion_logprobs
-
-    def observed(model, *a, **kw):
-        hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((setting[0], args[0].dtype, out.dtype)))
-                 for n, m in model.named_modules() if n.endswith("lora_A.default")] if torch.is_grad_enabled() else []
-        try:
-            return original(model, *a, **kw)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    monkeypatch.setattr(rl_mod, "completion_logprobs", observed)
     setting = ["auto"]
+    observe_lora_a(monkeypatch, rl_mod, "completion_logprobs", seen, setting)
 
     def run(compute):
         setting[0] = compute
